@@ -1,0 +1,157 @@
+//! `coordinator`: trains the float-underflow network; with no `--workers`, on this machine
+//! with in-process workers on all cores (the embedded default).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use clap::Parser;
+use es_coordinator::config::{NoiseKind, RunConfig};
+use es_coordinator::embedded::{self, Environment};
+use es_data::{mnist, noise_file};
+use es_kernel::Kernel;
+
+/// Train an activation-free MNIST network with evolution strategies, where the only
+/// nonlinearity is f32 underflow.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML file with run settings; flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    generations: Option<u32>,
+    /// Stop after this many seconds of training (checked between generations).
+    #[arg(long)]
+    time_limit: Option<f64>,
+    /// Mirrored pairs per generation.
+    #[arg(long)]
+    population: Option<usize>,
+    /// Training images per generation.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Perturbation scale, relative to each layer's init standard deviation.
+    #[arg(long)]
+    sigma: Option<f32>,
+    #[arg(long)]
+    sigma_schedule: Option<String>,
+    #[arg(long)]
+    lr: Option<f32>,
+    /// constant, linear:FRACTION, cosine:FRACTION or step:FACTOR:EVERY.
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    #[arg(long)]
+    l2: Option<f32>,
+    /// Arithmetic: ftz (flush-to-zero everywhere) or seed (OpenAI's TF/cuBLAS).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Per-layer multipliers of the He init std, comma-separated (e.g. 1,8,8).
+    #[arg(long, value_delimiter = ',')]
+    init_multipliers: Option<Vec<f32>>,
+    /// Per-hidden-layer scale exponents, comma-separated (e.g. 125,125).
+    #[arg(long, value_delimiter = ',')]
+    scale_exponents: Option<Vec<i32>>,
+    /// Noise source: table (shared, cached file) or stream.
+    #[arg(long, value_enum)]
+    noise: Option<NoiseArg>,
+    #[arg(long)]
+    noise_table_len: Option<usize>,
+    /// Evaluate on the full test set every K generations (0: only at the end).
+    #[arg(long)]
+    eval_every: Option<u32>,
+    /// Directory with the MNIST files (downloaded there if missing).
+    #[arg(long, env = "UNDERFLOW_DATA")]
+    data: Option<PathBuf>,
+    /// Where config.toml, metrics.jsonl and the final parameters go.
+    #[arg(long, default_value = "runs/latest")]
+    run_dir: PathBuf,
+    /// Directory of the cached noise table.
+    #[arg(long, env = "UNDERFLOW_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// Evaluator threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
+    #[arg(long, env = es_kernel::kernels::KERNEL_ENV)]
+    kernel: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum NoiseArg {
+    Table,
+    Stream,
+}
+
+impl Cli {
+    fn run_config(&self) -> anyhow::Result<RunConfig> {
+        let mut c = match &self.config {
+            Some(path) => RunConfig::from_file(path)?,
+            None => RunConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident => $target:ident),* $(,)?) => {
+                $(if let Some(v) = &self.$field { c.$target = v.clone(); })*
+            };
+        }
+        set!(seed => seed, generations => generations, time_limit => time_limit_secs,
+             population => population, batch => batch, sigma => sigma,
+             sigma_schedule => sigma_schedule, lr => lr, lr_schedule => lr_schedule, l2 => l2,
+             mode => mode, init_multipliers => init_multipliers,
+             scale_exponents => scale_exponents, noise_table_len => noise_table_len,
+             eval_every => eval_every);
+        if let Some(noise) = self.noise {
+            c.noise = match noise {
+                NoiseArg::Table => NoiseKind::Table,
+                NoiseArg::Stream => NoiseKind::Stream,
+            };
+        }
+        // Resolve now so that a bad value is reported before any data is loaded.
+        c.net()?;
+        c.es()?;
+        Ok(c)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let config = cli.run_config()?;
+    let kernel = match &cli.kernel {
+        Some(name) if !name.is_empty() => name.parse::<Kernel>()?,
+        _ => Kernel::detect()?,
+    };
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let env = Environment {
+        data_dir: cli.data.clone().unwrap_or_else(mnist::default_data_dir),
+        mirrors: mnist::DEFAULT_MIRRORS
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+        cache_dir: cli
+            .cache_dir
+            .clone()
+            .unwrap_or_else(noise_file::default_cache_dir),
+        run_dir: cli.run_dir.clone(),
+        threads,
+        kernel,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let summary = embedded::run(&config, &env, &stop)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! A run's configuration: defaults, an optional TOML file, then command-line flags (the CLI
+//! wins), resolved into the core's typed configs.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use es_core::optimizer::Schedule;
+use es_core::train::EsConfig;
+use es_kernel::{Arithmetic, NetConfig};
+use serde::{Deserialize, Serialize};
+
+/// Where perturbations come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseKind {
+    /// A shared table of standard normals cached as a file (the OpenAI ES scheme).
+    #[default]
+    Table,
+    /// Each perturbation regenerated from its own ChaCha stream; no table.
+    Stream,
+}
+
+/// Everything that defines a run. Serialised into the run directory as `config.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// The seed every random choice derives from.
+    pub seed: u64,
+    /// Generations to run (the run also stops at `time_limit_secs`).
+    pub generations: u32,
+    /// Wall-clock budget in seconds; 0 means none.
+    pub time_limit_secs: f64,
+    pub population: usize,
+    pub batch: usize,
+    pub sigma: f32,
+    /// "constant", "linear:FRACTION", "cosine:FRACTION" (over the run's generations) or
+    /// "step:FACTOR:EVERY".
+    pub sigma_schedule: String,
+    pub lr: f32,
+    pub lr_schedule: String,
+    pub l2: f32,
+    pub mode: String,
+    pub hidden: Vec<usize>,
+    pub scale_exponents: Vec<i32>,
+    pub init_multipliers: Vec<f32>,
+    pub noise: NoiseKind,
+    pub noise_seed: u64,
+    pub noise_table_len: usize,
+    /// Evaluate test accuracy on the full test set every K generations (and at the end);
+    /// 0 only at the end.
+    pub eval_every: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        let net = NetConfig::default();
+        let es = EsConfig::default();
+        RunConfig {
+            seed: 1,
+            generations: 2000,
+            time_limit_secs: 0.0,
+            population: es.population,
+            batch: es.batch_size,
+            sigma: es.sigma,
+            sigma_schedule: "constant".into(),
+            lr: es.lr,
+            lr_schedule: "constant".into(),
+            l2: es.l2,
+            mode: net.arithmetic.name().into(),
+            hidden: net.hidden,
+            scale_exponents: net.scale_exponents,
+            init_multipliers: net.init_multipliers,
+            noise: NoiseKind::Table,
+            noise_seed: 123,
+            noise_table_len: es_core::noise::DEFAULT_TABLE_LEN,
+            eval_every: 100,
+        }
+    }
+}
+
+/// A configuration value that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error(
+        "schedule {0:?} is not valid: expected constant, linear:FRACTION, cosine:FRACTION or step:FACTOR:EVERY"
+    )]
+    Schedule(String),
+    #[error(transparent)]
+    Net(#[from] es_kernel::ConfigError),
+    #[error(transparent)]
+    Es(#[from] es_core::train::TrainError),
+}
+
+impl RunConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<RunConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a run config always serialises")
+    }
+
+    pub fn net(&self) -> Result<NetConfig, ConfigError> {
+        let net = NetConfig {
+            hidden: self.hidden.clone(),
+            scale_exponents: self.scale_exponents.clone(),
+            init_multipliers: self.init_multipliers.clone(),
+            arithmetic: Arithmetic::from_str(&self.mode)?,
+            ..NetConfig::default()
+        };
+        net.validate()?;
+        Ok(net)
+    }
+
+    pub fn es(&self) -> Result<EsConfig, ConfigError> {
+        let es = EsConfig {
+            population: self.population,
+            batch_size: self.batch,
+            sigma: self.sigma,
+            sigma_schedule: parse_schedule(&self.sigma_schedule, self.generations)?,
+            lr: self.lr,
+            lr_schedule: parse_schedule(&self.lr_schedule, self.generations)?,
+            l2: self.l2,
+            ..EsConfig::default()
+        };
+        es.validate()?;
+        Ok(es)
+    }
+}
+
+fn parse_schedule(text: &str, generations: u32) -> Result<Schedule, ConfigError> {
+    let bad = || ConfigError::Schedule(text.to_string());
+    let parts: Vec<&str> = text.split(':').collect();
+    let num = |s: &str| {
+        s.parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(bad)
+    };
+    let over = generations as u64;
+    Ok(match parts.as_slice() {
+        ["constant"] => Schedule::Constant,
+        ["linear", f] => Schedule::Linear {
+            final_fraction: num(f)?,
+            over,
+        },
+        ["cosine", f] => Schedule::Cosine {
+            final_fraction: num(f)?,
+            over,
+        },
+        ["step", factor, every] => Schedule::Step {
+            factor: num(factor)?,
+            every: every.parse().map_err(|_| bad())?,
+        },
+        _ => return Err(bad()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve_and_round_trip_through_toml() {
+        let config = RunConfig::default();
+        assert_eq!(config.net().unwrap(), NetConfig::default());
+        let back: RunConfig = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn schedules_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_schedule("constant", 10).unwrap(), Schedule::Constant);
+        assert_eq!(
+            parse_schedule("cosine:0.1", 10).unwrap(),
+            Schedule::Cosine {
+                final_fraction: 0.1,
+                over: 10
+            }
+        );
+        assert_eq!(
+            parse_schedule("step:0.5:100", 10).unwrap(),
+            Schedule::Step {
+                factor: 0.5,
+                every: 100
+            }
+        );
+        let err = parse_schedule("cosine", 10).unwrap_err().to_string();
+        assert!(err.contains("\"cosine\" is not valid"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        assert!(toml::from_str::<RunConfig>("populaton = 3").is_err());
+        let config = RunConfig {
+            mode: "fast".into(),
+            ..RunConfig::default()
+        };
+        assert!(
+            config
+                .net()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown arithmetic mode")
+        );
+        let config = RunConfig {
+            sigma: -1.0,
+            ..RunConfig::default()
+        };
+        assert!(config.es().unwrap_err().to_string().contains("sigma is -1"));
+    }
+}

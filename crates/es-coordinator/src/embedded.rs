@@ -1,0 +1,246 @@
+//! The embedded single-machine default: the coordinator's training loop with in-process
+//! evaluators on all cores, no network.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use es_core::noise::NoiseSource;
+use es_core::train::{Dataset, GenerationReport, Trainer};
+use es_data::mnist::{self, DownloadEvent, Mnist};
+use es_data::noise_file::{Check, NoiseFile, Outcome};
+use es_kernel::{Arithmetic, Evaluation, Kernel, NetConfig};
+use serde::Serialize;
+
+use crate::RunError;
+use crate::config::{NoiseKind, RunConfig};
+use crate::run_dir::{MetricsLine, RunDir};
+
+/// Where a run reads and writes, and how much of the machine it uses.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    /// Directory with the MNIST files; they are downloaded there when missing.
+    pub data_dir: PathBuf,
+    /// Base URLs tried in order for missing MNIST files.
+    pub mirrors: Vec<String>,
+    /// Directory of the cached noise table.
+    pub cache_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub threads: usize,
+    pub kernel: Kernel,
+}
+
+/// Loads MNIST from `env.data_dir`, downloading missing files with progress in the log.
+pub fn load_data(env: &Environment) -> Result<Mnist, RunError> {
+    let mirrors: Vec<&str> = env.mirrors.iter().map(String::as_str).collect();
+    let mut progress = |event: DownloadEvent| match event {
+        DownloadEvent::Started { file, url } => tracing::info!(file, url, "downloading"),
+        DownloadEvent::Progress { file, bytes, total } => {
+            tracing::info!(file, bytes, total, "download progress")
+        }
+        DownloadEvent::Finished { file } => tracing::info!(file, "downloaded and verified"),
+        DownloadEvent::MirrorFailed { file, url, error } => {
+            tracing::warn!(file, url, error, "mirror failed, trying the next")
+        }
+    };
+    Ok(mnist::load_or_download(
+        &env.data_dir,
+        &mirrors,
+        &mut progress,
+    )?)
+}
+
+/// Opens (or creates, once per host) the noise source the config asks for.
+pub fn open_noise(config: &RunConfig, env: &Environment) -> Result<NoiseSource, RunError> {
+    Ok(match config.noise {
+        NoiseKind::Stream => NoiseSource::Stream,
+        NoiseKind::Table => {
+            let started = Instant::now();
+            let file = NoiseFile::open_or_create(
+                &env.cache_dir,
+                config.noise_seed,
+                config.noise_table_len,
+                Check::Quick,
+            )?;
+            match file.outcome() {
+                Outcome::Opened => {}
+                Outcome::Created => tracing::info!(
+                    path = %file.path().display(),
+                    secs = started.elapsed().as_secs_f64(),
+                    "generated the noise table"
+                ),
+                Outcome::Regenerated { reason } => tracing::warn!(
+                    path = %file.path().display(),
+                    %reason,
+                    "replaced a bad noise table file"
+                ),
+            }
+            NoiseSource::Table(file.into_table())
+        }
+    })
+}
+
+/// The end of a run, also written to `summary.json`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RunSummary {
+    pub generations: u32,
+    pub wall_secs: f64,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// The same final parameters evaluated with no flushing at all (IEEE gradual underflow
+    /// everywhere): the control that shows how much accuracy comes from the underflow.
+    pub test_accuracy_unflushed: f64,
+    pub mode: String,
+    pub interrupted: bool,
+}
+
+fn test_metrics(e: &Evaluation) -> (f64, f64) {
+    (e.accuracy(), -e.fitness)
+}
+
+/// Trains on this machine until the config's generations or time limit, or `stop`.
+pub fn run(
+    config: &RunConfig,
+    env: &Environment,
+    stop: &AtomicBool,
+) -> Result<RunSummary, RunError> {
+    let net = config.net()?;
+    let es = config.es()?;
+    let data = load_data(env)?;
+    tracing::info!(digest = %data.digest_hex(), "mnist loaded");
+    let noise = open_noise(config, env)?;
+    let mut run_dir = RunDir::create(&env.run_dir)?;
+    run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
+    let train = Dataset {
+        images: &data.train.images,
+        labels: &data.train.labels,
+    };
+    let test = Dataset {
+        images: &data.test.images,
+        labels: &data.test.labels,
+    };
+
+    let mut trainer = Trainer::new(net.clone(), es, config.seed, noise, env.kernel, env.threads)?;
+    tracing::info!(
+        mode = %net.arithmetic,
+        kernel = %env.kernel,
+        threads = env.threads,
+        population = config.population,
+        batch = config.batch,
+        run_dir = %env.run_dir.display(),
+        "training"
+    );
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let mut last_test: Option<Evaluation> = None;
+    let mut interrupted = false;
+    while trainer.state().generation < config.generations {
+        if stop.load(Ordering::Relaxed) {
+            interrupted = true;
+            tracing::info!(
+                generation = trainer.state().generation,
+                "stopping on signal"
+            );
+            break;
+        }
+        if config.time_limit_secs > 0.0 && started.elapsed().as_secs_f64() >= config.time_limit_secs
+        {
+            tracing::info!(
+                generation = trainer.state().generation,
+                "time limit reached"
+            );
+            break;
+        }
+        let gen_started = Instant::now();
+        let report = trainer.step(train)?;
+        let gen_secs = gen_started.elapsed().as_secs_f64();
+        let done = trainer.state().generation;
+        let evaluate = config.eval_every > 0 && done % config.eval_every == 0;
+        let test_eval = if evaluate {
+            Some(trainer.evaluate(test)?)
+        } else {
+            None
+        };
+        if let Some(e) = test_eval {
+            last_test = Some(e);
+        }
+        let line = metrics_line(&report, started, gen_secs, env.threads, test_eval);
+        run_dir.append_metrics(&line)?;
+        if evaluate || last_log.elapsed().as_secs_f64() >= 5.0 {
+            last_log = Instant::now();
+            tracing::info!(
+                generation = done,
+                wall_secs = format!("{:.1}", line.wall_secs),
+                fitness_mean = format!("{:.4}", line.fitness_mean),
+                batch_accuracy = format!("{:.3}", line.batch_accuracy),
+                evals_per_sec = format!("{:.0}", line.evals_per_sec),
+                test_accuracy = last_test.map(|e| format!("{:.4}", e.accuracy())),
+                "generation"
+            );
+        }
+    }
+    let theta = trainer.state().theta.clone();
+    run_dir.write_theta("theta.f32", &theta)?;
+    let final_test = trainer.evaluate(test)?;
+    let unflushed = evaluate_with(&net, Arithmetic::Ieee, env, &theta, test)?;
+    let (test_accuracy, test_loss) = test_metrics(&final_test);
+    let summary = RunSummary {
+        generations: trainer.state().generation,
+        wall_secs: started.elapsed().as_secs_f64(),
+        test_accuracy,
+        test_loss,
+        test_accuracy_unflushed: unflushed.accuracy(),
+        mode: net.arithmetic.name().into(),
+        interrupted,
+    };
+    let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
+    run_dir.write_file("summary.json", json.as_bytes())?;
+    tracing::info!(
+        generations = summary.generations,
+        test_accuracy = summary.test_accuracy,
+        test_accuracy_unflushed = summary.test_accuracy_unflushed,
+        run_dir = %env.run_dir.display(),
+        "run finished"
+    );
+    Ok(summary)
+}
+
+/// Evaluates `theta` on `data` in another arithmetic (e.g. the unflushed control).
+pub fn evaluate_with(
+    net: &NetConfig,
+    arithmetic: Arithmetic,
+    env: &Environment,
+    theta: &[f32],
+    data: Dataset<'_>,
+) -> Result<Evaluation, RunError> {
+    let net = NetConfig {
+        arithmetic,
+        ..net.clone()
+    };
+    let mut pool = es_core::train::EvalPool::new(&net, env.kernel, env.threads)?;
+    data.validate(&net)?;
+    Ok(pool.evaluate_dataset(theta, data))
+}
+
+fn metrics_line(
+    report: &GenerationReport,
+    started: Instant,
+    gen_secs: f64,
+    workers: usize,
+    test: Option<Evaluation>,
+) -> MetricsLine {
+    MetricsLine {
+        generation: report.generation,
+        wall_secs: started.elapsed().as_secs_f64(),
+        fitness_mean: report.fitness_mean,
+        fitness_max: report.fitness_max,
+        batch_accuracy: report.batch_accuracy,
+        evals_per_sec: report.evaluations as f64 / gen_secs.max(1e-9),
+        workers,
+        grad_norm: report.update.grad_norm,
+        theta_norm: report.update.theta_norm,
+        lr: report.update.lr,
+        test_accuracy: test.map(|e| e.accuracy()),
+        test_loss: test.map(|e| -e.fitness),
+    }
+}

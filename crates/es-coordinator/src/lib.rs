@@ -1,0 +1,40 @@
+//! The Underflow coordinator: holds θ, the optimizer and the run's progress, and drives
+//! training, today in the embedded single-machine mode (in-process evaluators on all cores).
+//!
+//! - [`config`]: the run's configuration (defaults, TOML file, CLI overrides).
+//! - [`embedded`]: the training loop on this machine, writing the run directory.
+//! - [`run_dir`]: `config.toml`, `metrics.jsonl`, `theta.f32`, `summary.json`.
+
+use std::path::PathBuf;
+
+pub mod config;
+pub mod embedded;
+pub mod run_dir;
+
+/// Why a run could not start or go on. Each message names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Net(#[from] es_kernel::ConfigError),
+    #[error(transparent)]
+    Train(#[from] es_core::train::TrainError),
+    #[error(transparent)]
+    Data(#[from] es_data::mnist::MnistError),
+    #[error(transparent)]
+    NoiseFile(#[from] es_data::noise_file::NoiseFileError),
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "parameter file {path} has {bytes} bytes: expected {expected} (the network's parameters as little-endian f32)"
+    )]
+    ThetaFile {
+        path: PathBuf,
+        bytes: usize,
+        expected: usize,
+    },
+}

@@ -1,0 +1,159 @@
+//! The run directory: `config.toml`, `metrics.jsonl` (one line per generation), the final
+//! parameters `theta.f32` and `summary.json`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::RunError;
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MetricsLine {
+    pub generation: u32,
+    /// Seconds since the run (or this resumption) started.
+    pub wall_secs: f64,
+    pub fitness_mean: f64,
+    pub fitness_max: f64,
+    /// Mean accuracy of the perturbed networks on the generation's minibatch.
+    pub batch_accuracy: f64,
+    pub evals_per_sec: f64,
+    /// Evaluator threads (embedded) or connected workers (cluster).
+    pub workers: usize,
+    pub grad_norm: f64,
+    pub theta_norm: f64,
+    pub lr: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+}
+
+/// Writes into one run directory.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+    metrics: BufWriter<File>,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl RunDir {
+    /// Creates the directory (and parents) and opens `metrics.jsonl` for appending.
+    pub fn create(path: &Path) -> Result<RunDir, RunError> {
+        fs::create_dir_all(path).map_err(io_error(path))?;
+        let metrics_path = path.join("metrics.jsonl");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io_error(&metrics_path))?;
+        Ok(RunDir {
+            path: path.to_owned(),
+            metrics: BufWriter::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` atomically: a temporary file, fsync, rename.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), RunError> {
+        let target = self.path.join(name);
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
+        file.write_all(bytes).map_err(io_error(&tmp))?;
+        file.sync_all().map_err(io_error(&tmp))?;
+        fs::rename(&tmp, &target).map_err(io_error(&target))
+    }
+
+    /// Appends one line to `metrics.jsonl` and flushes it, so a crash loses at most the line
+    /// being written.
+    pub fn append_metrics(&mut self, line: &MetricsLine) -> Result<(), RunError> {
+        let path = self.path.join("metrics.jsonl");
+        let json = serde_json::to_string(line).expect("metrics always serialise");
+        writeln!(self.metrics, "{json}").map_err(io_error(&path))?;
+        self.metrics.flush().map_err(io_error(&path))
+    }
+
+    /// Saves θ as little-endian f32 in the layout of DESIGN.md §1.
+    pub fn write_theta(&self, name: &str, theta: &[f32]) -> Result<(), RunError> {
+        let bytes: Vec<u8> = theta.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.write_file(name, &bytes)
+    }
+}
+
+/// Reads a θ file written by [`RunDir::write_theta`], checking its length.
+pub fn read_theta(path: &Path, expected_len: usize) -> Result<Vec<f32>, RunError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    if bytes.len() != expected_len * 4 {
+        return Err(RunError::ThetaFile {
+            path: path.to_owned(),
+            bytes: bytes.len(),
+            expected: expected_len * 4,
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn theta_round_trips_and_metrics_append() {
+        let dir = std::env::temp_dir().join(format!("underflow-rundir-{}", std::process::id()));
+        let mut run = RunDir::create(&dir).unwrap();
+        let theta = vec![1.5f32, -0.0, f32::MIN_POSITIVE];
+        run.write_theta("theta.f32", &theta).unwrap();
+        let back = read_theta(&dir.join("theta.f32"), 3).unwrap();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            theta.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        let err = read_theta(&dir.join("theta.f32"), 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("12 bytes") && err.contains("expected 16"),
+            "{err}"
+        );
+        let line = MetricsLine {
+            generation: 0,
+            wall_secs: 1.0,
+            fitness_mean: -2.0,
+            fitness_max: -1.0,
+            batch_accuracy: 0.5,
+            evals_per_sec: 10.0,
+            workers: 2,
+            grad_norm: 0.1,
+            theta_norm: 80.0,
+            lr: 0.001,
+            test_accuracy: None,
+            test_loss: None,
+        };
+        run.append_metrics(&line).unwrap();
+        run.append_metrics(&MetricsLine {
+            generation: 1,
+            test_accuracy: Some(0.9),
+            ..line
+        })
+        .unwrap();
+        let text = fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(!lines[0].contains("test_accuracy") && lines[1].contains("\"test_accuracy\":0.9"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

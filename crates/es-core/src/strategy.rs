@@ -1,0 +1,209 @@
+//! The OpenAI ES estimator: mirrored sampling, centered ranks and the gradient estimate.
+//!
+//! Perturbation `i` is evaluated at `θ + σε_i` and `θ − σε_i`, giving `F⁺_i` and `F⁻_i`. The
+//! 2P fitnesses are replaced by their centered ranks in [−0.5, 0.5] (ties share their average
+//! rank, so a generation whose fitnesses all tie moves nothing), and
+//! `g = Σ_i (r⁺_i − r⁻_i) ε_i / (2P)`, summed in index order.
+
+/// A fitness that cannot be ranked.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StrategyError {
+    #[error("fitness {value} of perturbation {index} ({sign}) is NaN: expected a number or -inf")]
+    NanFitness {
+        index: usize,
+        sign: &'static str,
+        value: f64,
+    },
+    #[error("no fitnesses to rank: expected at least one mirrored pair")]
+    Empty,
+}
+
+/// The fitnesses of one mirrored pair.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairFitness {
+    /// Fitness at `θ + σε`.
+    pub plus: f64,
+    /// Fitness at `θ − σε`.
+    pub minus: f64,
+}
+
+/// Centered ranks of `values`: the smallest gets −0.5, the largest +0.5, equal values the
+/// average of the ranks they span; a single value gets 0.
+pub fn centered_ranks(values: &[f64]) -> Vec<f64> {
+    let n = values.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    // total_cmp orders -inf lowest; NaN is rejected before this is called.
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)));
+    let mut ranks = vec![0.0; n];
+    if n < 2 {
+        return ranks;
+    }
+    let scale = (n - 1) as f64;
+    let mut start = 0;
+    while start < n {
+        let mut end = start + 1;
+        while end < n && values[order[end]] == values[order[start]] {
+            end += 1;
+        }
+        // Positions start..end tie: each gets the mean position (start + end - 1) / 2.
+        let rank = (start + end - 1) as f64 / 2.0 / scale - 0.5;
+        for &i in &order[start..end] {
+            ranks[i] = rank;
+        }
+        start = end;
+    }
+    ranks
+}
+
+/// The weight of each `ε_i` in the gradient: `r⁺_i − r⁻_i` over the ranks of all 2P
+/// fitnesses, as f32 for the weighted sum.
+pub fn rank_weights(pairs: &[PairFitness]) -> Result<Vec<f32>, StrategyError> {
+    if pairs.is_empty() {
+        return Err(StrategyError::Empty);
+    }
+    let mut all = Vec::with_capacity(2 * pairs.len());
+    for (index, p) in pairs.iter().enumerate() {
+        for (sign, value) in [("plus", p.plus), ("minus", p.minus)] {
+            if value.is_nan() {
+                return Err(StrategyError::NanFitness { index, sign, value });
+            }
+        }
+        all.push(p.plus);
+        all.push(p.minus);
+    }
+    let ranks = centered_ranks(&all);
+    Ok(ranks
+        .chunks_exact(2)
+        .map(|r| (r[0] - r[1]) as f32)
+        .collect())
+}
+
+/// `g[j] += Σ_i weights[i] · noise[i][j]` over `i` in order, each product and sum rounded in
+/// f32 (no FMA), for a block of parameters; the caller divides by 2P at the end.
+#[inline]
+pub fn accumulate_weighted(g: &mut [f32], weights: &[f32], noise: &[&[f32]]) {
+    debug_assert_eq!(weights.len(), noise.len());
+    for (&w, eps) in weights.iter().zip(noise) {
+        let eps = &eps[..g.len()];
+        for (g, &e) in g.iter_mut().zip(eps) {
+            *g += w * e;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_are_centered_and_ties_share_their_average() {
+        assert_eq!(centered_ranks(&[3.0, 1.0, 2.0]), vec![0.5, -0.5, 0.0]);
+        assert_eq!(centered_ranks(&[5.0]), vec![0.0]);
+        assert_eq!(centered_ranks(&[]), Vec::<f64>::new());
+        // 1.0 ties at positions 1 and 2 of 0..=3: average 1.5 → 1.5/3 − 0.5 = 0.
+        assert_eq!(
+            centered_ranks(&[0.0, 1.0, 1.0, 2.0]),
+            vec![-0.5, 0.0, 0.0, 0.5]
+        );
+        assert_eq!(centered_ranks(&[7.0; 6]), vec![0.0; 6]);
+        let r = centered_ranks(&[f64::NEG_INFINITY, -1.0, f64::NEG_INFINITY]);
+        assert_eq!(r, vec![-0.25, 0.5, -0.25]);
+    }
+
+    #[test]
+    fn all_equal_fitnesses_give_zero_weights() {
+        let pairs = vec![
+            PairFitness {
+                plus: -2.3,
+                minus: -2.3
+            };
+            5
+        ];
+        assert_eq!(rank_weights(&pairs).unwrap(), vec![0.0; 5]);
+    }
+
+    #[test]
+    fn tiny_populations() {
+        let w = rank_weights(&[PairFitness {
+            plus: 1.0,
+            minus: 0.0,
+        }])
+        .unwrap();
+        assert_eq!(w, vec![1.0]);
+        let w = rank_weights(&[PairFitness {
+            plus: 0.0,
+            minus: 1.0,
+        }])
+        .unwrap();
+        assert_eq!(w, vec![-1.0]);
+        assert_eq!(rank_weights(&[]), Err(StrategyError::Empty));
+        let err = rank_weights(&[PairFitness {
+            plus: 0.0,
+            minus: f64::NAN,
+        }])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("perturbation 0 (minus) is NaN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn weighted_sum_in_index_order() {
+        let mut g = vec![0.0f32; 3];
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [1e8f32, -1e8, 0.5];
+        accumulate_weighted(&mut g, &[1.0, 1.0], &[&a, &b]);
+        assert_eq!(g, vec![1.0 + 1e8, 2.0 - 1e8, 3.5]);
+    }
+
+    /// ES with mirrored sampling recovers the direction of the gradient of a quadratic.
+    #[test]
+    fn estimator_recovers_the_gradient_of_a_quadratic() {
+        use crate::noise::fill_standard_normal;
+        use crate::seeds::{Purpose, rng};
+        let dim = 20;
+        let target: Vec<f64> = (0..dim).map(|j| (j as f64 - 10.0) / 10.0).collect();
+        let theta = vec![0.0f64; dim];
+        // f(θ) = −|θ − target|², gradient 2(target − θ) = 2·target.
+        let f = |x: &[f64]| {
+            -x.iter()
+                .zip(&target)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+        };
+        let sigma = 0.05;
+        let pop = 2000;
+        let mut noise = vec![vec![0.0f32; dim]; pop];
+        let mut pairs = Vec::new();
+        for (i, eps) in noise.iter_mut().enumerate() {
+            fill_standard_normal(&mut rng(9, Purpose::Test, 0, i as u32), eps);
+            let plus: Vec<f64> = theta
+                .iter()
+                .zip(eps.iter())
+                .map(|(t, &e)| t + sigma * e as f64)
+                .collect();
+            let minus: Vec<f64> = theta
+                .iter()
+                .zip(eps.iter())
+                .map(|(t, &e)| t - sigma * e as f64)
+                .collect();
+            pairs.push(PairFitness {
+                plus: f(&plus),
+                minus: f(&minus),
+            });
+        }
+        let weights = rank_weights(&pairs).unwrap();
+        let slices: Vec<&[f32]> = noise.iter().map(|v| v.as_slice()).collect();
+        let mut g = vec![0.0f32; dim];
+        accumulate_weighted(&mut g, &weights, &slices);
+        let dot: f64 = g.iter().zip(&target).map(|(&a, b)| a as f64 * b).sum();
+        let ng = g.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+        let nt = target.iter().map(|b| b * b).sum::<f64>().sqrt();
+        let cosine = dot / (ng * nt);
+        assert!(
+            cosine > 0.95,
+            "cosine between estimate and true gradient: {cosine}"
+        );
+    }
+}

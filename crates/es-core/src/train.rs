@@ -1,0 +1,894 @@
+//! One generation of OpenAI ES split into the parts a cluster distributes, and the
+//! single-process trainer that runs them all on the cores of one machine.
+//!
+//! A generation `t` is: the minibatch ([`minibatch_indices`]), the per-layer σ
+//! ([`EsConfig::layer_sigmas`]), the evaluation of each mirrored pair ([`Evaluator`], run by
+//! whoever holds θ and the noise source: in-process threads or remote workers), and the update
+//! ([`apply_update`]) from the 2P fitnesses alone. Every part is a pure function of the config,
+//! `run_seed`, `t`, θ and the fitnesses, so θ after `t` generations does not depend on who
+//! evaluated what.
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use es_kernel::{Batch, ConfigError, Evaluation, Forward, Kernel, NetConfig, ParamLayout};
+
+use crate::init::{init_params, init_std};
+use crate::noise::{NoiseError, NoiseKey, NoiseSource};
+use crate::optimizer::{Adam, AdamConfig, AdamStep, Schedule};
+use crate::seeds::{Purpose, rng, uniform_below};
+use crate::strategy::{PairFitness, StrategyError, accumulate_weighted, rank_weights};
+
+/// The evolution-strategies hyperparameters of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EsConfig {
+    /// Mirrored pairs per generation (2P evaluations).
+    pub population: usize,
+    /// Training images per minibatch; every evaluation of a generation uses the same one.
+    pub batch_size: usize,
+    /// Perturbation scale, relative to each layer's init standard deviation: layer `l` is
+    /// perturbed by `σ · init_std_l · ε`.
+    pub sigma: f32,
+    pub sigma_schedule: Schedule,
+    /// Adam's learning rate.
+    pub lr: f32,
+    pub lr_schedule: Schedule,
+    /// L2 weight decay added to the descent direction (`−g + l2·θ`); 0 disables it.
+    pub l2: f32,
+    pub adam: AdamConfig,
+}
+
+impl Default for EsConfig {
+    fn default() -> Self {
+        EsConfig {
+            population: 256,
+            batch_size: 100,
+            sigma: 0.02,
+            sigma_schedule: Schedule::Constant,
+            lr: 1e-3,
+            lr_schedule: Schedule::Constant,
+            l2: 0.005,
+            adam: AdamConfig::default(),
+        }
+    }
+}
+
+/// A configuration or input the trainer cannot work with.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Noise(#[from] NoiseError),
+    #[error(transparent)]
+    Strategy(#[from] StrategyError),
+    #[error("population {0} is out of range: expected 1..=2^24 mirrored pairs")]
+    Population(usize),
+    #[error("batch size {0} is out of range: expected at least 1")]
+    BatchSize(usize),
+    #[error("{what} is {value}: expected a finite number {expected}")]
+    Hyperparameter {
+        what: &'static str,
+        value: f32,
+        expected: &'static str,
+    },
+    #[error("dataset has {images} pixels for {labels} labels: expected {inputs} pixels per label")]
+    DatasetShape {
+        images: usize,
+        labels: usize,
+        inputs: usize,
+    },
+    #[error("dataset is empty: expected at least one image")]
+    EmptyDataset,
+    #[error("label {label} of image {index} is out of range: expected 0..{classes}")]
+    Label {
+        index: usize,
+        label: u8,
+        classes: usize,
+    },
+    #[error("{got} fitness pairs for population {population}: expected one per perturbation")]
+    PairCount { got: usize, population: usize },
+    #[error("parameter vector has {got} values: expected {expected}")]
+    ThetaLength { got: usize, expected: usize },
+}
+
+impl EsConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        if self.population == 0 || self.population > crate::seeds::INDEX_LIMIT as usize {
+            return Err(TrainError::Population(self.population));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainError::BatchSize(self.batch_size));
+        }
+        let checks = [
+            ("sigma", self.sigma, self.sigma > 0.0, "> 0"),
+            ("learning rate", self.lr, self.lr > 0.0, "> 0"),
+            ("l2", self.l2, self.l2 >= 0.0, ">= 0"),
+        ];
+        for (what, value, ok, expected) in checks {
+            if !(value.is_finite() && ok) {
+                return Err(TrainError::Hyperparameter {
+                    what,
+                    value,
+                    expected,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// σ of each layer at generation `t`: `sigma_schedule(σ, t) · init_std_l`.
+    pub fn layer_sigmas(&self, net: &NetConfig, t: u32) -> Vec<f32> {
+        let sigma = self.sigma_schedule.value(self.sigma, t as u64);
+        (0..net.layers())
+            .map(|l| sigma * init_std(net, l))
+            .collect()
+    }
+
+    pub fn lr_at(&self, t: u32) -> f32 {
+        self.lr_schedule.value(self.lr, t as u64)
+    }
+}
+
+/// Images and labels held elsewhere (the data crate owns the files).
+#[derive(Clone, Copy, Debug)]
+pub struct Dataset<'a> {
+    /// `labels.len() × inputs` pixels, one image after another.
+    pub images: &'a [u8],
+    pub labels: &'a [u8],
+}
+
+impl Dataset<'_> {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Checks the shapes and labels against the network.
+    pub fn validate(&self, net: &NetConfig) -> Result<(), TrainError> {
+        if self.labels.is_empty() {
+            return Err(TrainError::EmptyDataset);
+        }
+        if self.images.len() != self.labels.len() * net.inputs {
+            return Err(TrainError::DatasetShape {
+                images: self.images.len(),
+                labels: self.labels.len(),
+                inputs: net.inputs,
+            });
+        }
+        if let Some((index, &label)) = self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l as usize >= net.outputs)
+        {
+            return Err(TrainError::Label {
+                index,
+                label,
+                classes: net.outputs,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The minibatch of generation `t`: `batch_size` indices drawn uniformly (with replacement)
+/// from `0..n` by `rng(run_seed, Minibatch, t, 0)`.
+pub fn minibatch_indices(run_seed: u64, t: u32, batch_size: usize, n: usize, out: &mut Vec<usize>) {
+    let mut rng = rng(run_seed, Purpose::Minibatch, t, 0);
+    out.clear();
+    out.extend((0..batch_size).map(|_| uniform_below(&mut rng, n as u64) as usize));
+}
+
+/// The fitnesses of one perturbation, as returned by an evaluator.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairResult {
+    pub index: u32,
+    pub plus: Evaluation,
+    pub minus: Evaluation,
+}
+
+impl PairResult {
+    pub fn fitness(&self) -> PairFitness {
+        PairFitness {
+            plus: self.plus.fitness,
+            minus: self.minus.fitness,
+        }
+    }
+}
+
+/// Evaluates mirrored perturbations of θ on one thread, reusing its buffers: after the first
+/// call it does not allocate.
+#[derive(Clone, Debug)]
+pub struct Evaluator {
+    forward: Forward,
+    plus: Vec<f32>,
+    minus: Vec<f32>,
+    noise_scratch: Vec<f32>,
+}
+
+impl Evaluator {
+    pub fn new(net: NetConfig, kernel: Kernel) -> Result<Evaluator, ConfigError> {
+        let forward = Forward::new(net, kernel)?;
+        let dim = forward.layout().len();
+        Ok(Evaluator {
+            forward,
+            plus: vec![0.0; dim],
+            minus: vec![0.0; dim],
+            noise_scratch: Vec::new(),
+        })
+    }
+
+    pub fn forward(&mut self) -> &mut Forward {
+        &mut self.forward
+    }
+
+    /// Fitness of `θ + σε_i` and `θ − σε_i` on `batch`, with `σ` per layer.
+    pub fn evaluate_pair(
+        &mut self,
+        theta: &[f32],
+        noise: &NoiseSource,
+        key: NoiseKey,
+        layer_sigmas: &[f32],
+        batch: &Batch,
+    ) -> Result<PairResult, NoiseError> {
+        let layout = self.forward.layout().clone();
+        let dim = layout.len();
+        assert_eq!(theta.len(), dim, "parameter vector length");
+        if matches!(noise, NoiseSource::Stream) && self.noise_scratch.len() < dim {
+            self.noise_scratch.resize(dim, 0.0);
+        }
+        let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
+        for (layer, &sigma) in layout.layers().iter().zip(layer_sigmas) {
+            let range = layer.weights.start..layer.bias.end;
+            perturb(
+                &theta[range.clone()],
+                &eps[range.clone()],
+                sigma,
+                &mut self.plus[range.clone()],
+                &mut self.minus[range],
+            );
+        }
+        let plus = self.forward.evaluate(&self.plus, batch);
+        let minus = self.forward.evaluate(&self.minus, batch);
+        Ok(PairResult {
+            index: key.index,
+            plus,
+            minus,
+        })
+    }
+}
+
+/// `plus = θ + σ·ε`, `minus = θ − σ·ε`: the product rounded, then the sum (no FMA).
+fn perturb(theta: &[f32], eps: &[f32], sigma: f32, plus: &mut [f32], minus: &mut [f32]) {
+    for (((&t, &e), p), m) in theta.iter().zip(eps).zip(plus).zip(minus) {
+        let step = sigma * e;
+        *p = t + step;
+        *m = t - step;
+    }
+}
+
+/// A set of evaluators, one per thread, that evaluates many perturbations in parallel.
+#[derive(Debug)]
+pub struct EvalPool {
+    evaluators: Vec<Evaluator>,
+}
+
+impl EvalPool {
+    pub fn new(net: &NetConfig, kernel: Kernel, threads: usize) -> Result<EvalPool, ConfigError> {
+        let evaluators = (0..threads.max(1))
+            .map(|_| Evaluator::new(net.clone(), kernel))
+            .collect::<Result<_, _>>()?;
+        Ok(EvalPool { evaluators })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.evaluators.len()
+    }
+
+    /// Evaluates perturbations `indices` of generation `generation`; results in index order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate(
+        &mut self,
+        theta: &[f32],
+        noise: &NoiseSource,
+        run_seed: u64,
+        generation: u32,
+        layer_sigmas: &[f32],
+        batch: &Batch,
+        indices: Range<u32>,
+    ) -> Result<Vec<PairResult>, NoiseError> {
+        let next = AtomicUsize::new(indices.start as usize);
+        let end = indices.end as usize;
+        let results = Mutex::new(Vec::with_capacity(indices.len()));
+        let failure = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for evaluator in &mut self.evaluators {
+                let (next, results, failure) = (&next, &results, &failure);
+                scope.spawn(move || {
+                    let mut local = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= end {
+                            break;
+                        }
+                        let key = NoiseKey {
+                            run_seed,
+                            generation,
+                            index: i as u32,
+                        };
+                        match evaluator.evaluate_pair(theta, noise, key, layer_sigmas, batch) {
+                            Ok(r) => local.push(r),
+                            Err(e) => {
+                                *failure.lock().expect("no panics while locked") = Some(e);
+                                next.store(end, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                    results
+                        .lock()
+                        .expect("no panics while locked")
+                        .extend(local);
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().expect("threads joined") {
+            return Err(e);
+        }
+        let mut results = results.into_inner().expect("threads joined");
+        results.sort_by_key(|r| r.index);
+        Ok(results)
+    }
+
+    /// θ's fitness and accuracy on a whole dataset, split across the pool's threads.
+    pub fn evaluate_dataset(&mut self, theta: &[f32], data: Dataset<'_>) -> Evaluation {
+        const CHUNK: usize = 1000;
+        let inputs = self.evaluators[0].forward.config().inputs;
+        let classes = self.evaluators[0].forward.config().outputs;
+        let chunks = data.len().div_ceil(CHUNK);
+        let next = AtomicUsize::new(0);
+        let totals = Mutex::new(Vec::with_capacity(chunks));
+        std::thread::scope(|scope| {
+            for evaluator in &mut self.evaluators {
+                let (next, totals) = (&next, &totals);
+                scope.spawn(move || {
+                    let mut batch = Batch::new(inputs);
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= chunks {
+                            break;
+                        }
+                        let range = c * CHUNK..((c + 1) * CHUNK).min(data.len());
+                        let indices: Vec<usize> = range.collect();
+                        batch.fill(data.images, data.labels, &indices);
+                        let logits = evaluator.forward.logits(theta, &batch);
+                        let e = Evaluation::from_logits(logits, batch.labels(), classes);
+                        totals.lock().expect("no panics while locked").push((c, e));
+                    }
+                });
+            }
+        });
+        // Combine in chunk order so the mean does not depend on thread timing.
+        let mut totals = totals.into_inner().expect("threads joined");
+        totals.sort_by_key(|(c, _)| *c);
+        let (mut loss, mut correct) = (0.0, 0);
+        for (_, e) in &totals {
+            loss += -e.fitness * e.samples as f64;
+            correct += e.correct;
+        }
+        Evaluation {
+            fitness: -loss / data.len().max(1) as f64,
+            correct,
+            samples: data.len(),
+        }
+    }
+}
+
+/// θ and the optimizer: the state a run carries from one generation to the next.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EsState {
+    /// The next generation to run (generations done so far).
+    pub generation: u32,
+    pub theta: Vec<f32>,
+    pub adam: Adam,
+}
+
+impl EsState {
+    /// Generation 0: θ₀ from `run_seed`, Adam at rest.
+    pub fn new(net: &NetConfig, es: &EsConfig, run_seed: u64) -> EsState {
+        let theta = init_params(net, run_seed);
+        let adam = Adam::new(es.adam, theta.len());
+        EsState {
+            generation: 0,
+            theta,
+            adam,
+        }
+    }
+}
+
+/// What one update did, for the logs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateStats {
+    /// ‖g‖ of the gradient estimate.
+    pub grad_norm: f64,
+    /// ‖θ‖ after the step.
+    pub theta_norm: f64,
+    /// The learning rate used.
+    pub lr: f32,
+}
+
+/// Parameters per block of the update: 16 KiB of g stays in L1 while the P noise windows of
+/// the block stream through it, each read once per generation.
+const UPDATE_BLOCK: usize = 4096;
+
+/// Applies generation `state.generation`'s update from its fitness pairs (index order) and
+/// advances the state to the next generation. Parallel over parameter blocks on `threads`
+/// threads; the result does not depend on `threads`.
+pub fn apply_update(
+    state: &mut EsState,
+    es: &EsConfig,
+    noise: &NoiseSource,
+    run_seed: u64,
+    pairs: &[PairFitness],
+    threads: usize,
+) -> Result<UpdateStats, TrainError> {
+    if pairs.len() != es.population {
+        return Err(TrainError::PairCount {
+            got: pairs.len(),
+            population: es.population,
+        });
+    }
+    let dim = state.theta.len();
+    noise.check_dim(dim)?;
+    let weights = rank_weights(pairs)?;
+    let t = state.generation;
+    let keys = |i: usize| NoiseKey {
+        run_seed,
+        generation: t,
+        index: i as u32,
+    };
+    let mut g = vec![0.0f32; dim];
+    match noise {
+        NoiseSource::Table(_) => {
+            // A table hands out borrowed windows and never touches the scratch.
+            let windows: Vec<&[f32]> = (0..pairs.len())
+                .map(|i| noise.perturbation(keys(i), dim, &mut []))
+                .collect::<Result<_, _>>()?;
+            for_blocks(&mut g, threads, |start, g| {
+                let slices: Vec<&[f32]> = windows.iter().map(|w| &w[start..]).collect();
+                accumulate_weighted(g, &weights, &slices);
+            });
+        }
+        NoiseSource::Stream => {
+            // Regenerate ε in groups (in parallel), then add each group in index order.
+            let group = threads.max(1) * 2;
+            let mut buffers = vec![vec![0.0f32; dim]; group];
+            for first in (0..pairs.len()).step_by(group) {
+                let count = group.min(pairs.len() - first);
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = buffers[..count]
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(j, buf)| {
+                            scope.spawn(move || {
+                                noise.perturbation(keys(first + j), dim, buf).map(|_| ())
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .try_for_each(|h| h.join().expect("noise generation does not panic"))
+                })?;
+                let w = &weights[first..first + count];
+                for_blocks(&mut g, threads, |start, g| {
+                    let slices: Vec<&[f32]> =
+                        buffers[..count].iter().map(|b| &b[start..]).collect();
+                    accumulate_weighted(g, w, &slices);
+                });
+            }
+        }
+    }
+    let two_p = (2 * pairs.len()) as f32;
+    let lr = es.lr_at(t);
+    let step = state.adam.begin_step(lr, es.l2);
+    let grad_sq = adam_blocks(state, &mut g, two_p, &step, threads);
+    state.generation += 1;
+    let theta_norm = state
+        .theta
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt();
+    Ok(UpdateStats {
+        grad_norm: grad_sq.sqrt(),
+        theta_norm,
+        lr,
+    })
+}
+
+/// Runs `f(start, block)` over `UPDATE_BLOCK`-sized blocks of `g` on `threads` threads.
+fn for_blocks(g: &mut [f32], threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let blocks: Vec<(usize, &mut [f32])> = g
+        .chunks_mut(UPDATE_BLOCK)
+        .enumerate()
+        .map(|(b, chunk)| (b * UPDATE_BLOCK, chunk))
+        .collect();
+    let queue = Mutex::new(blocks.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().expect("no panics while locked").next();
+                    match next {
+                        Some((start, block)) => f(start, block),
+                        None => break,
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// `g /= 2P`, then Adam on every block; returns ‖g‖² summed in block order.
+fn adam_blocks(
+    state: &mut EsState,
+    g: &mut [f32],
+    two_p: f32,
+    step: &AdamStep,
+    threads: usize,
+) -> f64 {
+    let blocks: Vec<_> = state
+        .theta
+        .chunks_mut(UPDATE_BLOCK)
+        .zip(state.adam.m.chunks_mut(UPDATE_BLOCK))
+        .zip(state.adam.v.chunks_mut(UPDATE_BLOCK))
+        .zip(g.chunks_mut(UPDATE_BLOCK))
+        .enumerate()
+        .collect();
+    let sums = Mutex::new(Vec::with_capacity(blocks.len()));
+    let queue = Mutex::new(blocks.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().expect("no panics while locked").next();
+                    let Some((b, (((theta, m), v), g))) = next else {
+                        break;
+                    };
+                    let mut sq = 0.0f64;
+                    for x in g.iter_mut() {
+                        *x /= two_p;
+                        sq += (*x as f64) * (*x as f64);
+                    }
+                    step.apply(theta, m, v, g);
+                    sums.lock().expect("no panics while locked").push((b, sq));
+                }
+            });
+        }
+    });
+    let mut sums = sums.into_inner().expect("threads joined");
+    sums.sort_by_key(|(b, _)| *b);
+    sums.iter().map(|(_, s)| s).sum()
+}
+
+/// What one generation of the single-process trainer did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerationReport {
+    /// The generation just completed (0-based).
+    pub generation: u32,
+    pub fitness_mean: f64,
+    pub fitness_max: f64,
+    /// Mean accuracy of the 2P perturbed networks on the minibatch.
+    pub batch_accuracy: f64,
+    pub evaluations: usize,
+    pub update: UpdateStats,
+}
+
+/// The single-process trainer: a run's state, its noise and a pool of evaluators on all
+/// cores. The coordinator's embedded mode is this.
+#[derive(Debug)]
+pub struct Trainer {
+    net: NetConfig,
+    es: EsConfig,
+    run_seed: u64,
+    noise: NoiseSource,
+    state: EsState,
+    pool: EvalPool,
+    batch: Batch,
+    indices: Vec<usize>,
+}
+
+impl Trainer {
+    pub fn new(
+        net: NetConfig,
+        es: EsConfig,
+        run_seed: u64,
+        noise: NoiseSource,
+        kernel: Kernel,
+        threads: usize,
+    ) -> Result<Trainer, TrainError> {
+        net.validate()?;
+        es.validate()?;
+        noise.check_dim(ParamLayout::new(&net).len())?;
+        let state = EsState::new(&net, &es, run_seed);
+        Trainer::resume(net, es, run_seed, noise, kernel, threads, state)
+    }
+
+    /// A trainer continuing from `state` (e.g. a checkpoint).
+    pub fn resume(
+        net: NetConfig,
+        es: EsConfig,
+        run_seed: u64,
+        noise: NoiseSource,
+        kernel: Kernel,
+        threads: usize,
+        state: EsState,
+    ) -> Result<Trainer, TrainError> {
+        net.validate()?;
+        es.validate()?;
+        let dim = ParamLayout::new(&net).len();
+        noise.check_dim(dim)?;
+        if state.theta.len() != dim {
+            return Err(TrainError::ThetaLength {
+                got: state.theta.len(),
+                expected: dim,
+            });
+        }
+        let pool = EvalPool::new(&net, kernel, threads)?;
+        let batch = Batch::new(net.inputs);
+        Ok(Trainer {
+            net,
+            es,
+            run_seed,
+            noise,
+            state,
+            pool,
+            batch,
+            indices: Vec::new(),
+        })
+    }
+
+    pub fn state(&self) -> &EsState {
+        &self.state
+    }
+
+    pub fn net(&self) -> &NetConfig {
+        &self.net
+    }
+
+    pub fn es(&self) -> &EsConfig {
+        &self.es
+    }
+
+    /// Runs generation `state.generation` on `train` and applies its update.
+    pub fn step(&mut self, train: Dataset<'_>) -> Result<GenerationReport, TrainError> {
+        train.validate(&self.net)?;
+        let t = self.state.generation;
+        minibatch_indices(
+            self.run_seed,
+            t,
+            self.es.batch_size,
+            train.len(),
+            &mut self.indices,
+        );
+        self.batch.fill(train.images, train.labels, &self.indices);
+        let sigmas = self.es.layer_sigmas(&self.net, t);
+        let results = self.pool.evaluate(
+            &self.state.theta,
+            &self.noise,
+            self.run_seed,
+            t,
+            &sigmas,
+            &self.batch,
+            0..self.es.population as u32,
+        )?;
+        let pairs: Vec<PairFitness> = results.iter().map(PairResult::fitness).collect();
+        let update = apply_update(
+            &mut self.state,
+            &self.es,
+            &self.noise,
+            self.run_seed,
+            &pairs,
+            self.pool.threads(),
+        )?;
+        let all = results.iter().flat_map(|r| [r.plus, r.minus]);
+        let n = 2 * results.len();
+        let fitness_mean = all.clone().map(|e| e.fitness).sum::<f64>() / n as f64;
+        let fitness_max = all
+            .clone()
+            .map(|e| e.fitness)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let batch_accuracy = all.map(|e| e.accuracy()).sum::<f64>() / n as f64;
+        Ok(GenerationReport {
+            generation: t,
+            fitness_mean,
+            fitness_max,
+            batch_accuracy,
+            evaluations: n,
+            update,
+        })
+    }
+
+    /// θ's loss and accuracy on a whole dataset (e.g. the 10,000 test images).
+    pub fn evaluate(&mut self, data: Dataset<'_>) -> Result<Evaluation, TrainError> {
+        data.validate(&self.net)?;
+        Ok(self.pool.evaluate_dataset(&self.state.theta, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::noise::NoiseTable;
+    use std::sync::Arc;
+
+    /// A small network and a synthetic 2-class task whose class decides which half of the
+    /// image is bright.
+    fn small() -> (NetConfig, EsConfig, Vec<u8>, Vec<u8>) {
+        let net = NetConfig {
+            inputs: 16,
+            hidden: vec![24, 24],
+            outputs: 2,
+            ..NetConfig::default()
+        };
+        let es = EsConfig {
+            population: 24,
+            batch_size: 32,
+            sigma: 0.05,
+            lr: 0.01,
+            l2: 0.0,
+            ..EsConfig::default()
+        };
+        let mut images = Vec::new();
+        let mut labels = Vec::new();
+        let mut r = rng(5, Purpose::Test, 0, 0);
+        for i in 0..256 {
+            let label = (i % 2) as u8;
+            for k in 0..16 {
+                let bright = (k < 8) == (label == 0);
+                let base = if bright { 160 } else { 0 };
+                images.push(base + uniform_below(&mut r, 90) as u8);
+            }
+            labels.push(label);
+        }
+        (net, es, images, labels)
+    }
+
+    fn table_for(net: &NetConfig) -> NoiseSource {
+        let dim = ParamLayout::new(net).len();
+        NoiseSource::Table(Arc::new(NoiseTable::generate(11, dim * 8)))
+    }
+
+    #[test]
+    fn training_is_independent_of_thread_count_and_learns() {
+        let (net, es, images, labels) = small();
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let mut runs = Vec::new();
+        for threads in [1, 3] {
+            let mut trainer = Trainer::new(
+                net.clone(),
+                es.clone(),
+                42,
+                table_for(&net),
+                Kernel::Portable,
+                threads,
+            )
+            .unwrap();
+            let before = trainer.evaluate(data).unwrap();
+            let mut reports = Vec::new();
+            for _ in 0..60 {
+                reports.push(trainer.step(data).unwrap());
+            }
+            let after = trainer.evaluate(data).unwrap();
+            runs.push((trainer.state().clone(), before, after, reports));
+        }
+        assert_eq!(
+            runs[0].0, runs[1].0,
+            "θ and Adam bit-identical for 1 and 3 threads"
+        );
+        let (_, before, after, _) = &runs[0];
+        assert!(
+            after.fitness > before.fitness + 0.05,
+            "fitness {} → {}",
+            before.fitness,
+            after.fitness
+        );
+        assert!(
+            after.accuracy() > 0.9,
+            "accuracy {} → {}",
+            before.accuracy(),
+            after.accuracy()
+        );
+    }
+
+    #[test]
+    fn stream_noise_is_thread_independent_too() {
+        let (net, es, images, labels) = small();
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let states: Vec<EsState> = [1, 2]
+            .into_iter()
+            .map(|threads| {
+                let mut t = Trainer::new(
+                    net.clone(),
+                    es.clone(),
+                    7,
+                    NoiseSource::Stream,
+                    Kernel::Portable,
+                    threads,
+                )
+                .unwrap();
+                for _ in 0..3 {
+                    t.step(data).unwrap();
+                }
+                t.state().clone()
+            })
+            .collect();
+        assert_eq!(states[0], states[1]);
+        assert_eq!(states[0].generation, 3);
+    }
+
+    #[test]
+    fn tied_fitnesses_move_nothing_but_weight_decay() {
+        let (net, es, ..) = small();
+        let mut state = EsState::new(&net, &es, 1);
+        let before = state.theta.clone();
+        let pairs = vec![
+            PairFitness {
+                plus: -1.0,
+                minus: -1.0
+            };
+            es.population
+        ];
+        apply_update(&mut state, &es, &table_for(&net), 1, &pairs, 2).unwrap();
+        assert_eq!(state.theta, before, "l2 = 0 and all ties: zero step");
+        let err = apply_update(&mut state, &es, &table_for(&net), 1, &pairs[1..], 2).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("23 fitness pairs for population 24"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_datasets_are_refused_with_clear_errors() {
+        let (net, es, images, mut labels) = small();
+        let mut trainer =
+            Trainer::new(net, es, 1, NoiseSource::Stream, Kernel::Portable, 1).unwrap();
+        let short = Dataset {
+            images: &images[1..],
+            labels: &labels,
+        };
+        let err = trainer.step(short).unwrap_err().to_string();
+        assert!(err.contains("expected 16 pixels per label"), "{err}");
+        labels[3] = 7;
+        let bad = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let err = trainer.step(bad).unwrap_err().to_string();
+        assert_eq!(err, "label 7 of image 3 is out of range: expected 0..2");
+    }
+
+    #[test]
+    fn minibatches_are_deterministic_and_in_range() {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        minibatch_indices(3, 10, 500, 60_000, &mut a);
+        minibatch_indices(3, 10, 500, 60_000, &mut b);
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&i| i < 60_000));
+        minibatch_indices(3, 11, 500, 60_000, &mut b);
+        assert_ne!(a, b);
+    }
+}

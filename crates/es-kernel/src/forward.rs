@@ -1,0 +1,191 @@
+//! The fast forward pass: sparse inputs, SIMD kernels, the float environment of the mode.
+//!
+//! [`Forward`] owns every buffer it needs, so after the first call with the largest batch it
+//! evaluates any number of parameter vectors without allocating.
+
+use crate::config::{ConfigError, NetConfig, ParamLayout};
+use crate::float_env::with_float_env;
+use crate::kernels::Kernel;
+use crate::loss::Evaluation;
+use crate::reference::{epilogue_add, epilogue_mul, pow2_neg};
+use crate::sparse::SparseRows;
+
+/// A minibatch prepared once and evaluated under many parameter vectors: the dense pixels, the
+/// labels and the nonzero pixels of each sample.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    inputs: usize,
+    pixels: Vec<u8>,
+    labels: Vec<u8>,
+    rows: SparseRows,
+}
+
+impl Batch {
+    /// An empty batch of samples `inputs` pixels wide.
+    pub fn new(inputs: usize) -> Batch {
+        Batch {
+            inputs,
+            ..Batch::default()
+        }
+    }
+
+    /// The batch of samples `indices` of a dataset (`images`: `n × inputs` pixels).
+    ///
+    /// # Panics
+    /// If an index is out of range or the shapes disagree.
+    pub fn fill(&mut self, images: &[u8], labels: &[u8], indices: &[usize]) {
+        assert_eq!(
+            images.len(),
+            labels.len() * self.inputs,
+            "images and labels disagree"
+        );
+        self.pixels.clear();
+        self.labels.clear();
+        for &i in indices {
+            self.pixels
+                .extend_from_slice(&images[i * self.inputs..(i + 1) * self.inputs]);
+            self.labels.push(labels[i]);
+        }
+        self.rows.fill_from_pixels(&self.pixels, self.inputs);
+    }
+
+    /// A batch holding whole `images` (`labels.len() × inputs` pixels) in order.
+    pub fn from_images(inputs: usize, images: &[u8], labels: &[u8]) -> Batch {
+        let mut batch = Batch::new(inputs);
+        let all: Vec<usize> = (0..labels.len()).collect();
+        batch.fill(images, labels, &all);
+        batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn pixels(&self) -> &[u8] {
+        &self.pixels
+    }
+
+    pub fn labels(&self) -> &[u8] {
+        &self.labels
+    }
+
+    /// Fraction of pixels that are nonzero (the layer-1 work the kernels do).
+    pub fn density(&self) -> f64 {
+        self.rows.nonzeros() as f64 / self.pixels.len().max(1) as f64
+    }
+}
+
+/// Evaluates parameter vectors of one network on batches, reusing its buffers.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    config: NetConfig,
+    layout: ParamLayout,
+    kernel: Kernel,
+    /// `2^-e_{l-1}`, which scales layer l's bias.
+    bias_scales: Vec<f32>,
+    /// `2^(e_{l-1} - e_l)`, which scales layer l's output.
+    out_scales: Vec<f32>,
+    rows: SparseRows,
+    act: Vec<f32>,
+    scaled_bias: Vec<f32>,
+    /// Fraction of nonzero inputs seen by each layer in the last call.
+    density: Vec<f64>,
+}
+
+impl Forward {
+    pub fn new(config: NetConfig, kernel: Kernel) -> Result<Forward, ConfigError> {
+        config.validate()?;
+        let exps = config.activation_exponents();
+        let bias_scales = exps[..exps.len() - 1]
+            .iter()
+            .map(|&e| pow2_neg(e))
+            .collect();
+        let out_scales = exps.windows(2).map(|p| pow2_neg(p[1] - p[0])).collect();
+        let layers = config.layers();
+        Ok(Forward {
+            layout: ParamLayout::new(&config),
+            config,
+            kernel,
+            bias_scales,
+            out_scales,
+            rows: SparseRows::new(),
+            act: Vec::new(),
+            scaled_bias: Vec::new(),
+            density: vec![0.0; layers],
+        })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Fraction of nonzero inputs each layer saw in the last call (layer 1: pixels).
+    pub fn density(&self) -> &[f64] {
+        &self.density
+    }
+
+    /// Logits (`batch.len() × outputs`) of the network with parameters `params`.
+    ///
+    /// # Panics
+    /// If `params` is not the layout's length or the batch is not `inputs` wide.
+    pub fn logits(&mut self, params: &[f32], batch: &Batch) -> &[f32] {
+        assert_eq!(params.len(), self.layout.len(), "parameter vector length");
+        assert_eq!(batch.inputs, self.config.inputs, "batch width");
+        let mode = self.config.arithmetic;
+        with_float_env(mode, || self.run_layers(params, batch));
+        &self.act
+    }
+
+    /// Fitness (minus mean cross-entropy) and accuracy of `params` on `batch`.
+    pub fn evaluate(&mut self, params: &[f32], batch: &Batch) -> Evaluation {
+        let classes = self.config.outputs;
+        // The loss runs after the float guard is released.
+        let logits = self.logits(params, batch);
+        Evaluation::from_logits(logits, batch.labels(), classes)
+    }
+
+    /// Every layer, run inside the float environment. Not inlined: see `float_env`.
+    #[inline(never)]
+    fn run_layers(&mut self, params: &[f32], batch: &Batch) {
+        let samples = batch.len();
+        let mode = self.config.arithmetic;
+        let layers = self.layout.layers();
+        for (l, layer) in layers.iter().enumerate() {
+            let rows = if l == 0 {
+                &batch.rows
+            } else {
+                self.rows.fill_from_dense(&self.act, layer.fan_in);
+                &self.rows
+            };
+            self.density[l] = rows.nonzeros() as f64 / (samples * layer.fan_in).max(1) as f64;
+            let weights = &params[layer.weights.clone()];
+            let bias = &params[layer.bias.clone()];
+            let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
+            self.scaled_bias.clear();
+            self.scaled_bias
+                .extend(bias.iter().map(|&b| epilogue_mul(mode, b, bias_scale)));
+            self.act.resize(samples * layer.fan_out, 0.0);
+            self.kernel
+                .accumulate(rows, weights, layer.fan_out, &mut self.act);
+            // Bias add and scaling flush inputs and results in `ftz` and `seed` mode; in `ftz`
+            // mode the hardware already did, and flushing again is a no-op.
+            for out in self.act.chunks_exact_mut(layer.fan_out) {
+                for (v, &b) in out.iter_mut().zip(&self.scaled_bias) {
+                    *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The sparse accumulate kernel `out[s, j] = Σ_t value[t] · W[index[t], j]` in every
+//! instruction set, with runtime dispatch.
+//!
+//! Contract shared by all kernels (and checked against [`crate::reference`] bit for bit):
+//! each output sums its terms in list order (ascending input index), starting from +0, with
+//! each product and each sum rounded separately (no FMA). Kernels vectorise across output
+//! neurons only, never across terms, so every SIMD width gives identical bits. Flushing comes
+//! from the float environment the caller set (see [`crate::float_env`]).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::sparse::SparseRows;
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+/// Environment variable that forces one kernel (`portable`, `avx2`, `avx512`).
+pub const KERNEL_ENV: &str = "UNDERFLOW_KERNEL";
+
+/// An implementation of the accumulate kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Plain Rust over output rows; the compiler vectorises it for the baseline target.
+    Portable,
+    /// x86-64 AVX2, 8 lanes.
+    Avx2,
+    /// x86-64 AVX-512F, 16 lanes with masked tails.
+    Avx512,
+}
+
+/// A kernel that was asked for but cannot run here.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum KernelError {
+    #[error("unknown kernel {0:?}: expected one of portable, avx2, avx512")]
+    Unknown(String),
+    #[error("kernel {0} is not supported by this CPU (supported: {1})")]
+    Unsupported(Kernel, String),
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 3] = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// All kernels this CPU supports, slowest first.
+    pub fn supported() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+
+    /// The fastest supported kernel, or the one named by `UNDERFLOW_KERNEL`.
+    pub fn detect() -> Result<Kernel, KernelError> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(name) if !name.is_empty() => name.parse(),
+            _ => Ok(*Kernel::supported()
+                .last()
+                .expect("portable is always supported")),
+        }
+    }
+
+    /// Accumulates every sample of `rows` through `weights` (`rows.width() × n_out`,
+    /// row-major) into `out` (`rows.samples() × n_out`), overwriting it.
+    ///
+    /// # Panics
+    /// If the shapes disagree, or the kernel is not supported by this CPU.
+    pub fn accumulate(self, rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
+        assert_eq!(weights.len(), rows.width() * n_out, "weights shape");
+        assert_eq!(out.len(), rows.samples() * n_out, "output shape");
+        match self {
+            Kernel::Portable => portable::accumulate(rows, weights, n_out, out),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                assert!(self.is_supported(), "avx2 kernel on a CPU without avx2");
+                // SAFETY: the CPU supports AVX2 (checked above) and the shapes were checked,
+                // which with the `SparseRows` index invariant keeps every load in bounds.
+                unsafe { x86_64::avx2::accumulate(rows, weights, n_out, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                assert!(
+                    self.is_supported(),
+                    "avx512 kernel on a CPU without avx512f"
+                );
+                // SAFETY: as for AVX2, with AVX-512F checked.
+                unsafe { x86_64::avx512::accumulate(rows, weights, n_out, out) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => panic!("kernel {self} is not supported on this architecture"),
+        }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Kernel {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let kernel = Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| KernelError::Unknown(s.to_string()))?;
+        if !kernel.is_supported() {
+            let names: Vec<_> = Kernel::supported().iter().map(|k| k.name()).collect();
+            return Err(KernelError::Unsupported(kernel, names.join(", ")));
+        }
+        Ok(kernel)
+    }
+}
+
+#[cfg(test)]
+mod tests;

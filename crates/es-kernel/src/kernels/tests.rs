@@ -1,0 +1,277 @@
+//! Every kernel this CPU supports against the scalar definitions, bit for bit (±0 equal).
+
+use super::*;
+use crate::config::{Arithmetic, NetConfig, ParamLayout};
+use crate::float_env::with_float_env;
+use crate::forward::{Batch, Forward};
+use crate::reference;
+
+/// SplitMix64: a dependency-free generator for test data.
+pub(crate) struct TestRng(u64);
+
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> TestRng {
+        TestRng(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Approximately standard normal (sum of uniforms): test data only.
+    pub(crate) fn normal(&mut self) -> f32 {
+        ((0..12).map(|_| self.uniform()).sum::<f64>() - 6.0) as f32
+    }
+
+    /// MNIST-like pixels: zero with probability `zeros`, else uniform 1..=255.
+    pub(crate) fn pixels(&mut self, n: usize, zeros: f64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                if self.uniform() < zeros {
+                    0
+                } else {
+                    1 + (self.next_u64() % 255) as u8
+                }
+            })
+            .collect()
+    }
+}
+
+/// Same value, with +0 and -0 equal (kernels may skip zero terms).
+pub(crate) fn same(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a == 0.0 && b == 0.0)
+}
+
+pub(crate) fn assert_same(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            same(g, w),
+            "{what}: element {i}: got {g:e} ({:#010x}), want {w:e} ({:#010x})",
+            g.to_bits(),
+            w.to_bits()
+        );
+    }
+}
+
+/// The kernel contract written as plainly as possible, over dense inputs.
+#[inline(never)]
+fn dense_definition(inputs: &[f32], width: usize, weights: &[f32], n_out: usize) -> Vec<f32> {
+    let samples = inputs.len() / width;
+    let mut out = vec![0.0f32; samples * n_out];
+    for s in 0..samples {
+        for j in 0..n_out {
+            let mut acc = 0.0f32;
+            for k in 0..width {
+                acc += inputs[s * width + k] * weights[k * n_out + j];
+            }
+            out[s * n_out + j] = acc;
+        }
+    }
+    out
+}
+
+/// Inputs and weights whose products straddle f32::MIN_POSITIVE, so flushing matters.
+fn near_underflow_case(
+    rng: &mut TestRng,
+    samples: usize,
+    width: usize,
+    n_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let density = rng.uniform();
+    let inputs = (0..samples * width)
+        .map(|_| {
+            if rng.uniform() < density {
+                rng.normal() * 2f32.powi(-124)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let weights = (0..width * n_out).map(|_| rng.normal() * 0.5).collect();
+    (inputs, weights)
+}
+
+#[test]
+fn every_kernel_matches_the_definition_over_shapes_and_sparsity() {
+    let mut rng = TestRng::new(1);
+    let widths_out = [
+        1, 2, 7, 8, 9, 10, 15, 16, 17, 31, 33, 63, 65, 127, 129, 130, 255, 257,
+    ];
+    for kernel in Kernel::supported() {
+        for samples in 1..=33 {
+            let n_out = widths_out[samples % widths_out.len()];
+            let width = 1 + 2 * (samples % 11);
+            for mode in [Arithmetic::Ftz, Arithmetic::Ieee] {
+                let (inputs, weights) = near_underflow_case(&mut rng, samples, width, n_out);
+                let mut rows = SparseRows::new();
+                rows.fill_from_dense(&inputs, width);
+                let mut out = vec![f32::NAN; samples * n_out];
+                let want =
+                    with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
+                with_float_env(mode, || kernel.accumulate(&rows, &weights, n_out, &mut out));
+                assert_same(
+                    &out,
+                    &want,
+                    &format!("{kernel} {mode} samples={samples} width={width} n_out={n_out}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
+    // Products and sums placed right at the threshold, including products whose exact value is
+    // just below MIN_POSITIVE but rounds up to it: the reference flushes after rounding.
+    let min = f32::MIN_POSITIVE;
+    let inputs = [min, 2.0 * min, -min, 3.0 * min];
+    let below = 1.0 - f32::EPSILON / 4.0; // exact product min·below < min, rounds to min
+    let weights = [
+        below,
+        0.5,
+        0.75,
+        1.0 - f32::EPSILON,
+        0.999_999_9,
+        -0.5,
+        1.0,
+        0.25,
+    ];
+    let config = (4, 2);
+    for kernel in Kernel::supported() {
+        let mut rows = SparseRows::new();
+        rows.fill_from_dense(&inputs, config.0);
+        let mut out = [f32::NAN; 2];
+        with_float_env(Arithmetic::Ftz, || {
+            kernel.accumulate(&rows, &weights, config.1, &mut out)
+        });
+        // Reference arithmetic, flushed explicitly.
+        let mut want = [0.0f32; 2];
+        for (j, w) in want.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for k in 0..4 {
+                let p = reference::flushed_mul(inputs[k], weights[k * 2 + j]);
+                acc = reference::flushed_add(acc, p);
+            }
+            *w = acc;
+        }
+        assert_same(&out, &want, &format!("{kernel} at the threshold"));
+    }
+}
+
+fn small_config(mode: Arithmetic) -> NetConfig {
+    NetConfig {
+        inputs: 29,
+        hidden: vec![33, 17],
+        outputs: 10,
+        scale_exponents: vec![125, 124],
+        init_multipliers: vec![1.0, 8.0, 8.0],
+        arithmetic: mode,
+    }
+}
+
+/// He-normal parameters with the config's multipliers and small random biases.
+pub(crate) fn random_params(config: &NetConfig, rng: &mut TestRng) -> Vec<f32> {
+    let layout = ParamLayout::new(config);
+    let mut params = vec![0.0f32; layout.len()];
+    for (l, layer) in layout.layers().iter().enumerate() {
+        let std = (2.0 / layer.fan_in as f32).sqrt() * config.init_multipliers[l];
+        for w in &mut params[layer.weights.clone()] {
+            *w = rng.normal() * std;
+        }
+        for b in &mut params[layer.bias.clone()] {
+            *b = rng.normal();
+        }
+    }
+    params
+}
+
+#[test]
+fn forward_pass_matches_reference_in_every_mode_and_kernel() {
+    let mut rng = TestRng::new(2);
+    for mode in [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee] {
+        let config = small_config(mode);
+        for kernel in Kernel::supported() {
+            let mut forward = Forward::new(config.clone(), kernel).unwrap();
+            for samples in [1, 2, 5, 17, 33] {
+                let params = random_params(&config, &mut rng);
+                let pixels = rng.pixels(samples * config.inputs, 0.8);
+                let labels: Vec<u8> = (0..samples).map(|i| (i % 10) as u8).collect();
+                let batch = Batch::from_images(config.inputs, &pixels, &labels);
+                let mut want = vec![f32::NAN; samples * config.outputs];
+                reference::forward(&config, &params, &pixels, &mut want);
+                let got = forward.logits(&params, &batch).to_vec();
+                assert_same(&got, &want, &format!("{kernel} {mode} samples={samples}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn default_network_matches_reference_and_differs_without_flushing() {
+    let config = NetConfig::default();
+    let mut rng = TestRng::new(3);
+    let params = random_params(&config, &mut rng);
+    let samples = 3;
+    let pixels = rng.pixels(samples * config.inputs, 0.81);
+    let labels = [1, 2, 3];
+    let batch = Batch::from_images(config.inputs, &pixels, &labels);
+    let mut want = vec![f32::NAN; samples * config.outputs];
+    reference::forward(&config, &params, &pixels, &mut want);
+    for kernel in Kernel::supported() {
+        let mut forward = Forward::new(config.clone(), kernel).unwrap();
+        assert_same(
+            forward.logits(&params, &batch),
+            &want,
+            &format!("{kernel} default net"),
+        );
+        let density = forward.density().to_vec();
+        assert!(
+            density[1] > 0.05 && density[1] < 0.95,
+            "layer-2 inputs partly flushed: {density:?}"
+        );
+    }
+    // The same parameters with the guard off: the logits differ, because in `ftz` mode many
+    // layer-2 products flushed.
+    let ieee = NetConfig {
+        arithmetic: Arithmetic::Ieee,
+        ..config.clone()
+    };
+    let mut unflushed = vec![f32::NAN; samples * config.outputs];
+    reference::forward(&ieee, &params, &pixels, &mut unflushed);
+    let differing = want
+        .iter()
+        .zip(&unflushed)
+        .filter(|(a, b)| !same(**a, **b))
+        .count();
+    assert!(
+        differing >= want.len() * 9 / 10,
+        "{differing} of {} logits differ",
+        want.len()
+    );
+}
+
+#[test]
+fn kernel_names_and_env_switch() {
+    assert_eq!("portable".parse::<Kernel>(), Ok(Kernel::Portable));
+    assert!(matches!(
+        "sse9".parse::<Kernel>(),
+        Err(KernelError::Unknown(_))
+    ));
+    for k in Kernel::ALL {
+        match k.name().parse::<Kernel>() {
+            Ok(parsed) => assert!(parsed.is_supported() && parsed == k),
+            Err(e) => assert!(e.to_string().contains("not supported"), "{e}"),
+        }
+    }
+    assert!(Kernel::supported().contains(&Kernel::detect().unwrap_or(Kernel::Portable)));
+}

@@ -1,0 +1,81 @@
+//! AVX2 accumulate kernel: 8 outputs per vector, masked loads and stores for the tail.
+
+use std::arch::x86_64::*;
+
+use super::dispatch_tile;
+use crate::sparse::SparseRows;
+
+const LANES: usize = 8;
+/// Accumulator vectors per pass: 8 of the 16 ymm registers, the rest for the broadcast input
+/// and the loads.
+const TILE: usize = 8;
+
+/// # Safety
+/// The CPU must support AVX2; `weights` must be `rows.width() × n_out` and `out`
+/// `rows.samples() × n_out` (the caller asserts both).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
+    let vectors = n_out.div_ceil(LANES);
+    let tail = n_out % LANES;
+    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
+    // SAFETY: reads 32 bytes from a live [i32; 8].
+    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let mut v0 = 0;
+    while v0 < vectors {
+        let nv = (vectors - v0).min(TILE);
+        let masked = tail != 0 && v0 + nv == vectors;
+        for s in 0..rows.samples() {
+            let (index, value) = rows.row(s);
+            // SAFETY: as in the AVX-512 kernel: offsets stay within `out` and `weights`.
+            unsafe {
+                let dst = out.as_mut_ptr().add(s * n_out + v0 * LANES);
+                let src = weights.as_ptr().add(v0 * LANES);
+                dispatch_tile!(nv, masked, tile(index, value, src, n_out, dst, tail_mask));
+            }
+        }
+        v0 += nv;
+    }
+}
+
+/// # Safety
+/// AVX2; as for the AVX-512 tile, with 8-lane vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn tile<const NV: usize, const MASKED: bool>(
+    index: &[u32],
+    value: &[f32],
+    w: *const f32,
+    n_out: usize,
+    out: *mut f32,
+    tail_mask: __m256i,
+) {
+    let mut acc = [_mm256_setzero_ps(); NV];
+    for (&k, &x) in index.iter().zip(value) {
+        let x = _mm256_set1_ps(x);
+        // SAFETY: k < width (SparseRows invariant).
+        let row = unsafe { w.add(k as usize * n_out) };
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: full vectors lie within the row; the last one is masked to the row end
+            // when MASKED, and masked-off lanes are not read.
+            let wv = unsafe {
+                if MASKED && v + 1 == NV {
+                    _mm256_maskload_ps(row.add(v * LANES), tail_mask)
+                } else {
+                    _mm256_loadu_ps(row.add(v * LANES))
+                }
+            };
+            // Separate multiply and add: the contract forbids FMA.
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, wv));
+        }
+    }
+    for (v, acc) in acc.iter().enumerate() {
+        // SAFETY: room for NV vectors, the last masked to the row end.
+        unsafe {
+            if MASKED && v + 1 == NV {
+                _mm256_maskstore_ps(out.add(v * LANES), tail_mask, *acc);
+            } else {
+                _mm256_storeu_ps(out.add(v * LANES), *acc);
+            }
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! AVX-512F accumulate kernel: 16 outputs per vector, masked loads and stores for the tail.
+
+use std::arch::x86_64::*;
+
+use super::dispatch_tile;
+use crate::sparse::SparseRows;
+
+const LANES: usize = 16;
+/// Accumulator vectors per pass over a sample's terms: 8 (128 outputs) leave registers for
+/// the broadcast input and the loads, and keep the weight slice of a tile (fan_in × 512
+/// bytes) in L2 while every sample of the batch streams through it.
+const TILE: usize = 8;
+
+/// # Safety
+/// The CPU must support AVX-512F; `weights` must be `rows.width() × n_out` and `out`
+/// `rows.samples() × n_out` (the caller asserts both).
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
+    let vectors = n_out.div_ceil(LANES);
+    let tail = n_out % LANES;
+    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let mut v0 = 0;
+    while v0 < vectors {
+        let nv = (vectors - v0).min(TILE);
+        let masked = tail != 0 && v0 + nv == vectors;
+        for s in 0..rows.samples() {
+            let (index, value) = rows.row(s);
+            // SAFETY: `s * n_out + v0 * LANES` is within `out` (s < samples, v0 < vectors), and
+            // the tile's stores stay within the sample's row (the last vector is masked to
+            // `n_out`); weight offsets likewise stay within row `k < width` of `weights`.
+            unsafe {
+                let dst = out.as_mut_ptr().add(s * n_out + v0 * LANES);
+                let src = weights.as_ptr().add(v0 * LANES);
+                dispatch_tile!(nv, masked, tile(index, value, src, n_out, dst, tail_mask));
+            }
+        }
+        v0 += nv;
+    }
+}
+
+/// One sample, `NV` vectors of outputs; the last one masked when `MASKED`.
+///
+/// # Safety
+/// AVX-512F; `w` points at column `v0·16` of row 0 of a `width × n_out` matrix, every index
+/// is `< width`, and `out` has room for `NV` vectors (the last masked by `tail_mask`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile<const NV: usize, const MASKED: bool>(
+    index: &[u32],
+    value: &[f32],
+    w: *const f32,
+    n_out: usize,
+    out: *mut f32,
+    tail_mask: __mmask16,
+) {
+    let mask = |v: usize| if MASKED && v + 1 == NV { tail_mask } else { !0 };
+    let mut acc = [_mm512_setzero_ps(); NV];
+    for (&k, &x) in index.iter().zip(value) {
+        let x = _mm512_set1_ps(x);
+        // SAFETY: k < width (SparseRows invariant), so the row and its NV vectors (masked
+        // past n_out) lie within `weights`.
+        let row = unsafe { w.add(k as usize * n_out) };
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: see above; masked-off lanes are not read.
+            let wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
+            // Separate multiply and add: the contract forbids FMA.
+            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, wv));
+        }
+    }
+    for (v, acc) in acc.iter().enumerate() {
+        // SAFETY: the caller guarantees room for NV vectors, the last masked to the row end.
+        unsafe { _mm512_mask_storeu_ps(out.add(v * LANES), mask(v), *acc) };
+    }
+}

@@ -1,0 +1,31 @@
+//! x86-64 kernels, one module per instruction set. Callers check CPU support first.
+
+pub(super) mod avx2;
+pub(super) mod avx512;
+
+/// Dispatches a runtime tile width to a const-generic tile function, so each width gets its
+/// accumulators in registers.
+macro_rules! dispatch_tile {
+    ($nv:expr, $masked:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match ($nv, $masked) {
+            (1, false) => $f::<1, false>($($arg),*),
+            (2, false) => $f::<2, false>($($arg),*),
+            (3, false) => $f::<3, false>($($arg),*),
+            (4, false) => $f::<4, false>($($arg),*),
+            (5, false) => $f::<5, false>($($arg),*),
+            (6, false) => $f::<6, false>($($arg),*),
+            (7, false) => $f::<7, false>($($arg),*),
+            (8, false) => $f::<8, false>($($arg),*),
+            (1, true) => $f::<1, true>($($arg),*),
+            (2, true) => $f::<2, true>($($arg),*),
+            (3, true) => $f::<3, true>($($arg),*),
+            (4, true) => $f::<4, true>($($arg),*),
+            (5, true) => $f::<5, true>($($arg),*),
+            (6, true) => $f::<6, true>($($arg),*),
+            (7, true) => $f::<7, true>($($arg),*),
+            (8, true) => $f::<8, true>($($arg),*),
+            (nv, _) => unreachable!("tile of {nv} vectors"),
+        }
+    };
+}
+pub(super) use dispatch_tile;
