@@ -39,6 +39,10 @@ pub struct RunConfig {
     pub lr: f32,
     pub lr_schedule: String,
     pub l2: f32,
+    /// Per-layer multipliers of σ (empty: all 1).
+    pub sigma_multipliers: Vec<f32>,
+    /// Per-layer multipliers of Adam's step (empty: all 1).
+    pub lr_multipliers: Vec<f32>,
     pub mode: String,
     pub hidden: Vec<usize>,
     pub scale_exponents: Vec<i32>,
@@ -66,6 +70,8 @@ impl Default for RunConfig {
             lr: es.lr,
             lr_schedule: "constant".into(),
             l2: es.l2,
+            sigma_multipliers: es.sigma_multipliers,
+            lr_multipliers: es.lr_multipliers,
             mode: net.arithmetic.name().into(),
             hidden: net.hidden,
             scale_exponents: net.scale_exponents,
@@ -138,9 +144,11 @@ impl RunConfig {
             lr: self.lr,
             lr_schedule: parse_schedule(&self.lr_schedule, self.generations)?,
             l2: self.l2,
+            sigma_multipliers: self.sigma_multipliers.clone(),
+            lr_multipliers: self.lr_multipliers.clone(),
             ..EsConfig::default()
         };
-        es.validate()?;
+        es.validate_for(&self.net()?)?;
         Ok(es)
     }
 }

@@ -43,6 +43,10 @@ pub fn load_data(env: &Environment) -> Result<Mnist, RunError> {
             tracing::warn!(file, url, error, "mirror failed, trying the next")
         }
     };
+    if mirrors.is_empty() {
+        // Downloading disabled: a missing file is reported with how to get it.
+        return Ok(mnist::load(&env.data_dir)?);
+    }
     Ok(mnist::load_or_download(
         &env.data_dir,
         &mirrors,

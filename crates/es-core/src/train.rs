@@ -37,6 +37,11 @@ pub struct EsConfig {
     /// L2 weight decay added to the descent direction (`−g + l2·θ`); 0 disables it.
     pub l2: f32,
     pub adam: AdamConfig,
+    /// Per-layer multipliers of σ (empty: all 1).
+    pub sigma_multipliers: Vec<f32>,
+    /// Per-layer multipliers of Adam's step (empty: all 1). Adam's step is about `lr` per
+    /// parameter whatever the layer's scale, so layers with larger weights may want more.
+    pub lr_multipliers: Vec<f32>,
 }
 
 impl Default for EsConfig {
@@ -50,6 +55,8 @@ impl Default for EsConfig {
             lr_schedule: Schedule::Constant,
             l2: 0.005,
             adam: AdamConfig::default(),
+            sigma_multipliers: Vec::new(),
+            lr_multipliers: Vec::new(),
         }
     }
 }
@@ -89,11 +96,46 @@ pub enum TrainError {
     },
     #[error("{got} fitness pairs for population {population}: expected one per perturbation")]
     PairCount { got: usize, population: usize },
+    #[error("{got} {what} multipliers for {layers} layers: expected one per layer (or none)")]
+    Multipliers {
+        what: &'static str,
+        got: usize,
+        layers: usize,
+    },
     #[error("parameter vector has {got} values: expected {expected}")]
     ThetaLength { got: usize, expected: usize },
 }
 
 impl EsConfig {
+    /// Checks the hyperparameters against the network they will train.
+    pub fn validate_for(&self, net: &NetConfig) -> Result<(), TrainError> {
+        self.validate()?;
+        for (what, list) in [
+            ("sigma", &self.sigma_multipliers),
+            ("lr", &self.lr_multipliers),
+        ] {
+            if !list.is_empty() && list.len() != net.layers() {
+                return Err(TrainError::Multipliers {
+                    what,
+                    got: list.len(),
+                    layers: net.layers(),
+                });
+            }
+            if let Some(&value) = list.iter().find(|m| !(m.is_finite() && **m >= 0.0)) {
+                return Err(TrainError::Hyperparameter {
+                    what: if what == "sigma" {
+                        "a sigma multiplier"
+                    } else {
+                        "an lr multiplier"
+                    },
+                    value,
+                    expected: ">= 0",
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), TrainError> {
         if self.population == 0 || self.population > crate::seeds::INDEX_LIMIT as usize {
             return Err(TrainError::Population(self.population));
@@ -118,17 +160,26 @@ impl EsConfig {
         Ok(())
     }
 
-    /// σ of each layer at generation `t`: `sigma_schedule(σ, t) · init_std_l`.
+    /// σ of each layer at generation `t`: `sigma_schedule(σ, t) · init_std_l · multiplier_l`.
     pub fn layer_sigmas(&self, net: &NetConfig, t: u32) -> Vec<f32> {
         let sigma = self.sigma_schedule.value(self.sigma, t as u64);
         (0..net.layers())
-            .map(|l| sigma * init_std(net, l))
+            .map(|l| sigma * init_std(net, l) * multiplier(&self.sigma_multipliers, l))
             .collect()
+    }
+
+    /// The multiplier of Adam's step for layer `l`.
+    pub fn lr_multiplier(&self, l: usize) -> f32 {
+        multiplier(&self.lr_multipliers, l)
     }
 
     pub fn lr_at(&self, t: u32) -> f32 {
         self.lr_schedule.value(self.lr, t as u64)
     }
+}
+
+fn multiplier(list: &[f32], l: usize) -> f32 {
+    if list.is_empty() { 1.0 } else { list[l] }
 }
 
 /// Images and labels held elsewhere (the data crate owns the files).
@@ -431,6 +482,7 @@ const UPDATE_BLOCK: usize = 4096;
 /// threads; the result does not depend on `threads`.
 pub fn apply_update(
     state: &mut EsState,
+    net: &NetConfig,
     es: &EsConfig,
     noise: &NoiseSource,
     run_seed: u64,
@@ -444,6 +496,12 @@ pub fn apply_update(
         });
     }
     let dim = state.theta.len();
+    if dim != ParamLayout::new(net).len() {
+        return Err(TrainError::ThetaLength {
+            got: dim,
+            expected: ParamLayout::new(net).len(),
+        });
+    }
     noise.check_dim(dim)?;
     let weights = rank_weights(pairs)?;
     let t = state.generation;
@@ -496,7 +554,19 @@ pub fn apply_update(
     let two_p = (2 * pairs.len()) as f32;
     let lr = es.lr_at(t);
     let step = state.adam.begin_step(lr, es.l2);
-    let grad_sq = adam_blocks(state, &mut g, two_p, &step, threads);
+    let steps: Vec<(usize, AdamStep)> = ParamLayout::new(net)
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(l, layer)| {
+            let scaled = AdamStep {
+                step_size: step.step_size * es.lr_multiplier(l),
+                ..step
+            };
+            (layer.bias.end - layer.weights.start, scaled)
+        })
+        .collect();
+    let grad_sq = adam_blocks(state, &mut g, two_p, &steps, threads);
     state.generation += 1;
     let theta_norm = state
         .theta
@@ -539,17 +609,32 @@ fn adam_blocks(
     state: &mut EsState,
     g: &mut [f32],
     two_p: f32,
-    step: &AdamStep,
+    steps: &[(usize, AdamStep)],
     threads: usize,
 ) -> f64 {
-    let blocks: Vec<_> = state
-        .theta
-        .chunks_mut(UPDATE_BLOCK)
-        .zip(state.adam.m.chunks_mut(UPDATE_BLOCK))
-        .zip(state.adam.v.chunks_mut(UPDATE_BLOCK))
-        .zip(g.chunks_mut(UPDATE_BLOCK))
-        .enumerate()
-        .collect();
+    // Cut θ, m, v and g into per-layer segments (each with its own step), then into blocks.
+    let mut blocks = Vec::new();
+    let (mut theta, mut m, mut v, mut g) = (
+        &mut state.theta[..],
+        &mut state.adam.m[..],
+        &mut state.adam.v[..],
+        g,
+    );
+    for (len, step) in steps {
+        let (t_seg, t_rest) = theta.split_at_mut(*len);
+        let (m_seg, m_rest) = m.split_at_mut(*len);
+        let (v_seg, v_rest) = v.split_at_mut(*len);
+        let (g_seg, g_rest) = g.split_at_mut(*len);
+        (theta, m, v, g) = (t_rest, m_rest, v_rest, g_rest);
+        let segment = t_seg
+            .chunks_mut(UPDATE_BLOCK)
+            .zip(m_seg.chunks_mut(UPDATE_BLOCK))
+            .zip(v_seg.chunks_mut(UPDATE_BLOCK))
+            .zip(g_seg.chunks_mut(UPDATE_BLOCK))
+            .map(move |(((t, m), v), g)| (step, t, m, v, g));
+        blocks.extend(segment);
+    }
+    let blocks: Vec<_> = blocks.into_iter().enumerate().collect();
     let sums = Mutex::new(Vec::with_capacity(blocks.len()));
     let queue = Mutex::new(blocks.into_iter());
     std::thread::scope(|scope| {
@@ -557,7 +642,7 @@ fn adam_blocks(
             scope.spawn(|| {
                 loop {
                     let next = queue.lock().expect("no panics while locked").next();
-                    let Some((b, (((theta, m), v), g))) = next else {
+                    let Some((b, (step, theta, m, v, g))) = next else {
                         break;
                     };
                     let mut sq = 0.0f64;
@@ -613,7 +698,7 @@ impl Trainer {
         threads: usize,
     ) -> Result<Trainer, TrainError> {
         net.validate()?;
-        es.validate()?;
+        es.validate_for(&net)?;
         noise.check_dim(ParamLayout::new(&net).len())?;
         let state = EsState::new(&net, &es, run_seed);
         Trainer::resume(net, es, run_seed, noise, kernel, threads, state)
@@ -630,7 +715,7 @@ impl Trainer {
         state: EsState,
     ) -> Result<Trainer, TrainError> {
         net.validate()?;
-        es.validate()?;
+        es.validate_for(&net)?;
         let dim = ParamLayout::new(&net).len();
         noise.check_dim(dim)?;
         if state.theta.len() != dim {
@@ -690,6 +775,7 @@ impl Trainer {
         let pairs: Vec<PairFitness> = results.iter().map(PairResult::fitness).collect();
         let update = apply_update(
             &mut self.state,
+            &self.net,
             &self.es,
             &self.noise,
             self.run_seed,
@@ -850,9 +936,10 @@ mod tests {
             };
             es.population
         ];
-        apply_update(&mut state, &es, &table_for(&net), 1, &pairs, 2).unwrap();
+        apply_update(&mut state, &net, &es, &table_for(&net), 1, &pairs, 2).unwrap();
         assert_eq!(state.theta, before, "l2 = 0 and all ties: zero step");
-        let err = apply_update(&mut state, &es, &table_for(&net), 1, &pairs[1..], 2).unwrap_err();
+        let err =
+            apply_update(&mut state, &net, &es, &table_for(&net), 1, &pairs[1..], 2).unwrap_err();
         assert!(
             err.to_string()
                 .contains("23 fitness pairs for population 24"),

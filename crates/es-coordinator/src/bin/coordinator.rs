@@ -51,6 +51,12 @@ struct Cli {
     /// Per-layer multipliers of the He init std, comma-separated (e.g. 1,8,8).
     #[arg(long, value_delimiter = ',')]
     init_multipliers: Option<Vec<f32>>,
+    /// Per-layer multipliers of σ, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    sigma_multipliers: Option<Vec<f32>>,
+    /// Per-layer multipliers of Adam's step, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    lr_multipliers: Option<Vec<f32>>,
     /// Per-hidden-layer scale exponents, comma-separated (e.g. 125,125).
     #[arg(long, value_delimiter = ',')]
     scale_exponents: Option<Vec<i32>>,
@@ -65,6 +71,10 @@ struct Cli {
     /// Directory with the MNIST files (downloaded there if missing).
     #[arg(long, env = "UNDERFLOW_DATA")]
     data: Option<PathBuf>,
+    /// Base URL to download missing MNIST files from, tried in order (repeatable; default:
+    /// the usual public mirrors). `--mirror none` disables downloading.
+    #[arg(long = "mirror", env = "UNDERFLOW_MIRRORS", value_delimiter = ',')]
+    mirrors: Vec<String>,
     /// Where config.toml, metrics.jsonl and the final parameters go.
     #[arg(long, default_value = "runs/latest")]
     run_dir: PathBuf,
@@ -100,7 +110,8 @@ impl Cli {
              population => population, batch => batch, sigma => sigma,
              sigma_schedule => sigma_schedule, lr => lr, lr_schedule => lr_schedule, l2 => l2,
              mode => mode, init_multipliers => init_multipliers,
-             scale_exponents => scale_exponents, noise_table_len => noise_table_len,
+             scale_exponents => scale_exponents, sigma_multipliers => sigma_multipliers,
+             lr_multipliers => lr_multipliers, noise_table_len => noise_table_len,
              eval_every => eval_every);
         if let Some(noise) = self.noise {
             c.noise = match noise {
