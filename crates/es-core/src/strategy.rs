@@ -80,12 +80,28 @@ pub fn rank_weights(pairs: &[PairFitness]) -> Result<Vec<f32>, StrategyError> {
 
 /// `g[j] += Σ_i weights[i] · noise[i][j]` over `i` in order, each product and sum rounded in
 /// f32 (no FMA), for a block of parameters; the caller divides by 2P at the end.
+///
+/// Eight perturbations are applied per pass over `g`: each element still receives its terms
+/// in index order, but `g` is loaded and stored once per eight noise windows instead of once
+/// per window, so the pass is bound by reading the noise, not by `g`.
 #[inline]
 pub fn accumulate_weighted(g: &mut [f32], weights: &[f32], noise: &[&[f32]]) {
-    debug_assert_eq!(weights.len(), noise.len());
-    for (&w, eps) in weights.iter().zip(noise) {
-        let eps = &eps[..g.len()];
-        for (g, &e) in g.iter_mut().zip(eps) {
+    assert_eq!(weights.len(), noise.len(), "one weight per noise window");
+    let n = g.len();
+    let mut groups = weights.chunks_exact(8).zip(noise.chunks_exact(8));
+    for (w, eps) in &mut groups {
+        let e: [&[f32]; 8] = std::array::from_fn(|k| &eps[k][..n]);
+        for j in 0..n {
+            let mut acc = g[j];
+            for k in 0..8 {
+                acc += w[k] * e[k][j];
+            }
+            g[j] = acc;
+        }
+    }
+    let done = weights.len() / 8 * 8;
+    for (&w, eps) in weights[done..].iter().zip(&noise[done..]) {
+        for (g, &e) in g.iter_mut().zip(&eps[..n]) {
             *g += w * e;
         }
     }
@@ -146,6 +162,29 @@ mod tests {
             err.to_string().contains("perturbation 0 (minus) is NaN"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn grouped_weighted_sum_equals_the_plain_loop() {
+        use crate::noise::fill_standard_normal;
+        use crate::seeds::{Purpose, rng};
+        for count in [0, 1, 7, 8, 9, 17, 33] {
+            let mut noise = vec![vec![0.0f32; 37]; count];
+            for (i, v) in noise.iter_mut().enumerate() {
+                fill_standard_normal(&mut rng(1, Purpose::Test, 1, i as u32), v);
+            }
+            let weights: Vec<f32> = (0..count).map(|i| (i as f32 - 3.3) / 7.0).collect();
+            let slices: Vec<&[f32]> = noise.iter().map(|v| v.as_slice()).collect();
+            let mut got = vec![0.25f32; 37];
+            accumulate_weighted(&mut got, &weights, &slices);
+            let mut want = vec![0.25f32; 37];
+            for (w, eps) in weights.iter().zip(&noise) {
+                for (g, e) in want.iter_mut().zip(eps) {
+                    *g += w * e;
+                }
+            }
+            assert_eq!(got, want, "{count} windows");
+        }
     }
 
     #[test]
