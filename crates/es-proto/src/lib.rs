@@ -1,0 +1,80 @@
+//! The coordinator ↔ worker gRPC protocol of Underflow: the code generated from
+//! `proto/es/v1/es.proto` and its conversions to and from the core's types, nothing else.
+//!
+//! - [`pb`]: the generated messages, the `Coordinator` client (`pb::coordinator_client`) and
+//!   server (`pb::coordinator_server`). Read the `.proto` for what each message means.
+//! - [`spec`]: the run as it travels in `JoinAccepted` ([`RunSpec`]): `NetConfig`, the part
+//!   of `EsConfig` evaluations depend on, `Schedule`, the noise source.
+//! - [`theta`]: θ as little-endian bytes ([`EncodedTheta`], [`theta_from_bytes`]), SHA-256
+//!   digests of θ and of logits, digest fields of fixed length.
+//! - [`work`]: the `Work` stream: pair results, the golden proof, `Generation`, refusals, and
+//!   wrapping each message into `WorkerMessage` / `CoordinatorMessage`.
+//! - [`error`]: [`ConversionError`], which names the field and what was expected.
+//!
+//! Wire types stay at the edge: a handler converts a message in its first lines, and the core
+//! (`es-kernel`, `es-core`) never sees prost or tonic. Conversions from the wire validate
+//! everything the core would otherwise have to trust: lengths, ranges, missing fields, NaN.
+//!
+//! The build compiles the `.proto` with `protox` (pure Rust): no system `protoc` is needed.
+
+pub mod error;
+pub mod spec;
+pub mod theta;
+pub mod work;
+
+/// The code generated from `proto/es/v1/es.proto` (package `underflow.es.v1`).
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("underflow.es.v1");
+}
+
+pub use error::ConversionError;
+pub use spec::{NoiseSpec, RunSpec};
+pub use theta::{
+    DIGEST_LEN, Digest, EncodedTheta, digest_from_bytes, logits_digest, theta_digest,
+    theta_from_bytes,
+};
+pub use work::{GoldenEval, GoldenProof};
+
+/// Re-exported for the coordinator's `grpc.health.v1` service, so that its version always
+/// matches the `tonic` of the generated code.
+pub use tonic_health;
+
+/// The version of the protocol this code speaks; every `JoinRequest` and `Prove` carries it,
+/// and peers with another version refuse each other (`VERSION_MISMATCH`). Bump it (and the
+/// package to `v2`) for any change an older peer would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest message a server or client encodes or decodes (apply it with
+/// `max_decoding_message_size` and `max_encoding_message_size` on both sides). θ of the
+/// default network is 2.7 MB; 8 MiB leaves room for networks three times as large.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// The most parameters a network of the cluster may have: θ travels in one `Generation`
+/// message, which needs a few bytes besides θ's 4·D. [`RunSpec`]'s conversion from the wire
+/// refuses larger networks; a coordinator can check its own spec by converting it there and
+/// back.
+pub const MAX_THETA_DIM: usize = (MAX_MESSAGE_BYTES - 4096) / 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn default_theta_fits_the_message_limit() {
+        let dim = es_kernel::ParamLayout::new(&es_kernel::NetConfig::default()).len();
+        let theta = vec![-1.5f32; dim];
+        let msg =
+            pb::CoordinatorMessage::from(pb::Generation::with_theta(7, &EncodedTheta::new(&theta)));
+        let len = msg.encoded_len();
+        assert!(len > 4 * dim, "{len}");
+        assert!(len < MAX_MESSAGE_BYTES / 2, "{len}");
+    }
+
+    #[test]
+    fn the_service_has_its_package_name() {
+        use pb::coordinator_server::SERVICE_NAME;
+        assert_eq!(SERVICE_NAME, "underflow.es.v1.Coordinator");
+    }
+}
