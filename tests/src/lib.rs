@@ -71,3 +71,21 @@ pub fn environment(scratch: &Scratch, run: &str, threads: usize) -> Environment 
         kernel: Kernel::detect().expect("a usable kernel"),
     }
 }
+
+/// Where cargo put this workspace's binaries: beside the test executable's `deps` folder.
+/// `cargo test --workspace` builds `coordinator` and `worker` there because their packages
+/// have integration tests of their own.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executables live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --bin {name}`, which `cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}

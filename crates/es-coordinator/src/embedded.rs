@@ -159,7 +159,7 @@ pub fn run(
         let report = trainer.step(train)?;
         let gen_secs = gen_started.elapsed().as_secs_f64();
         let done = trainer.state().generation;
-        let evaluate = config.eval_every > 0 && done % config.eval_every == 0;
+        let evaluate = config.eval_every > 0 && done.is_multiple_of(config.eval_every);
         let test_eval = if evaluate {
             Some(trainer.evaluate(test)?)
         } else {
@@ -226,7 +226,7 @@ pub fn evaluate_with(
     Ok(pool.evaluate_dataset(theta, data))
 }
 
-fn metrics_line(
+pub(crate) fn metrics_line(
     report: &GenerationReport,
     started: Instant,
     gen_secs: f64,
@@ -246,5 +246,7 @@ fn metrics_line(
         lr: report.update.lr,
         test_accuracy: test.map(|e| e.accuracy()),
         test_loss: test.map(|e| -e.fitness),
+        wire_bytes_sent: None,
+        wire_bytes_received: None,
     }
 }

@@ -1,15 +1,20 @@
 //! The Underflow coordinator: holds θ, the optimizer and the run's progress, and drives
-//! training, today in the embedded single-machine mode (in-process evaluators on all cores).
+//! training: in the embedded single-machine mode (in-process evaluators on all cores) or as
+//! the gRPC coordinator of a cluster of stateless workers.
 //!
+//! - [`cluster`]: the gRPC coordinator serving remote workers.
 //! - [`config`]: the run's configuration (defaults, TOML file, CLI overrides).
 //! - [`embedded`]: the training loop on this machine, writing the run directory.
 //! - [`run_dir`]: `config.toml`, `metrics.jsonl`, `theta.f32`, `summary.json`.
+//! - [`scheduler`]: one generation's leases and results (synchronous; the server locks it).
 
 use std::path::PathBuf;
 
+pub mod cluster;
 pub mod config;
 pub mod embedded;
 pub mod run_dir;
+pub mod scheduler;
 
 /// Why a run could not start or go on. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,13 @@ pub struct MetricsLine {
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_loss: Option<f64>,
+    /// Protobuf payload bytes the coordinator sent to workers this generation (cluster only;
+    /// HTTP/2 and TLS framing not included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_sent: Option<u64>,
+    /// Protobuf payload bytes received from workers this generation (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_received: Option<u64>,
 }
 
 /// Writes into one run directory.
@@ -142,6 +149,8 @@ mod tests {
             lr: 0.001,
             test_accuracy: None,
             test_loss: None,
+            wire_bytes_sent: None,
+            wire_bytes_received: None,
         };
         run.append_metrics(&line).unwrap();
         run.append_metrics(&MetricsLine {

@@ -323,6 +323,69 @@ fn perturb(theta: &[f32], eps: &[f32], sigma: f32, plus: &mut [f32], minus: &mut
     }
 }
 
+/// One evaluation of the golden task: its score and its logits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoldenRun {
+    pub evaluation: Evaluation,
+    pub logits: Vec<f32>,
+}
+
+/// The golden task a worker proves before it gets work: θ₀ of `run_seed` (center), and
+/// `θ₀ ± σε` for perturbation `index` of `generation`, on that generation's minibatch with its
+/// sigmas. It exercises the data, the init, the noise, the sigmas and the arithmetic, so two
+/// machines that agree on it compute the same bits for every evaluation of the run.
+#[allow(clippy::too_many_arguments)]
+pub fn golden_task(
+    net: &NetConfig,
+    es: &EsConfig,
+    run_seed: u64,
+    noise: &NoiseSource,
+    train: Dataset<'_>,
+    generation: u32,
+    index: u32,
+    kernel: Kernel,
+) -> Result<[GoldenRun; 3], TrainError> {
+    net.validate()?;
+    es.validate_for(net)?;
+    train.validate(net)?;
+    let theta = init_params(net, run_seed);
+    let mut indices = Vec::new();
+    minibatch_indices(
+        run_seed,
+        generation,
+        es.batch_size,
+        train.len(),
+        &mut indices,
+    );
+    let mut batch = Batch::new(net.inputs);
+    batch.fill(train.images, train.labels, &indices);
+    let sigmas = es.layer_sigmas(net, generation);
+    let mut evaluator = Evaluator::new(net.clone(), kernel)?;
+    let key = NoiseKey {
+        run_seed,
+        generation,
+        index,
+    };
+    // Materialise θ₀ ± σε exactly as evaluate_pair does, keeping the logits of each.
+    evaluator.evaluate_pair(&theta, noise, key, &sigmas, &batch)?;
+    let classes = net.outputs;
+    let run = |params: &[f32], forward: &mut Forward| {
+        let logits = forward.logits(params, &batch).to_vec();
+        let evaluation = Evaluation::from_logits(&logits, batch.labels(), classes);
+        GoldenRun { evaluation, logits }
+    };
+    let Evaluator {
+        forward,
+        plus,
+        minus,
+        ..
+    } = &mut evaluator;
+    let center = run(&theta, forward);
+    let plus = run(plus, forward);
+    let minus = run(minus, forward);
+    Ok([center, plus, minus])
+}
+
 /// A set of evaluators, one per thread, that evaluates many perturbations in parallel.
 #[derive(Debug)]
 pub struct EvalPool {
@@ -697,9 +760,8 @@ impl Trainer {
         kernel: Kernel,
         threads: usize,
     ) -> Result<Trainer, TrainError> {
+        // θ₀ needs a valid shape; `resume` checks everything else.
         net.validate()?;
-        es.validate_for(&net)?;
-        noise.check_dim(ParamLayout::new(&net).len())?;
         let state = EsState::new(&net, &es, run_seed);
         Trainer::resume(net, es, run_seed, noise, kernel, threads, state)
     }
@@ -965,6 +1027,45 @@ mod tests {
         };
         let err = trainer.step(bad).unwrap_err().to_string();
         assert_eq!(err, "label 7 of image 3 is out of range: expected 0..2");
+    }
+
+    #[test]
+    fn golden_task_agrees_with_the_evaluator_and_across_kernels() {
+        let (net, es, images, labels) = small();
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let noise = table_for(&net);
+        let runs: Vec<_> = Kernel::supported()
+            .into_iter()
+            .map(|k| golden_task(&net, &es, 3, &noise, data, 2, 5, k).unwrap())
+            .collect();
+        for r in &runs[1..] {
+            for (a, b) in r.iter().zip(&runs[0]) {
+                assert_eq!(a.evaluation, b.evaluation);
+            }
+        }
+        let [center, plus, minus] = &runs[0];
+        assert_ne!(plus.evaluation, minus.evaluation);
+        assert_eq!(center.logits.len(), es.batch_size * net.outputs);
+        // The same pair through the evaluator used in training.
+        let mut indices = Vec::new();
+        minibatch_indices(3, 2, es.batch_size, data.len(), &mut indices);
+        let mut batch = Batch::new(net.inputs);
+        batch.fill(data.images, data.labels, &indices);
+        let mut evaluator = Evaluator::new(net.clone(), Kernel::Portable).unwrap();
+        let key = NoiseKey {
+            run_seed: 3,
+            generation: 2,
+            index: 5,
+        };
+        let theta = init_params(&net, 3);
+        let pair = evaluator
+            .evaluate_pair(&theta, &noise, key, &es.layer_sigmas(&net, 2), &batch)
+            .unwrap();
+        assert_eq!(pair.plus, plus.evaluation);
+        assert_eq!(pair.minus, minus.evaluation);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `coordinator`: trains the float-underflow network; with no `--workers`, on this machine
-//! with in-process workers on all cores (the embedded default).
+//! with in-process workers on all cores (the embedded default); with `--workers N`, as the
+//! gRPC coordinator of N remote `worker` processes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use es_coordinator::cluster::{self, ClusterOptions};
 use es_coordinator::config::{NoiseKind, RunConfig};
 use es_coordinator::embedded::{self, Environment};
 use es_data::{mnist, noise_file};
@@ -17,6 +20,15 @@ use es_kernel::Kernel;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    /// Serve gRPC and wait for this many remote workers instead of training in-process.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Address to serve on with --workers (default: loopback only).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Seconds after which an unfinished chunk is handed to another worker.
+    #[arg(long, default_value_t = 30.0)]
+    lease: f64,
     /// TOML file with run settings; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -145,10 +157,14 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let env = Environment {
         data_dir: cli.data.clone().unwrap_or_else(mnist::default_data_dir),
-        mirrors: mnist::DEFAULT_MIRRORS
-            .iter()
-            .map(|m| m.to_string())
-            .collect(),
+        mirrors: match cli.mirrors.as_slice() {
+            [] => mnist::DEFAULT_MIRRORS
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            [none] if none == "none" => Vec::new(),
+            given => given.to_vec(),
+        },
         cache_dir: cli
             .cache_dir
             .clone()
@@ -157,6 +173,9 @@ fn main() -> anyhow::Result<()> {
         threads,
         kernel,
     };
+    if let Some(workers) = cli.workers {
+        return run_cluster(config, env, workers, &cli);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
@@ -165,4 +184,37 @@ fn main() -> anyhow::Result<()> {
     let summary = embedded::run(&config, &env, &stop)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// Cluster mode: a tokio runtime around `cluster::run`; SIGINT and SIGTERM stop it between
+/// generations.
+fn run_cluster(
+    config: RunConfig,
+    env: Environment,
+    workers: usize,
+    cli: &Cli,
+) -> anyhow::Result<()> {
+    let options = ClusterOptions {
+        workers: workers.max(1),
+        lease: Duration::from_secs_f64(cli.lease.max(0.1)),
+        ..ClusterOptions::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&cli.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}: is another coordinator running there? choose another address with --listen", cli.listen))?;
+        let shutdown = Box::pin(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stopping on signal");
+        });
+        let summary = cluster::run(config, env, options, listener, shutdown).await?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    })
 }

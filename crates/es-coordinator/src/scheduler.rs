@@ -1,0 +1,454 @@
+//! The bookkeeping of one generation's work, as plain synchronous code: which perturbation
+//! indices are waiting, which are leased to which worker and until when, which results have
+//! arrived. The network code calls it under a lock; the tests drive it directly.
+//!
+//! Results are stored by index and handed to the update in index order, so θ does not depend
+//! on which worker evaluated what, in which order results arrived, or which were repeated.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use es_core::train::PairResult;
+
+/// A worker's id within a run.
+pub type WorkerId = u64;
+
+/// A run of perturbation indices `first .. first + count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub first: u32,
+    pub count: u32,
+}
+
+impl Chunk {
+    fn indices(self) -> std::ops::Range<u32> {
+        self.first..self.first + self.count
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    worker: WorkerId,
+    chunk: Chunk,
+    deadline: Instant,
+}
+
+/// What happened to one submitted result.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Submitted {
+    /// Stored; `complete` when it was the last one missing.
+    Accepted { complete: bool },
+    /// The index already had an identical result (e.g. from a worker whose lease expired).
+    Duplicate,
+    /// The index already had a *different* result: one of the two workers computes other bits.
+    Conflict { first: PairResult },
+    /// The result is for another generation.
+    WrongGeneration { current: u32 },
+    /// The index is outside `0..population`.
+    OutOfRange { population: u32 },
+    /// The index was never leased to this worker (and is not done).
+    NotAssigned,
+    /// A fitness is NaN.
+    NotANumber,
+}
+
+/// The work of one generation.
+#[derive(Debug)]
+pub struct GenerationWork {
+    generation: u32,
+    population: u32,
+    waiting: VecDeque<Chunk>,
+    /// Leases by the first index of their chunk.
+    leases: BTreeMap<u32, Lease>,
+    results: Vec<Option<PairResult>>,
+    /// Which worker delivered each index first (for conflict reports).
+    delivered_by: HashMap<u32, WorkerId>,
+    /// Chunks whose lease ended before they were done, per worker: their late results are
+    /// still accepted (first result wins) or cross-checked.
+    past_leases: HashMap<WorkerId, Vec<Chunk>>,
+    received: u32,
+    /// Evaluations that were handed out a second time after a lease ended.
+    reassigned: u32,
+}
+
+impl GenerationWork {
+    /// `population` indices in chunks of `chunk_size`, all waiting.
+    pub fn new(generation: u32, population: u32, chunk_size: u32) -> GenerationWork {
+        let chunk_size = chunk_size.max(1);
+        let waiting = (0..population)
+            .step_by(chunk_size as usize)
+            .map(|first| Chunk {
+                first,
+                count: chunk_size.min(population - first),
+            })
+            .collect();
+        GenerationWork {
+            generation,
+            population,
+            waiting,
+            leases: BTreeMap::new(),
+            results: vec![None; population as usize],
+            delivered_by: HashMap::new(),
+            past_leases: HashMap::new(),
+            received: 0,
+            reassigned: 0,
+        }
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Leases the next waiting chunk (at most `max_count` indices of it; the rest waits) to
+    /// `worker` until `now + lease`.
+    pub fn assign(
+        &mut self,
+        worker: WorkerId,
+        max_count: u32,
+        now: Instant,
+        lease: Duration,
+    ) -> Option<Chunk> {
+        if max_count == 0 {
+            return None;
+        }
+        let mut chunk = self.waiting.pop_front()?;
+        if chunk.count > max_count {
+            self.waiting.push_front(Chunk {
+                first: chunk.first + max_count,
+                count: chunk.count - max_count,
+            });
+            chunk.count = max_count;
+        }
+        self.leases.insert(
+            chunk.first,
+            Lease {
+                worker,
+                chunk,
+                deadline: now + lease,
+            },
+        );
+        Some(chunk)
+    }
+
+    /// Stores one result from `worker`.
+    pub fn submit(&mut self, worker: WorkerId, generation: u32, result: PairResult) -> Submitted {
+        if generation != self.generation {
+            return Submitted::WrongGeneration {
+                current: self.generation,
+            };
+        }
+        if result.index >= self.population {
+            return Submitted::OutOfRange {
+                population: self.population,
+            };
+        }
+        if result.plus.fitness.is_nan() || result.minus.fitness.is_nan() {
+            return Submitted::NotANumber;
+        }
+        let slot = result.index as usize;
+        if let Some(first) = self.results[slot] {
+            return if same_result(&first, &result) {
+                Submitted::Duplicate
+            } else {
+                Submitted::Conflict { first }
+            };
+        }
+        // Accept results only for indices leased to this worker, now or before (a lease that
+        // expired and was handed to another worker still counts: the first result wins).
+        let leased_to_worker = self
+            .lease_of(result.index)
+            .is_some_and(|l| l.worker == worker)
+            || self.was_leased_to(worker, result.index);
+        if !leased_to_worker {
+            return Submitted::NotAssigned;
+        }
+        self.results[slot] = Some(result);
+        self.delivered_by.insert(result.index, worker);
+        self.received += 1;
+        self.retire_finished_leases(result.index);
+        Submitted::Accepted {
+            complete: self.is_complete(),
+        }
+    }
+
+    /// The worker that delivered `index` first.
+    pub fn delivered_by(&self, index: u32) -> Option<WorkerId> {
+        self.delivered_by.get(&index).copied()
+    }
+
+    fn lease_of(&self, index: u32) -> Option<&Lease> {
+        self.leases
+            .range(..=index)
+            .next_back()
+            .map(|(_, l)| l)
+            .filter(|l| l.chunk.indices().contains(&index))
+    }
+
+    /// Leases that ended (expired or released) are remembered per worker so that their late
+    /// results can still be accepted or cross-checked.
+    fn was_leased_to(&self, worker: WorkerId, index: u32) -> bool {
+        self.past_leases
+            .get(&worker)
+            .is_some_and(|chunks| chunks.iter().any(|c| c.indices().contains(&index)))
+    }
+
+    fn retire_finished_leases(&mut self, index: u32) {
+        let Some(&lease) = self.lease_of(index) else {
+            return;
+        };
+        if lease
+            .chunk
+            .indices()
+            .all(|i| self.results[i as usize].is_some())
+        {
+            self.leases.remove(&lease.chunk.first);
+        }
+    }
+
+    /// Returns every unfinished index leased to `worker` to the front of the queue (its
+    /// stream closed). Returns how many indices went back.
+    pub fn release_worker(&mut self, worker: WorkerId) -> u32 {
+        let ended: Vec<Lease> = self
+            .leases
+            .values()
+            .filter(|l| l.worker == worker)
+            .copied()
+            .collect();
+        self.requeue(ended)
+    }
+
+    /// Ends every lease past its deadline; returns the workers whose leases expired and how
+    /// many indices went back.
+    pub fn expire(&mut self, now: Instant) -> (Vec<WorkerId>, u32) {
+        let ended: Vec<Lease> = self
+            .leases
+            .values()
+            .filter(|l| l.deadline <= now)
+            .copied()
+            .collect();
+        let mut workers: Vec<WorkerId> = ended.iter().map(|l| l.worker).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        (workers, self.requeue(ended))
+    }
+
+    fn requeue(&mut self, ended: Vec<Lease>) -> u32 {
+        let mut returned = 0;
+        // Reverse order so that the lowest indices end up first in the queue.
+        for lease in ended.into_iter().rev() {
+            self.leases.remove(&lease.chunk.first);
+            self.past_leases
+                .entry(lease.worker)
+                .or_default()
+                .push(lease.chunk);
+            // Split the chunk into its runs of missing indices.
+            let mut runs = Vec::new();
+            let mut start = None;
+            for i in lease.chunk.indices() {
+                let missing = self.results[i as usize].is_none();
+                match (missing, start) {
+                    (true, None) => start = Some(i),
+                    (false, Some(s)) => {
+                        runs.push(Chunk {
+                            first: s,
+                            count: i - s,
+                        });
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(s) = start {
+                runs.push(Chunk {
+                    first: s,
+                    count: lease.chunk.indices().end - s,
+                });
+            }
+            for run in runs.into_iter().rev() {
+                returned += run.count;
+                self.waiting.push_front(run);
+            }
+        }
+        self.reassigned += returned;
+        returned
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.received == self.population
+    }
+
+    /// Indices handed out again after a lease ended, so far.
+    pub fn reassigned(&self) -> u32 {
+        self.reassigned
+    }
+
+    pub fn received(&self) -> u32 {
+        self.received
+    }
+
+    /// The results in index order, once complete.
+    pub fn into_results(self) -> Option<Vec<PairResult>> {
+        if !self.is_complete() {
+            return None;
+        }
+        Some(
+            self.results
+                .into_iter()
+                .map(|r| r.expect("complete"))
+                .collect(),
+        )
+    }
+}
+
+/// Two results for one index agree when their fitnesses have the same bits.
+fn same_result(a: &PairResult, b: &PairResult) -> bool {
+    a.plus.fitness.to_bits() == b.plus.fitness.to_bits()
+        && a.minus.fitness.to_bits() == b.minus.fitness.to_bits()
+        && a.plus.correct == b.plus.correct
+        && a.minus.correct == b.minus.correct
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use es_kernel::Evaluation;
+
+    fn result(index: u32, f: f64) -> PairResult {
+        let e = |fitness| Evaluation {
+            fitness,
+            correct: 1,
+            samples: 2,
+        };
+        PairResult {
+            index,
+            plus: e(f),
+            minus: e(-f),
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn chunks_cover_the_population_once_and_complete_in_index_order() {
+        let now = Instant::now();
+        let mut work = GenerationWork::new(3, 10, 4);
+        let a = work.assign(1, 100, now, LEASE).unwrap();
+        let b = work.assign(2, 2, now, LEASE).unwrap();
+        let c = work.assign(1, 100, now, LEASE).unwrap();
+        let d = work.assign(2, 100, now, LEASE).unwrap();
+        assert_eq!(
+            [a, b, c, d],
+            [
+                Chunk { first: 0, count: 4 },
+                Chunk { first: 4, count: 2 },
+                Chunk { first: 6, count: 2 },
+                Chunk { first: 8, count: 2 },
+            ]
+        );
+        assert_eq!(work.assign(1, 100, now, LEASE), None);
+        // Results arrive out of order.
+        for (worker, chunk) in [(2, d), (1, c), (2, b), (1, a)] {
+            for i in chunk.indices().rev() {
+                let done = work.submit(worker, 3, result(i, i as f64));
+                assert!(matches!(done, Submitted::Accepted { .. }), "{done:?}");
+            }
+        }
+        assert!(work.is_complete());
+        let results = work.into_results().unwrap();
+        assert_eq!(
+            results.iter().map(|r| r.index).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn bad_results_are_rejected_and_change_nothing() {
+        let now = Instant::now();
+        let mut work = GenerationWork::new(7, 4, 2);
+        work.assign(1, 2, now, LEASE).unwrap();
+        assert_eq!(
+            work.submit(1, 6, result(0, 1.0)),
+            Submitted::WrongGeneration { current: 7 }
+        );
+        assert_eq!(
+            work.submit(1, 7, result(4, 1.0)),
+            Submitted::OutOfRange { population: 4 }
+        );
+        assert_eq!(work.submit(1, 7, result(2, 1.0)), Submitted::NotAssigned);
+        assert_eq!(work.submit(2, 7, result(0, 1.0)), Submitted::NotAssigned);
+        assert_eq!(
+            work.submit(1, 7, result(0, f64::NAN)),
+            Submitted::NotANumber
+        );
+        assert_eq!(work.received(), 0);
+        assert_eq!(
+            work.submit(1, 7, result(0, 1.0)),
+            Submitted::Accepted { complete: false }
+        );
+        assert_eq!(work.submit(1, 7, result(0, 1.0)), Submitted::Duplicate);
+        assert_eq!(
+            work.submit(1, 7, result(0, 2.0)),
+            Submitted::Conflict {
+                first: result(0, 1.0)
+            }
+        );
+        assert_eq!(work.received(), 1);
+    }
+
+    #[test]
+    fn a_lost_worker_returns_only_its_unfinished_indices() {
+        let now = Instant::now();
+        let mut work = GenerationWork::new(0, 8, 4);
+        let a = work.assign(1, 4, now, LEASE).unwrap();
+        let b = work.assign(2, 4, now, LEASE).unwrap();
+        work.submit(1, 0, result(1, 1.0));
+        work.submit(1, 0, result(3, 1.0));
+        assert_eq!(work.release_worker(1), 2);
+        // Indices 0 and 2 come back first, as two chunks.
+        assert_eq!(
+            work.assign(2, 10, now, LEASE),
+            Some(Chunk { first: 0, count: 1 })
+        );
+        assert_eq!(
+            work.assign(2, 10, now, LEASE),
+            Some(Chunk { first: 2, count: 1 })
+        );
+        assert_eq!(work.assign(2, 10, now, LEASE), None);
+        assert_eq!(work.reassigned(), 2);
+        for i in [0, 2].into_iter().chain(b.indices()) {
+            work.submit(2, 0, result(i, 1.0));
+        }
+        assert!(work.is_complete());
+        // A late result of the lost worker for an index it held is a duplicate, or a conflict.
+        assert_eq!(
+            work.submit(1, 0, result(a.first, 1.0)),
+            Submitted::Duplicate
+        );
+        assert!(matches!(
+            work.submit(1, 0, result(2, 9.0)),
+            Submitted::Conflict { .. }
+        ));
+    }
+
+    #[test]
+    fn expired_leases_go_back_and_the_first_result_wins() {
+        let now = Instant::now();
+        let mut work = GenerationWork::new(0, 4, 4);
+        work.assign(1, 4, now, LEASE).unwrap();
+        assert_eq!(work.expire(now + LEASE / 2), (vec![], 0));
+        assert_eq!(work.expire(now + LEASE), (vec![1], 4));
+        let again = work.assign(2, 4, now + LEASE, LEASE).unwrap();
+        assert_eq!(again, Chunk { first: 0, count: 4 });
+        // The stalled worker wakes up and delivers index 0 first: accepted.
+        assert_eq!(
+            work.submit(1, 0, result(0, 1.0)),
+            Submitted::Accepted { complete: false }
+        );
+        assert_eq!(work.delivered_by(0), Some(1));
+        assert_eq!(work.submit(2, 0, result(0, 1.0)), Submitted::Duplicate);
+        for i in 1..4 {
+            work.submit(2, 0, result(i, 1.0));
+        }
+        assert!(work.is_complete());
+    }
+}

@@ -1,0 +1,414 @@
+//! The compute thread: one dedicated OS thread per worker that owns the evaluators and runs
+//! every forward pass (golden task and perturbation chunks), so the async executor never does.
+//!
+//! Jobs arrive over a std channel and are processed in arrival order; replies go back over
+//! tokio channels, which a std thread can send on without blocking. Each job carries the
+//! *ticket* of the generation announcement it belongs to; the session bumps the current
+//! ticket when a new `Generation` arrives or its stream ends, and the thread skips every job
+//! whose ticket is no longer current, so abandoned chunks cost nothing.
+
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+
+use es_core::train::{EvalPool, PairResult, golden_task};
+use es_kernel::{Batch, Kernel};
+use es_proto::{GoldenEval, GoldenProof};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use crate::context::RunContext;
+use crate::error::WorkerError;
+
+/// A ticket that no job carries: set when no generation is current.
+pub(crate) const NO_TICKET: u64 = 0;
+
+/// One chunk of perturbation indices of one generation, with everything needed to evaluate it.
+#[derive(Clone, Debug)]
+pub(crate) struct ChunkJob {
+    /// The generation announcement this chunk belongs to (see the module docs).
+    pub ticket: u64,
+    pub generation: u32,
+    pub theta: Arc<Vec<f32>>,
+    pub batch: Arc<Batch>,
+    pub sigmas: Arc<Vec<f32>>,
+    pub indices: Range<u32>,
+}
+
+/// What became of a [`ChunkJob`].
+#[derive(Debug)]
+pub(crate) struct ChunkDone {
+    pub ticket: u64,
+    pub generation: u32,
+    pub indices: Range<u32>,
+    pub outcome: ChunkOutcome,
+}
+
+#[derive(Debug)]
+pub(crate) enum ChunkOutcome {
+    /// The pair results, in index order.
+    Evaluated(Vec<PairResult>),
+    /// Not evaluated: its generation was no longer current when its turn came.
+    Skipped,
+    /// The evaluation failed (or panicked); the thread has stopped.
+    Failed(String),
+}
+
+enum Job {
+    Golden {
+        generation: u32,
+        index: u32,
+        reply: oneshot::Sender<Result<GoldenProof, WorkerError>>,
+    },
+    Chunk {
+        job: ChunkJob,
+        reply: tokio_mpsc::UnboundedSender<ChunkDone>,
+    },
+}
+
+/// The handle of a compute thread. Dropping it lets the thread finish its current job, skip
+/// the queued ones and exit; it does not wait for it (that would block the executor).
+#[derive(Debug)]
+pub(crate) struct ComputeThread {
+    jobs: mpsc::Sender<Job>,
+    current: Arc<AtomicU64>,
+}
+
+impl ComputeThread {
+    /// Builds `threads` evaluators for the context's network and starts the thread.
+    pub fn spawn(
+        context: Arc<RunContext>,
+        kernel: Kernel,
+        threads: usize,
+    ) -> Result<ComputeThread, WorkerError> {
+        let pool = EvalPool::new(&context.net, kernel, threads).map_err(WorkerError::Evaluators)?;
+        let (jobs, receiver) = mpsc::channel();
+        let current = Arc::new(AtomicU64::new(NO_TICKET));
+        let state = Arc::clone(&current);
+        thread::Builder::new()
+            .name("es-worker-compute".into())
+            .spawn(move || compute_loop(&context, pool, kernel, &receiver, &state))
+            .map_err(|e| WorkerError::Compute(format!("cannot start the thread: {e}")))?;
+        Ok(ComputeThread { jobs, current })
+    }
+
+    /// Makes `ticket` the current one: queued jobs of any other ticket will be skipped.
+    pub fn set_current(&self, ticket: u64) {
+        self.current.store(ticket, Ordering::SeqCst);
+    }
+
+    /// A handle that resets the current ticket to [`NO_TICKET`] when dropped (at the end of a
+    /// stream, however it ends).
+    pub fn ticket_guard(&self) -> TicketGuard {
+        TicketGuard(Arc::clone(&self.current))
+    }
+
+    /// Evaluates the golden task of `generation` and `index` (see `es_proto::GoldenProof`).
+    pub async fn golden(&self, generation: u32, index: u32) -> Result<GoldenProof, WorkerError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Golden {
+            generation,
+            index,
+            reply,
+        })?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Queues `job`; its [`ChunkDone`] is sent on `reply`.
+    pub fn submit(
+        &self,
+        job: ChunkJob,
+        reply: &tokio_mpsc::UnboundedSender<ChunkDone>,
+    ) -> Result<(), WorkerError> {
+        self.send(Job::Chunk {
+            job,
+            reply: reply.clone(),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), WorkerError> {
+        self.jobs.send(job).map_err(|_| stopped())
+    }
+}
+
+impl Drop for ComputeThread {
+    fn drop(&mut self) {
+        // Queued jobs are skipped; the closed channel then ends the loop.
+        self.set_current(NO_TICKET);
+    }
+}
+
+/// Resets the compute thread's current ticket when dropped.
+#[derive(Debug)]
+pub(crate) struct TicketGuard(Arc<AtomicU64>);
+
+impl Drop for TicketGuard {
+    fn drop(&mut self) {
+        self.0.store(NO_TICKET, Ordering::SeqCst);
+    }
+}
+
+fn stopped() -> WorkerError {
+    WorkerError::Compute("the thread stopped (an earlier job failed)".into())
+}
+
+fn compute_loop(
+    context: &RunContext,
+    mut pool: EvalPool,
+    kernel: Kernel,
+    jobs: &mpsc::Receiver<Job>,
+    current: &AtomicU64,
+) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Golden {
+                generation,
+                index,
+                reply,
+            } => {
+                let proof = catch_unwind(AssertUnwindSafe(|| {
+                    golden(context, kernel, generation, index)
+                }))
+                .unwrap_or_else(|panic| Err(WorkerError::Compute(panic_message(&panic))));
+                let failed = proof.is_err();
+                let _ = reply.send(proof);
+                if failed {
+                    return;
+                }
+            }
+            Job::Chunk { job, reply } => {
+                let outcome = if current.load(Ordering::SeqCst) != job.ticket {
+                    ChunkOutcome::Skipped
+                } else {
+                    evaluate(context, &mut pool, &job)
+                };
+                let failed = matches!(outcome, ChunkOutcome::Failed(_));
+                // The session may be gone; then nobody wants the result.
+                let _ = reply.send(ChunkDone {
+                    ticket: job.ticket,
+                    generation: job.generation,
+                    indices: job.indices,
+                    outcome,
+                });
+                if failed {
+                    // The pool's state after a panic is unknown: stop rather than go on.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn golden(
+    context: &RunContext,
+    kernel: Kernel,
+    generation: u32,
+    index: u32,
+) -> Result<GoldenProof, WorkerError> {
+    let [center, plus, minus] = golden_task(
+        &context.net,
+        &context.es,
+        context.run_seed,
+        &context.noise,
+        context.train(),
+        generation,
+        index,
+        kernel,
+    )
+    .map_err(WorkerError::Golden)?;
+    let proof = |run: &es_core::train::GoldenRun| GoldenEval::new(&run.evaluation, &run.logits);
+    Ok(GoldenProof {
+        center: proof(&center),
+        plus: proof(&plus),
+        minus: proof(&minus),
+    })
+}
+
+fn evaluate(context: &RunContext, pool: &mut EvalPool, job: &ChunkJob) -> ChunkOutcome {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        pool.evaluate(
+            &job.theta,
+            &context.noise,
+            context.run_seed,
+            job.generation,
+            &job.sigmas,
+            &job.batch,
+            job.indices.clone(),
+        )
+    }));
+    match result {
+        Ok(Ok(pairs)) => ChunkOutcome::Evaluated(pairs),
+        Ok(Err(e)) => ChunkOutcome::Failed(format!(
+            "evaluating indices {:?} of generation {}: {e}",
+            job.indices, job.generation
+        )),
+        Err(panic) => ChunkOutcome::Failed(format!(
+            "evaluating indices {:?} of generation {} panicked: {}",
+            job.indices,
+            job.generation,
+            panic_message(&panic)
+        )),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::tests::small_run;
+    use es_core::init::init_params;
+    use es_proto::NoiseSpec;
+    use std::path::Path;
+
+    fn context(noise: NoiseSpec, dir: &Path) -> Arc<RunContext> {
+        let (spec, data) = small_run(noise);
+        Arc::new(RunContext::new(spec, data, dir).unwrap())
+    }
+
+    fn job(context: &RunContext, ticket: u64, generation: u32, indices: Range<u32>) -> ChunkJob {
+        let mut theta = init_params(&context.net, context.run_seed);
+        theta[3] += 0.25;
+        ChunkJob {
+            ticket,
+            generation,
+            theta: Arc::new(theta),
+            batch: Arc::new(context.minibatch(generation)),
+            sigmas: Arc::new(context.layer_sigmas(generation)),
+            indices,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_equals_the_pool_evaluating_it_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        for noise in [
+            NoiseSpec::Stream,
+            NoiseSpec::Table {
+                noise_seed: 9,
+                len: 4000,
+            },
+        ] {
+            let context = context(noise, dir.path());
+            let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 3).unwrap();
+            let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+            let job = job(&context, 5, 2, 3..17);
+            compute.set_current(5);
+            compute.submit(job.clone(), &tx).unwrap();
+            let done = rx.recv().await.unwrap();
+            assert_eq!((done.ticket, done.generation, done.indices), (5, 2, 3..17));
+            let ChunkOutcome::Evaluated(pairs) = done.outcome else {
+                panic!("expected results, got {:?}", done.outcome);
+            };
+            let mut pool = EvalPool::new(&context.net, Kernel::Portable, 1).unwrap();
+            let expected = pool
+                .evaluate(
+                    &job.theta,
+                    &context.noise,
+                    context.run_seed,
+                    2,
+                    &job.sigmas,
+                    &job.batch,
+                    3..17,
+                )
+                .unwrap();
+            assert_eq!(pairs.len(), 14);
+            for (got, want) in pairs.iter().zip(&expected) {
+                assert_eq!(got.index, want.index);
+                assert_eq!(got.plus.fitness.to_bits(), want.plus.fitness.to_bits());
+                assert_eq!(got.minus.fitness.to_bits(), want.minus.fitness.to_bits());
+                assert_eq!(got.plus.correct, want.plus.correct);
+                assert_eq!(got.minus.correct, want.minus.correct);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_of_a_stale_ticket_are_skipped_in_arrival_order() {
+        let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
+        let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 2).unwrap();
+        let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+        compute.set_current(2);
+        compute.submit(job(&context, 1, 0, 0..4), &tx).unwrap();
+        compute.submit(job(&context, 2, 1, 4..6), &tx).unwrap();
+        compute.submit(job(&context, 1, 0, 6..8), &tx).unwrap();
+        let outcomes: Vec<ChunkDone> = [
+            rx.recv().await.unwrap(),
+            rx.recv().await.unwrap(),
+            rx.recv().await.unwrap(),
+        ]
+        .into();
+        assert_eq!(outcomes[0].indices, 0..4);
+        assert!(matches!(outcomes[0].outcome, ChunkOutcome::Skipped));
+        assert_eq!(outcomes[1].indices, 4..6);
+        assert!(matches!(&outcomes[1].outcome, ChunkOutcome::Evaluated(p) if p.len() == 2));
+        assert_eq!(outcomes[2].indices, 6..8);
+        assert!(matches!(outcomes[2].outcome, ChunkOutcome::Skipped));
+
+        // Once the stream's guard is gone nothing is current.
+        let guard = compute.ticket_guard();
+        drop(guard);
+        compute.submit(job(&context, 2, 1, 0..1), &tx).unwrap();
+        assert!(matches!(
+            rx.recv().await.unwrap().outcome,
+            ChunkOutcome::Skipped
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_golden_proof_matches_the_golden_task() {
+        let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
+        let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 2).unwrap();
+        let proof = compute.golden(3, 7).await.unwrap();
+        let runs = golden_task(
+            &context.net,
+            &context.es,
+            context.run_seed,
+            &context.noise,
+            context.train(),
+            3,
+            7,
+            Kernel::Portable,
+        )
+        .unwrap();
+        assert_eq!(
+            proof.center,
+            GoldenEval::new(&runs[0].evaluation, &runs[0].logits)
+        );
+        assert_eq!(
+            proof.plus,
+            GoldenEval::new(&runs[1].evaluation, &runs[1].logits)
+        );
+        assert_eq!(
+            proof.minus,
+            GoldenEval::new(&runs[2].evaluation, &runs[2].logits)
+        );
+        assert_ne!(proof.plus, proof.center);
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_is_reported_and_stops_the_thread() {
+        let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
+        let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 1).unwrap();
+        let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+        let mut bad = job(&context, 1, 0, 0..1);
+        bad.theta = Arc::new(vec![0.0; 3]);
+        compute.set_current(1);
+        compute.submit(bad, &tx).unwrap();
+        let done = rx.recv().await.unwrap();
+        let ChunkOutcome::Failed(message) = done.outcome else {
+            panic!("expected a failure, got {:?}", done.outcome);
+        };
+        assert!(message.contains("panicked"), "{message}");
+        let e = compute.golden(0, 0).await.unwrap_err();
+        assert!(e.to_string().contains("the thread stopped"), "{e}");
+    }
+}

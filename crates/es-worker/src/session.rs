@@ -1,0 +1,877 @@
+//! The worker's life (see the `.proto` for the protocol): load the data, then over and over
+//! join, prove the golden task and serve one `Work` stream, reconnecting with backoff when
+//! the transport fails or the coordinator stops, until the run is over, the worker is
+//! refused, or `shutdown` resolves.
+//!
+//! The caches of a run (its context with the mapped noise table, the compute thread and the
+//! last θ) survive reconnects to the same run and are dropped on `RUN_MISMATCH`.
+
+use std::future::Future;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use es_data::mnist::{self, Mnist};
+use es_proto::pb::coordinator_client::CoordinatorClient;
+use es_proto::pb::{self, RefusalReason};
+use es_proto::{Digest, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RunSpec};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::compute::{ChunkDone, ChunkJob, ChunkOutcome, ComputeThread};
+use crate::context::RunContext;
+use crate::error::WorkerError;
+use crate::options::{AUTHORIZATION_KEY, DataSource, WorkerOptions};
+
+/// How a worker's [`run`] ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// The coordinator said the run is over (`Shutdown { finished: true }`).
+    Finished,
+    /// The `shutdown` future resolved (e.g. SIGTERM).
+    Shutdown,
+}
+
+/// How long a `Join` call may take before it counts as a transport failure.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages the worker may queue on its `Work` stream before sending waits.
+const OUTBOX: usize = 64;
+/// Credits the worker grants per evaluation thread for each generation: enough queued work
+/// that a thread seldom waits for the network between chunks.
+const CREDITS_PER_THREAD: u32 = 4;
+
+/// Runs a worker until the run is over ([`WorkerExit::Finished`]), `shutdown` resolves
+/// ([`WorkerExit::Shutdown`]), or a final error: a refusal, a coordinator that breaks the
+/// protocol, data or a run the worker cannot evaluate, or (with
+/// [`crate::Backoff::give_up_after`]) a coordinator that stays away too long.
+///
+/// Transport failures and a stopping coordinator (`Shutdown { finished: false }`) are
+/// retried with [`WorkerOptions::reconnect`]'s backoff; `RUN_MISMATCH` drops the run's caches
+/// and joins afresh. Forward passes run on a dedicated compute thread, never on the executor;
+/// loading MNIST from a directory and opening the noise table run on `spawn_blocking`.
+pub async fn run(
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkerExit, WorkerError> {
+    let span = info_span!("worker", name = %options.name);
+    run_inner(options, shutdown).instrument(span).await
+}
+
+async fn run_inner(
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkerExit, WorkerError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let client = client(&options)?;
+    let data = tokio::select! {
+        biased;
+        () = &mut shutdown => return Ok(WorkerExit::Shutdown),
+        data = load_data(options.data.clone()) => data?,
+    };
+    let mut worker = Worker {
+        options,
+        data,
+        client,
+        cache: None,
+        next_ticket: 1,
+        failures: Failures::default(),
+    };
+    loop {
+        let end = tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                info!("shutting down");
+                return Ok(WorkerExit::Shutdown);
+            }
+            end = worker.session() => end?,
+        };
+        let (reason, drop_caches) = match end {
+            SessionEnd::Finished => {
+                info!("run finished");
+                return Ok(WorkerExit::Finished);
+            }
+            SessionEnd::Retry {
+                reason,
+                drop_caches,
+            } => (reason, drop_caches),
+        };
+        if drop_caches && worker.cache.take().is_some() {
+            info!("dropped the run's caches");
+        }
+        let delay =
+            worker
+                .failures
+                .record(&worker.options.endpoint, &worker.options.reconnect, reason)?;
+        warn!(
+            attempt = worker.failures.attempts,
+            delay_ms = delay.as_millis() as u64,
+            endpoint = %worker.options.endpoint,
+            error = %worker.failures.last_error,
+            "reconnecting"
+        );
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                info!("shutting down");
+                return Ok(WorkerExit::Shutdown);
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+
+/// Adds the shared token to every call.
+#[derive(Clone, Debug)]
+struct Auth(Option<AsciiMetadataValue>);
+
+impl Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert(AUTHORIZATION_KEY, token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of `options.endpoint` on a lazily connected channel: it connects at the first
+/// call and reconnects at the next call after a failure. HTTP/2 keep-alive pings detect a
+/// coordinator that vanished without closing its connection.
+fn client(options: &WorkerOptions) -> Result<Client, WorkerError> {
+    let endpoint = Endpoint::from_shared(options.endpoint.clone())
+        .map_err(|source| WorkerError::Endpoint {
+            endpoint: options.endpoint.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let token = options
+        .token
+        .as_ref()
+        .map(|token| {
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| WorkerError::InvalidToken)
+        })
+        .transpose()?;
+    Ok(
+        CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Auth(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+async fn load_data(source: DataSource) -> Result<Arc<Mnist>, WorkerError> {
+    let (dir, mirrors) = match source {
+        DataSource::Loaded(data) => return Ok(data),
+        DataSource::Dir { dir, mirrors } => (dir, mirrors),
+    };
+    let task_dir = dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let result = if mirrors.is_empty() {
+            mnist::load(&task_dir)
+        } else {
+            let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+            mnist::load_or_download(&task_dir, &mirrors, &mut |event| {
+                if let mnist::DownloadEvent::Started { file, url } = event {
+                    info!(file, url = %url, "downloading mnist");
+                }
+            })
+        };
+        if result.is_ok() {
+            info!(
+                dir = %task_dir.display(),
+                millis = started.elapsed().as_millis() as u64,
+                "loaded mnist"
+            );
+        }
+        result
+    })
+    .await
+    .map_err(|source| WorkerError::Task {
+        what: "mnist loading",
+        source,
+    })?;
+    loaded
+        .map(Arc::new)
+        .map_err(|source| WorkerError::Data { dir, source })
+}
+
+/// Consecutive failures since the last accepted stream.
+#[derive(Debug, Default)]
+struct Failures {
+    attempts: u32,
+    since: Option<Instant>,
+    last_error: String,
+}
+
+impl Failures {
+    /// Records a failure: the delay before the next attempt, or the error of giving up.
+    fn record(
+        &mut self,
+        endpoint: &str,
+        policy: &crate::Backoff,
+        error: String,
+    ) -> Result<Duration, WorkerError> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let delay = policy.delay(self.attempts);
+        self.attempts += 1;
+        self.last_error = error;
+        let elapsed = since.elapsed();
+        if !policy.keeps_trying(elapsed) {
+            return Err(WorkerError::GaveUp {
+                endpoint: endpoint.to_owned(),
+                attempts: self.attempts,
+                elapsed,
+                limit: policy.give_up_after.unwrap_or(Duration::MAX),
+                last_error: std::mem::take(&mut self.last_error),
+            });
+        }
+        Ok(delay)
+    }
+
+    fn reset(&mut self) {
+        *self = Failures::default();
+    }
+}
+
+/// How one session (a join and at most one `Work` stream) ended, if not with an error.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The run is over.
+    Finished,
+    /// Join again after the backoff delay, first dropping the run's caches if asked to.
+    Retry { reason: String, drop_caches: bool },
+}
+
+impl SessionEnd {
+    fn retry(reason: impl Into<String>) -> SessionEnd {
+        SessionEnd::Retry {
+            reason: reason.into(),
+            drop_caches: false,
+        }
+    }
+}
+
+/// A refusal, in a `JoinReply`, a `Shutdown` or a status: `RUN_MISMATCH` means "join
+/// afresh"; any other reason is final.
+fn refused(reason: RefusalReason, message: String) -> Result<SessionEnd, WorkerError> {
+    match reason {
+        RefusalReason::RunMismatch => {
+            info!(reason = %message, "coordinator asks to join afresh");
+            Ok(SessionEnd::Retry {
+                reason: format!("coordinator asks to join afresh: {message}"),
+                drop_caches: true,
+            })
+        }
+        // The .proto: a peer that receives UNSPECIFIED treats it as BAD_REQUEST.
+        RefusalReason::Unspecified => Err(WorkerError::Refused {
+            reason: RefusalReason::BadRequest,
+            message,
+        }),
+        reason => Err(WorkerError::Refused { reason, message }),
+    }
+}
+
+fn refusal(r: pb::Refusal) -> Result<SessionEnd, WorkerError> {
+    refused(r.reason(), r.message)
+}
+
+/// A failed call: a refusal sent as a status (`"REFUSAL_REASON_…: message"`, see
+/// `From<pb::Refusal> for tonic::Status`) is handled as a refusal; statuses that retrying
+/// cannot fix are final; anything else is a transport failure to retry.
+fn failed_call(call: &'static str, status: tonic::Status) -> Result<SessionEnd, WorkerError> {
+    use tonic::Code;
+    if let Some((name, message)) = status.message().split_once(": ")
+        && let Some(reason) = RefusalReason::from_str_name(name)
+    {
+        return refused(reason, message.to_owned());
+    }
+    match status.code() {
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::Unimplemented
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::ResourceExhausted => Err(WorkerError::Rejected { call, status }),
+        _ => Ok(SessionEnd::retry(format!(
+            "{call} call failed with status {:?}: {}",
+            status.code(),
+            status.message()
+        ))),
+    }
+}
+
+/// The caches of the run the worker serves: all rebuildable from the `RunSpec`.
+#[derive(Debug)]
+struct RunCache {
+    run_id: String,
+    spec: RunSpec,
+    context: Arc<RunContext>,
+    compute: ComputeThread,
+    /// The last θ received, by digest.
+    theta: Option<(Digest, Arc<Vec<f32>>)>,
+}
+
+struct Worker {
+    options: WorkerOptions,
+    data: Arc<Mnist>,
+    client: Client,
+    cache: Option<RunCache>,
+    /// The next generation ticket (see `compute`); unique over the worker's life.
+    next_ticket: u64,
+    failures: Failures,
+}
+
+impl Worker {
+    /// One join and, if accepted, one `Work` stream until it ends.
+    async fn session(&mut self) -> Result<SessionEnd, WorkerError> {
+        let threads = self.options.threads.max(1);
+        let run_id = self
+            .cache
+            .as_ref()
+            .map(|c| c.run_id.clone())
+            .unwrap_or_default();
+        let mut request = tonic::Request::new(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            run_id,
+            data_digest: self.data.digest.to_vec(),
+            threads: u32::try_from(threads).unwrap_or(u32::MAX),
+            name: self.options.name.clone(),
+            kernel: self.options.kernel.name().to_owned(),
+        });
+        request.set_timeout(JOIN_TIMEOUT);
+        let reply = match self.client.join(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => return failed_call("join", status),
+        };
+        let accepted = match reply.outcome {
+            Some(pb::join_reply::Outcome::Accepted(accepted)) => accepted,
+            Some(pb::join_reply::Outcome::Refused(r)) => return refusal(r),
+            None => {
+                return Err(WorkerError::Protocol(
+                    "join reply holds neither accepted nor refused: expected one of them".into(),
+                ));
+            }
+        };
+        if accepted.protocol_version != PROTOCOL_VERSION {
+            return Err(WorkerError::Protocol(format!(
+                "join accepted with protocol version {}: expected {PROTOCOL_VERSION}",
+                accepted.protocol_version
+            )));
+        }
+        let spec = RunSpec::try_from(accepted.spec.ok_or_else(|| {
+            WorkerError::Protocol("join accepted without a spec: expected the run".into())
+        })?)
+        .map_err(WorkerError::Spec)?;
+        let golden = accepted.golden.ok_or_else(|| {
+            WorkerError::Protocol("join accepted without a golden task: expected one".into())
+        })?;
+        info!(
+            run_id = %accepted.run_id,
+            worker_id = accepted.worker_id,
+            run_seed = spec.run_seed,
+            params = es_kernel::ParamLayout::new(&spec.net).len(),
+            population = spec.es.population,
+            noise = ?spec.noise,
+            "joined"
+        );
+        self.prepare_run(&accepted.run_id, spec).await?;
+        let cache = self.cache.as_mut().expect("prepared above");
+        let proof = cache
+            .compute
+            .golden(golden.generation, golden.index)
+            .await?;
+        debug!(
+            generation = golden.generation,
+            index = golden.index,
+            "computed the golden proof"
+        );
+
+        let (out, outbox) = mpsc::channel(OUTBOX);
+        let prove = pb::Prove {
+            protocol_version: PROTOCOL_VERSION,
+            run_id: accepted.run_id.clone(),
+            worker_id: accepted.worker_id,
+            golden: Some((&proof).into()),
+            cached_theta_digest: cache
+                .theta
+                .as_ref()
+                .map(|(digest, _)| digest.to_vec())
+                .unwrap_or_default(),
+        };
+        out.send(prove.into())
+            .await
+            .expect("the receiver is held below");
+        let inbound = match self.client.work(ReceiverStream::new(outbox)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return failed_call("work", status),
+        };
+        let heartbeat = (accepted.heartbeat_interval_ms > 0)
+            .then(|| Duration::from_millis(accepted.heartbeat_interval_ms.into()));
+        let (done, finished) = mpsc::unbounded_channel();
+        let serving = Serving {
+            cache,
+            credits: CREDITS_PER_THREAD.saturating_mul(u32::try_from(threads).unwrap_or(u32::MAX)),
+            out,
+            done,
+            current: None,
+            next_ticket: &mut self.next_ticket,
+            failures: &mut self.failures,
+            proven: false,
+        };
+        let span = info_span!("stream", worker_id = accepted.worker_id);
+        serving
+            .serve(inbound, finished, heartbeat)
+            .instrument(span)
+            .await
+    }
+
+    /// Makes `self.cache` hold the context of `spec`, keeping the current one if it is the
+    /// same run.
+    async fn prepare_run(&mut self, run_id: &str, spec: RunSpec) -> Result<(), WorkerError> {
+        if let Some(cache) = &self.cache
+            && cache.run_id == run_id
+            && cache.spec == spec
+        {
+            return Ok(());
+        }
+        // Free the old table and θ before building the new ones.
+        self.cache = None;
+        let data = Arc::clone(&self.data);
+        let cache_dir = self.options.cache_dir.clone();
+        let task_spec = spec.clone();
+        let started = Instant::now();
+        let context =
+            tokio::task::spawn_blocking(move || RunContext::new(task_spec, data, &cache_dir))
+                .await
+                .map_err(|source| WorkerError::Task {
+                    what: "noise table",
+                    source,
+                })??;
+        info!(
+            millis = started.elapsed().as_millis() as u64,
+            "prepared the run"
+        );
+        let context = Arc::new(context);
+        let compute = ComputeThread::spawn(
+            Arc::clone(&context),
+            self.options.kernel,
+            self.options.threads,
+        )?;
+        self.cache = Some(RunCache {
+            run_id: run_id.to_owned(),
+            spec,
+            context,
+            compute,
+            theta: None,
+        });
+        Ok(())
+    }
+}
+
+/// The generation the worker is working on.
+#[derive(Debug)]
+struct Current {
+    generation: u32,
+    ticket: u64,
+    digest: Digest,
+    theta: Option<Arc<Vec<f32>>>,
+    batch: Arc<es_kernel::Batch>,
+    sigmas: Arc<Vec<f32>>,
+    /// Assigned chunks waiting for θ (after a `ThetaRequest`).
+    waiting: Vec<Range<u32>>,
+}
+
+/// One `Work` stream being served.
+struct Serving<'a> {
+    cache: &'a mut RunCache,
+    /// The worker's full capacity in indices, granted for each generation.
+    credits: u32,
+    out: mpsc::Sender<pb::WorkerMessage>,
+    done: mpsc::UnboundedSender<ChunkDone>,
+    current: Option<Current>,
+    next_ticket: &'a mut u64,
+    failures: &'a mut Failures,
+    proven: bool,
+}
+
+/// What handling one message leads to: go on (`None`), end the session, or fail.
+type Step = Result<Option<SessionEnd>, WorkerError>;
+
+impl Serving<'_> {
+    async fn serve(
+        mut self,
+        mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
+        mut finished: mpsc::UnboundedReceiver<ChunkDone>,
+        heartbeat: Option<Duration>,
+    ) -> Result<SessionEnd, WorkerError> {
+        // However the stream ends, its queued chunks are skipped.
+        let _guard = self.cache.compute.ticket_guard();
+        let mut heartbeat = heartbeat.map(|period| {
+            let mut interval =
+                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            interval
+        });
+        loop {
+            let step = tokio::select! {
+                message = inbound.next() => match message {
+                    Some(Ok(message)) => self.on_message(message).await,
+                    Some(Err(status)) => failed_call("work", status).map(Some),
+                    None => Ok(Some(SessionEnd::retry("coordinator closed the work stream"))),
+                },
+                Some(done) = finished.recv() => self.on_done(done).await,
+                _ = async {
+                    match &mut heartbeat {
+                        Some(interval) => interval.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.send(pb::Heartbeat {}).await,
+            };
+            if let Some(end) = step? {
+                return Ok(end);
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: pb::CoordinatorMessage) -> Step {
+        use pb::coordinator_message::Kind;
+        match message.kind {
+            Some(Kind::ProofAccepted(_)) => self.on_proof_accepted().await,
+            Some(Kind::Generation(generation)) => self.on_generation(generation).await,
+            Some(Kind::Assign(assign)) => self.on_assign(assign).await,
+            Some(Kind::Shutdown(shutdown)) => on_shutdown(shutdown).map(Some),
+            None => {
+                // A kind added after this worker was built: nothing it could act on.
+                warn!("ignoring a coordinator message of an unknown kind");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn on_proof_accepted(&mut self) -> Step {
+        if self.proven {
+            warn!("ignoring a repeated proof acceptance");
+            return Ok(None);
+        }
+        self.proven = true;
+        self.failures.reset();
+        // Credits are per generation: they are granted when a Generation arrives.
+        info!("proof accepted");
+        Ok(None)
+    }
+
+    /// A Generation resets the credits on both sides (the coordinator counts from zero), so
+    /// each one that leaves the worker holding θ is answered with a Ready for its full
+    /// capacity. A new generation abandons the chunks of older ones; the answer to a
+    /// ThetaRequest (the same generation and digest, now with θ) keeps them.
+    async fn on_generation(&mut self, message: pb::Generation) -> Step {
+        let digest = message
+            .checked_theta_digest()
+            .map_err(|source| malformed("generation", source))?;
+        let theta = message
+            .checked_theta(self.cache.context.dim)
+            .map_err(|source| malformed("generation", source))?
+            .map(Arc::new);
+        let t = message.generation;
+        let same = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == t && c.digest == digest);
+        if !same {
+            let ticket = *self.next_ticket;
+            *self.next_ticket += 1;
+            // Queued chunks of older generations are skipped from now on.
+            self.cache.compute.set_current(ticket);
+            let context = &self.cache.context;
+            self.current = Some(Current {
+                generation: t,
+                ticket,
+                digest,
+                theta: None,
+                batch: Arc::new(context.minibatch(t)),
+                sigmas: Arc::new(context.layer_sigmas(t)),
+                waiting: Vec::new(),
+            });
+        }
+        let current = self.current.as_mut().expect("set above");
+        if current.theta.is_none() {
+            let theta = theta.or_else(|| match &self.cache.theta {
+                Some((cached, theta)) if *cached == digest => Some(Arc::clone(theta)),
+                _ => None,
+            });
+            if let Some(theta) = &theta {
+                self.cache.theta = Some((digest, Arc::clone(theta)));
+            }
+            current.theta = theta;
+        }
+        debug!(
+            generation = t,
+            has_theta = current.theta.is_some(),
+            repeated = same,
+            "generation"
+        );
+        if current.theta.is_none() {
+            debug!(generation = t, "requesting theta");
+            return self.send(pb::ThetaRequest::new(t, &digest)).await;
+        }
+        for indices in std::mem::take(&mut current.waiting) {
+            self.submit_chunk(indices)?;
+        }
+        self.send(pb::Ready {
+            generation: t,
+            credits: self.credits,
+        })
+        .await
+    }
+
+    async fn on_assign(&mut self, assign: pb::Assign) -> Step {
+        let pb::Assign {
+            generation,
+            first_index,
+            count,
+        } = assign;
+        let population = self.cache.context.es.population as u64;
+        let end = u64::from(first_index) + u64::from(count);
+        if count == 0 || end > population {
+            return Err(WorkerError::Protocol(format!(
+                "assign of {count} indices from {first_index} in generation {generation}: \
+                 expected at least 1 index, all below the population {population}"
+            )));
+        }
+        let indices = first_index..first_index + count;
+        match &mut self.current {
+            Some(current) if current.generation == generation => {
+                if current.theta.is_some() {
+                    self.submit_chunk(indices)?;
+                } else {
+                    current.waiting.push(indices);
+                }
+                Ok(None)
+            }
+            current => {
+                // The .proto: a worker ignores an Assign of another generation (its credits
+                // were reset by the Generation that made it stale).
+                warn!(
+                    generation,
+                    current = current.as_ref().map(|c| c.generation),
+                    "ignoring an assign of another generation"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    fn submit_chunk(&mut self, indices: Range<u32>) -> Result<(), WorkerError> {
+        let current = self
+            .current
+            .as_ref()
+            .expect("chunks belong to a generation");
+        let job = ChunkJob {
+            ticket: current.ticket,
+            generation: current.generation,
+            theta: Arc::clone(current.theta.as_ref().expect("θ is present")),
+            batch: Arc::clone(&current.batch),
+            sigmas: Arc::clone(&current.sigmas),
+            indices,
+        };
+        self.cache.compute.submit(job, &self.done)
+    }
+
+    /// A finished chunk of the current generation is sent back with a Ready for its indices;
+    /// one of an older generation is dropped (the coordinator would drop it too, and the new
+    /// Generation reset the credits).
+    async fn on_done(&mut self, done: ChunkDone) -> Step {
+        let count = done.indices.len() as u32;
+        let current = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.ticket == done.ticket);
+        match done.outcome {
+            ChunkOutcome::Failed(message) => Err(WorkerError::Compute(message)),
+            ChunkOutcome::Evaluated(pairs) if current => {
+                debug!(
+                    generation = done.generation,
+                    first = done.indices.start,
+                    count,
+                    "chunk evaluated"
+                );
+                let results = pb::Results::new(done.generation, &pairs);
+                if let Some(end) = self.send(results).await? {
+                    return Ok(Some(end));
+                }
+                self.send(pb::Ready {
+                    generation: done.generation,
+                    credits: count,
+                })
+                .await
+            }
+            ChunkOutcome::Evaluated(_) | ChunkOutcome::Skipped => {
+                debug!(
+                    generation = done.generation,
+                    first = done.indices.start,
+                    count,
+                    "chunk abandoned"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Sends `message`; a closed stream ends the session for a retry.
+    async fn send(&self, message: impl Into<pb::WorkerMessage>) -> Step {
+        match self.out.send(message.into()).await {
+            Ok(()) => Ok(None),
+            Err(_) => Ok(Some(SessionEnd::retry(
+                "the work stream closed while sending",
+            ))),
+        }
+    }
+}
+
+fn on_shutdown(shutdown: pb::Shutdown) -> Result<SessionEnd, WorkerError> {
+    info!(
+        reason = %shutdown.reason,
+        finished = shutdown.finished,
+        refused = shutdown.refusal.is_some(),
+        "coordinator ends the stream"
+    );
+    if let Some(r) = shutdown.refusal {
+        refusal(r)
+    } else if shutdown.finished {
+        Ok(SessionEnd::Finished)
+    } else {
+        Ok(SessionEnd::retry(format!(
+            "coordinator is stopping: {}",
+            shutdown.reason
+        )))
+    }
+}
+
+fn malformed(message: &'static str, source: es_proto::ConversionError) -> WorkerError {
+    WorkerError::Malformed { message, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_sent_as_statuses_are_refusals() {
+        let status = tonic::Status::from(pb::Refusal::new(
+            RefusalReason::GoldenMismatch,
+            "center fitness is 1: expected 2",
+        ));
+        let e = failed_call("work", status).unwrap_err();
+        assert!(e.is_refusal(), "{e}");
+        assert!(
+            e.to_string().contains("center fitness is 1: expected 2"),
+            "{e}"
+        );
+
+        let status = tonic::Status::from(pb::Refusal::new(RefusalReason::RunMismatch, "new run"));
+        assert!(matches!(
+            failed_call("join", status),
+            Ok(SessionEnd::Retry {
+                drop_caches: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn transport_failures_are_retried_and_a_bad_token_is_final() {
+        for status in [
+            tonic::Status::unavailable("connection refused"),
+            tonic::Status::unknown("h2 protocol error"),
+            tonic::Status::cancelled("stream reset"),
+            tonic::Status::deadline_exceeded("timeout"),
+        ] {
+            assert!(matches!(
+                failed_call("join", status),
+                Ok(SessionEnd::Retry {
+                    drop_caches: false,
+                    ..
+                })
+            ));
+        }
+        let e = failed_call("join", tonic::Status::unauthenticated("bad token")).unwrap_err();
+        assert!(
+            matches!(e, WorkerError::Rejected { call: "join", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().ends_with(": bad token"), "{e}");
+    }
+
+    #[test]
+    fn an_unspecified_refusal_counts_as_a_bad_request() {
+        let e = refused(RefusalReason::Unspecified, "?".into()).unwrap_err();
+        assert!(matches!(
+            e,
+            WorkerError::Refused {
+                reason: RefusalReason::BadRequest,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn failures_back_off_and_give_up_after_the_limit() {
+        let policy = crate::Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(25),
+            give_up_after: Some(Duration::from_millis(50)),
+        };
+        let mut failures = Failures::default();
+        let delays: Vec<Duration> = (0..3)
+            .map(|_| failures.record("e", &policy, "x".into()).unwrap())
+            .collect();
+        assert_eq!(delays, [10, 20, 25].map(Duration::from_millis).to_vec());
+        failures.reset();
+        assert_eq!(
+            failures.record("e", &policy, "x".into()).unwrap(),
+            Duration::from_millis(10)
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        let e = failures
+            .record("http://c:1", &policy, "refused".into())
+            .unwrap_err();
+        assert!(matches!(e, WorkerError::GaveUp { attempts: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_token_that_is_no_header_value_is_refused_at_start() {
+        let data = DataSource::Dir {
+            dir: "/nonexistent".into(),
+            mirrors: Vec::new(),
+        };
+        let mut options = WorkerOptions::new("http://127.0.0.1:1", data);
+        options.token = Some("line\nbreak".into());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let e = runtime
+            .block_on(run(options, std::future::pending()))
+            .unwrap_err();
+        assert!(matches!(e, WorkerError::InvalidToken), "{e}");
+    }
+}

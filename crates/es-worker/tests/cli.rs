@@ -1,0 +1,54 @@
+//! The `worker` binary's command line: its help lists the flags, and missing data is reported
+//! before any connection is tried. (Also makes `cargo test` build the binary, which the
+//! cross-process tests of the workspace run.)
+
+use std::process::Command;
+
+fn worker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+}
+
+#[test]
+fn help_lists_the_flags() {
+    let output = worker().arg("--help").output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in [
+        "--connect",
+        "--threads",
+        "--data",
+        "--cache-dir",
+        "--name",
+        "--kernel",
+        "--mirror",
+        "--token",
+        "--give-up-after",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn missing_data_is_named_before_connecting() {
+    let output = worker()
+        .args(["--connect", "127.0.0.1:1", "--data", "/nonexistent"])
+        .env_remove("UNDERFLOW_DATA")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("cannot load mnist from /nonexistent"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not found in /nonexistent"), "{stderr}");
+}
+
+#[test]
+fn a_missing_connect_flag_is_a_usage_error() {
+    let output = worker().output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("--connect"), "{stderr}");
+}

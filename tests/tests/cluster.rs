@@ -1,0 +1,200 @@
+//! The gRPC cluster end to end: a coordinator and stateless workers on loopback give θ
+//! bit-identical to the embedded trainer, whatever the number of workers and their threads;
+//! real `coordinator` and `worker` processes train and exit cleanly.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use es_coordinator::cluster::{self, ClusterOptions};
+use es_coordinator::config::RunConfig;
+use es_coordinator::embedded;
+use es_worker::{DataSource, WorkerExit, WorkerOptions};
+use underflow_tests::{Scratch, binary, environment, mnist_dir, small_run};
+
+fn config() -> RunConfig {
+    RunConfig {
+        eval_every: 0,
+        ..small_run(5)
+    }
+}
+
+/// Runs `config` on a coordinator with one in-process worker per entry of `worker_threads`;
+/// returns the final θ's bytes.
+async fn cluster_theta(scratch: &Scratch, name: &str, worker_threads: &[usize]) -> Vec<u8> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let env = environment(scratch, name, 1);
+    let run_dir = env.run_dir.clone();
+    let options = ClusterOptions {
+        workers: worker_threads.len(),
+        ..ClusterOptions::default()
+    };
+    let coordinator = tokio::spawn(cluster::run(
+        config(),
+        env,
+        options,
+        listener,
+        Box::pin(std::future::pending()),
+    ));
+    let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
+    let mut workers = Vec::new();
+    for (i, &threads) in worker_threads.iter().enumerate() {
+        let mut options =
+            WorkerOptions::new(endpoint.clone(), DataSource::Loaded(Arc::clone(&mnist)));
+        options.threads = threads;
+        options.cache_dir = scratch.path().join("cache");
+        options.name = format!("{name}-{i}");
+        workers.push(tokio::spawn(es_worker::run(
+            options,
+            std::future::pending::<()>(),
+        )));
+    }
+    let summary = coordinator.await.unwrap().unwrap();
+    assert_eq!(summary.generations, 5);
+    for w in workers {
+        let exit = tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .expect("worker exits")
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit, WorkerExit::Finished);
+    }
+    std::fs::read(run_dir.join("theta.f32")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
+    let scratch = Scratch::new("cluster-determinism");
+    let env = environment(&scratch, "embedded", 2);
+    let embedded_dir = env.run_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        embedded::run(&config(), &env, &AtomicBool::new(false)).unwrap()
+    })
+    .await
+    .unwrap();
+    let embedded = std::fs::read(embedded_dir.join("theta.f32")).unwrap();
+    let one = cluster_theta(&scratch, "one", &[2]).await;
+    assert!(
+        one == embedded,
+        "θ with 1 worker differs from the embedded run"
+    );
+    let three = cluster_theta(&scratch, "three", &[1, 2, 1]).await;
+    assert!(
+        three == embedded,
+        "θ with 3 workers differs from the embedded run"
+    );
+}
+
+/// A child process killed when the test ends, whatever happens.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait(child: &mut Process, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn coordinator_and_two_worker_processes_train_and_exit_cleanly() {
+    let scratch = Scratch::new("processes");
+    let port = free_port();
+    let run_dir = scratch.path().join("run");
+    let cache = scratch.path().join("cache");
+    let mut coordinator = Process(
+        Command::new(binary("coordinator"))
+            .args([
+                "--workers",
+                "2",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--generations",
+                "3",
+            ])
+            .args([
+                "--population",
+                "16",
+                "--batch",
+                "32",
+                "--noise-table-len",
+                "4194304",
+                "--eval-every",
+                "0",
+            ])
+            .args(["--mirror", "none", "--threads", "1"])
+            .arg("--data")
+            .arg(mnist_dir())
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .env("UNDERFLOW_CACHE", &cache)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut workers: Vec<Process> = (0..2)
+        .map(|_| {
+            Process(
+                Command::new(binary("worker"))
+                    .args(["--connect", &format!("127.0.0.1:{port}"), "--threads", "1"])
+                    .arg("--data")
+                    .arg(mnist_dir())
+                    .env("UNDERFLOW_CACHE", &cache)
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        wait(&mut coordinator, Duration::from_secs(120)).success(),
+        "coordinator failed"
+    );
+    for w in &mut workers {
+        assert!(
+            wait(w, Duration::from_secs(30)).success(),
+            "a worker failed"
+        );
+    }
+    for file in ["config.toml", "metrics.jsonl", "theta.f32", "summary.json"] {
+        assert!(
+            run_dir.join(file).exists(),
+            "{file} missing from the run directory"
+        );
+    }
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        assert_eq!(line["workers"], 2);
+        assert!(
+            line["wire_bytes_sent"].as_u64().unwrap() > 2 * 4 * 669_706,
+            "θ went to both workers"
+        );
+    }
+}

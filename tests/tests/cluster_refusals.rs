@@ -1,0 +1,159 @@
+//! A coordinator refuses workers that cannot take part, with a message that says why, and
+//! keeps serving the others. Driven with a raw gRPC client, so each refusal is tested alone.
+
+use std::time::Duration;
+
+use es_coordinator::cluster::{self, ClusterOptions};
+use es_coordinator::config::RunConfig;
+use es_proto::pb::coordinator_client::CoordinatorClient;
+use es_proto::pb::{self, RefusalReason, join_reply::Outcome};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+use underflow_tests::{Scratch, environment, small_run};
+
+/// Starts a coordinator waiting for 5 workers (so it never starts training) on a free port.
+async fn coordinator(
+    scratch: &Scratch,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let env = environment(scratch, "run", 1);
+    let options = ClusterOptions {
+        workers: 5,
+        ..ClusterOptions::default()
+    };
+    let config = RunConfig { ..small_run(1) };
+    let handle = tokio::spawn(async move {
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        cluster::run(config, env, options, listener, shutdown)
+            .await
+            .unwrap();
+    });
+    (addr, stop, handle)
+}
+
+async fn client(addr: &str) -> CoordinatorClient<Channel> {
+    for _ in 0..200 {
+        if let Ok(c) = CoordinatorClient::connect(addr.to_string()).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("coordinator at {addr} did not come up");
+}
+
+fn mnist_digest() -> Vec<u8> {
+    es_data::mnist::load(&underflow_tests::mnist_dir())
+        .unwrap()
+        .digest
+        .to_vec()
+}
+
+fn request(digest: Vec<u8>) -> pb::JoinRequest {
+    pb::JoinRequest {
+        protocol_version: es_proto::PROTOCOL_VERSION,
+        run_id: String::new(),
+        data_digest: digest,
+        threads: 1,
+        name: "test".into(),
+        kernel: "portable".into(),
+    }
+}
+
+async fn join(client: &mut CoordinatorClient<Channel>, req: pb::JoinRequest) -> Outcome {
+    // The coordinator answers joins once its data and golden proof are ready.
+    for _ in 0..400 {
+        match client.join(req.clone()).await {
+            Ok(reply) => return reply.into_inner().outcome.expect("an outcome"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    panic!("join never answered");
+}
+
+fn refusal(outcome: Outcome) -> pb::Refusal {
+    match outcome {
+        Outcome::Refused(r) => r,
+        Outcome::Accepted(a) => panic!("accepted as worker {}", a.worker_id),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_with_other_data_versions_or_runs_are_refused_with_reasons() {
+    let scratch = Scratch::new("refusals");
+    let (addr, stop, handle) = coordinator(&scratch).await;
+    let mut client = client(&addr).await;
+    let digest = mnist_digest();
+
+    let mut other = digest.clone();
+    other[0] ^= 1;
+    let r = refusal(join(&mut client, request(other)).await);
+    assert_eq!(r.reason(), RefusalReason::DataMismatch);
+    assert!(r.message.contains("other MNIST files"), "{}", r.message);
+
+    let old = pb::JoinRequest {
+        protocol_version: 0,
+        ..request(digest.clone())
+    };
+    let r = refusal(join(&mut client, old).await);
+    assert_eq!(r.reason(), RefusalReason::VersionMismatch);
+    assert!(r.message.contains("protocol version 0"), "{}", r.message);
+
+    let stale = pb::JoinRequest {
+        run_id: "an-old-run".into(),
+        ..request(digest.clone())
+    };
+    let r = refusal(join(&mut client, stale).await);
+    assert_eq!(r.reason(), RefusalReason::RunMismatch);
+
+    // A worker with the right data is accepted and must then prove its arithmetic: a wrong
+    // golden proof is refused on the stream with the first difference named.
+    let Outcome::Accepted(accepted) = join(&mut client, request(digest)).await else {
+        panic!("a good worker is refused");
+    };
+    let task = accepted.golden.unwrap();
+    assert_eq!((task.generation, task.index), (0, 0));
+    let wrong = es_proto::GoldenEval {
+        fitness_bits: 1.0f64.to_bits(),
+        correct: 0,
+        logits_digest: [0; 32],
+    };
+    let proof = es_proto::GoldenProof {
+        center: wrong,
+        plus: wrong,
+        minus: wrong,
+    };
+    let prove = pb::Prove {
+        protocol_version: es_proto::PROTOCOL_VERSION,
+        run_id: accepted.run_id.clone(),
+        worker_id: accepted.worker_id,
+        golden: Some((&proof).into()),
+        cached_theta_digest: Vec::new(),
+    };
+    // The sender stays alive so that the request stream is open while the coordinator answers.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(pb::WorkerMessage::from(prove)).unwrap();
+    let mut inbound = client
+        .work(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = inbound.message().await.unwrap().expect("a shutdown");
+    let Some(pb::coordinator_message::Kind::Shutdown(shutdown)) = first.kind else {
+        panic!("expected a refusal, got {first:?}");
+    };
+    let r = shutdown.refusal.expect("a refusal");
+    assert_eq!(r.reason(), RefusalReason::GoldenMismatch);
+    assert!(r.message.contains("center fitness"), "{}", r.message);
+
+    drop(tx);
+    let _ = stop.send(());
+    handle.await.unwrap();
+}
