@@ -65,6 +65,8 @@ struct WorkerSlot {
     threads: u32,
     /// Indices the worker has room for (granted minus assigned).
     credits: u32,
+    /// The largest single grant of this generation: the worker's capacity.
+    capacity: u32,
     tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
     /// The θ the worker holds, as far as the coordinator knows.
     theta_digest: Option<Digest>,
@@ -136,9 +138,11 @@ fn assign_to(state: &mut State, worker: WorkerId, lease: Duration) {
     };
     let now = Instant::now();
     while slot.credits > 0 {
-        // At most half the worker's room per chunk, so that it holds a second chunk while it
-        // evaluates the first and never waits a round trip for work.
-        let count = chunk_size.min((slot.credits / 2).max(1));
+        // At most half the worker's capacity per chunk, so that it holds a second chunk while
+        // it evaluates the first and never waits a round trip for work. (Half of the *current*
+        // credits would shrink chunks to single indices, which a multi-threaded worker cannot
+        // spread over its threads.)
+        let count = chunk_size.min((slot.capacity / 2).max(1)).min(slot.credits);
         let Some(chunk) = work.assign(worker, count, now, lease) else {
             break;
         };
@@ -181,6 +185,7 @@ fn announce(state: &mut State, worker: WorkerId) {
     slot.theta_digest = Some(*theta.digest());
     // A Generation resets the worker's credits: it answers with a Ready for this generation.
     slot.credits = 0;
+    slot.capacity = 0;
     send(bytes_sent, &slot.tx, message.into());
 }
 
@@ -386,6 +391,7 @@ async fn serve_worker(
                 name: name.clone(),
                 threads,
                 credits: 0,
+                capacity: 0,
                 tx: tx.clone(),
                 theta_digest: cached,
             },
@@ -441,6 +447,7 @@ fn handle_message(
             }
             if let Some(slot) = state.workers.get_mut(&worker) {
                 slot.credits = slot.credits.saturating_add(ready.credits).min(1 << 20);
+                slot.capacity = slot.capacity.max(ready.credits.min(1 << 20));
             }
             assign_to(&mut state, worker, lease);
             Ok(())

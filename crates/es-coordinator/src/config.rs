@@ -46,6 +46,8 @@ pub struct RunConfig {
     pub mode: String,
     pub hidden: Vec<usize>,
     pub scale_exponents: Vec<i32>,
+    /// Scale exponent of the logits: a positive value is a softmax temperature of 2^e.
+    pub output_exponent: i32,
     pub init_multipliers: Vec<f32>,
     pub noise: NoiseKind,
     pub noise_seed: u64,
@@ -61,20 +63,22 @@ impl Default for RunConfig {
         let es = EsConfig::default();
         RunConfig {
             seed: 1,
-            generations: 2000,
+            // About 15 minutes on a 2-core machine; the learning rate decays over them.
+            generations: 1400,
             time_limit_secs: 0.0,
             population: es.population,
             batch: es.batch_size,
             sigma: es.sigma,
             sigma_schedule: "constant".into(),
             lr: es.lr,
-            lr_schedule: "constant".into(),
+            lr_schedule: "cosine:0.05".into(),
             l2: es.l2,
             sigma_multipliers: es.sigma_multipliers,
             lr_multipliers: es.lr_multipliers,
             mode: net.arithmetic.name().into(),
             hidden: net.hidden,
             scale_exponents: net.scale_exponents,
+            output_exponent: net.output_exponent,
             init_multipliers: net.init_multipliers,
             noise: NoiseKind::Table,
             noise_seed: 123,
@@ -127,6 +131,7 @@ impl RunConfig {
         let net = NetConfig {
             hidden: self.hidden.clone(),
             scale_exponents: self.scale_exponents.clone(),
+            output_exponent: self.output_exponent,
             init_multipliers: self.init_multipliers.clone(),
             arithmetic: Arithmetic::from_str(&self.mode)?,
             ..NetConfig::default()

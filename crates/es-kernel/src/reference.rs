@@ -153,6 +153,7 @@ mod tests {
             hidden: vec![1],
             outputs: 1,
             scale_exponents: vec![125],
+            output_exponent: 0,
             init_multipliers: vec![1.0, 1.0],
             arithmetic: Arithmetic::Ftz,
         };

@@ -119,6 +119,7 @@ impl From<&NetConfig> for pb::NetSpec {
             scale_exponents: net.scale_exponents.clone(),
             init_multipliers: net.init_multipliers.clone(),
             arithmetic: net.arithmetic.name().to_string(),
+            output_exponent: net.output_exponent,
         }
     }
 }
@@ -146,6 +147,7 @@ impl TryFrom<pb::NetSpec> for NetConfig {
             outputs: to_usize("net.outputs", m.outputs)?,
             scale_exponents: m.scale_exponents,
             init_multipliers: m.init_multipliers,
+            output_exponent: m.output_exponent,
             arithmetic,
         };
         net.validate().map_err(|source| ConversionError::Net {

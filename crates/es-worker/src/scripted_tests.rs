@@ -314,8 +314,8 @@ async fn a_worker_proves_evaluates_its_chunks_and_finishes() {
     let ready = stream.ready().await;
     assert_eq!(
         (ready.generation, ready.credits),
-        (0, 8),
-        "4 credits per thread"
+        (0, 32),
+        "16 credits per thread"
     );
 
     stream.send(pb::Assign {
@@ -387,7 +387,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     });
     stream.send(pb::Generation::with_theta(0, &encoded));
     let ready = stream.ready().await;
-    assert_eq!((ready.generation, ready.credits), (0, 8));
+    assert_eq!((ready.generation, ready.credits), (0, 32));
     let results = stream.results().await;
     assert_eq!(results.pairs, expected_pairs(&coord, &theta, 0, 10..12));
     assert_eq!(stream.ready().await.credits, 2);
@@ -400,7 +400,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     });
     stream.send(pb::Generation::digest_only(1, encoded.digest()));
     let ready = stream.ready().await;
-    assert_eq!((ready.generation, ready.credits), (1, 8));
+    assert_eq!((ready.generation, ready.credits), (1, 32));
 
     // A new generation abandons queued work of the old one: only generation 3's results come.
     let theta3 = coord.theta(-0.5);
@@ -427,7 +427,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
             Kind::Ready(ready) if ready.generation == 2 => {}
             Kind::Results(results) if results.generation == 2 => {}
             Kind::Ready(ready) => {
-                assert_eq!((ready.generation, ready.credits), (3, 8));
+                assert_eq!((ready.generation, ready.credits), (3, 32));
                 break;
             }
             other => panic!("expected generation 2's stragglers or a ready, got {other:?}"),

@@ -44,8 +44,10 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages the worker may queue on its `Work` stream before sending waits.
 const OUTBOX: usize = 64;
 /// Credits the worker grants per evaluation thread for each generation: enough queued work
-/// that a thread seldom waits for the network between chunks.
-const CREDITS_PER_THREAD: u32 = 4;
+/// that a thread seldom waits for the network between chunks. The coordinator hands out at
+/// most half the credits per chunk, so 16 allows chunks of 8 pairs (about 25 ms at B = 100)
+/// with a second chunk queued; 4 gave chunks of 2 and one round trip per 6 ms of work.
+const CREDITS_PER_THREAD: u32 = 16;
 
 /// Runs a worker until the run is over ([`WorkerExit::Finished`]), `shutdown` resolves
 /// ([`WorkerExit::Shutdown`]), or a final error: a refusal, a coordinator that breaks the

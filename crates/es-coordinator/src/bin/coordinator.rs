@@ -72,6 +72,9 @@ struct Cli {
     /// Per-hidden-layer scale exponents, comma-separated (e.g. 125,125).
     #[arg(long, value_delimiter = ',')]
     scale_exponents: Option<Vec<i32>>,
+    /// Scale exponent of the logits (a softmax temperature of 2^e).
+    #[arg(long, allow_hyphen_values = true)]
+    output_exponent: Option<i32>,
     /// Noise source: table (shared, cached file) or stream.
     #[arg(long, value_enum)]
     noise: Option<NoiseArg>,
@@ -122,7 +125,7 @@ impl Cli {
              population => population, batch => batch, sigma => sigma,
              sigma_schedule => sigma_schedule, lr => lr, lr_schedule => lr_schedule, l2 => l2,
              mode => mode, init_multipliers => init_multipliers,
-             scale_exponents => scale_exponents, sigma_multipliers => sigma_multipliers,
+             scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
              lr_multipliers => lr_multipliers, noise_table_len => noise_table_len,
              eval_every => eval_every);
         if let Some(noise) = self.noise {

@@ -174,6 +174,8 @@ fn small_config(mode: Arithmetic) -> NetConfig {
         hidden: vec![33, 17],
         outputs: 10,
         scale_exponents: vec![125, 124],
+        // A logit temperature, so the last scaling step is not the plain inverse.
+        output_exponent: 3,
         init_multipliers: vec![1.0, 8.0, 8.0],
         arithmetic: mode,
     }
