@@ -616,6 +616,11 @@ pub async fn run(
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // θ (2.7 MB) goes to every worker each generation: windows large enough that it
+            // does not wait on HTTP/2 flow control (the default is 64 KiB).
+            .initial_stream_window_size(Some(es_proto::MAX_MESSAGE_BYTES as u32))
+            .initial_connection_window_size(Some(es_proto::MAX_MESSAGE_BYTES as u32))
+            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

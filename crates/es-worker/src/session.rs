@@ -39,6 +39,8 @@ pub enum WorkerExit {
     Shutdown,
 }
 
+/// HTTP/2 flow-control window of the worker's connection: room for a whole θ message.
+const HTTP2_WINDOW: u32 = 8 << 20;
 /// How long a `Join` call may take before it counts as a transport failure.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages the worker may queue on its `Work` stream before sending waits.
@@ -160,6 +162,10 @@ fn client(options: &WorkerOptions) -> Result<Client, WorkerError> {
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // θ is 2.7 MB per generation: with HTTP/2's default 64 KiB windows it would arrive
+        // in dozens of flow-control round trips.
+        .initial_stream_window_size(HTTP2_WINDOW)
+        .initial_connection_window_size(HTTP2_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);

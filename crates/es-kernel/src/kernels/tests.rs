@@ -115,15 +115,22 @@ fn every_kernel_matches_the_definition_over_shapes_and_sparsity() {
                 let (inputs, weights) = near_underflow_case(&mut rng, samples, width, n_out);
                 let mut rows = SparseRows::new();
                 rows.fill_from_dense(&inputs, width);
-                let mut out = vec![f32::NAN; samples * n_out];
                 let want =
                     with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
-                with_float_env(mode, || kernel.accumulate(&rows, &weights, n_out, &mut out));
-                assert_same(
-                    &out,
-                    &want,
-                    &format!("{kernel} {mode} samples={samples} width={width} n_out={n_out}"),
-                );
+                // Both loop forms, whichever the density would pick.
+                for form in [Form::PerSample, Form::Blocked] {
+                    let mut out = vec![f32::NAN; samples * n_out];
+                    with_float_env(mode, || {
+                        kernel.accumulate_in(form, &rows, &weights, n_out, &mut out)
+                    });
+                    assert_same(
+                        &out,
+                        &want,
+                        &format!(
+                            "{kernel} {form:?} {mode} samples={samples} width={width} n_out={n_out}"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -147,12 +154,15 @@ fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
         0.25,
     ];
     let config = (4, 2);
-    for kernel in Kernel::supported() {
+    for (kernel, form) in Kernel::supported()
+        .into_iter()
+        .flat_map(|k| [(k, Form::PerSample), (k, Form::Blocked)])
+    {
         let mut rows = SparseRows::new();
         rows.fill_from_dense(&inputs, config.0);
         let mut out = [f32::NAN; 2];
         with_float_env(Arithmetic::Ftz, || {
-            kernel.accumulate(&rows, &weights, config.1, &mut out)
+            kernel.accumulate_in(form, &rows, &weights, config.1, &mut out)
         });
         // Reference arithmetic, flushed explicitly.
         let mut want = [0.0f32; 2];
@@ -164,7 +174,7 @@ fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
             }
             *w = acc;
         }
-        assert_same(&out, &want, &format!("{kernel} at the threshold"));
+        assert_same(&out, &want, &format!("{kernel} {form:?} at the threshold"));
     }
 }
 

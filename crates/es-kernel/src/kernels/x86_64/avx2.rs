@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::dispatch_tile;
-use crate::sparse::SparseRows;
+use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 8;
 /// Accumulator vectors per pass: 8 of the 16 ymm registers, the rest for the broadcast input
@@ -75,6 +75,102 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
                 _mm256_maskstore_ps(out.add(v * LANES), tail_mask, *acc);
             } else {
                 _mm256_storeu_ps(out.add(v * LANES), *acc);
+            }
+        }
+    }
+}
+
+/// Accumulator vectors per sample in the blocked kernel: 4 samples × 2 vectors = 8
+/// accumulators, plus 2 weight vectors and a broadcast, within the 16 ymm registers.
+const BLOCK_TILE: usize = 2;
+
+/// The blocked kernel (see the AVX-512 one): each weight row loaded once per block of
+/// [`BLOCK`] samples.
+///
+/// # Safety
+/// As for [`accumulate`].
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn accumulate_blocked(
+    rows: &SparseRows,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let vectors = n_out.div_ceil(LANES);
+    let tail = n_out % LANES;
+    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
+    // SAFETY: reads 32 bytes from a live [i32; 8].
+    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let samples = rows.samples();
+    let mut v0 = 0;
+    while v0 < vectors {
+        let nv = (vectors - v0).min(BLOCK_TILE);
+        let masked = tail != 0 && v0 + nv == vectors;
+        for b in 0..rows.blocks() {
+            let (index, value) = rows.block(b);
+            let first = b * BLOCK;
+            let count = (samples - first).min(BLOCK);
+            // SAFETY: as in the AVX-512 blocked kernel.
+            unsafe {
+                let dst = out.as_mut_ptr().add(first * n_out + v0 * LANES);
+                let src = weights.as_ptr().add(v0 * LANES);
+                dispatch_tile!(
+                    nv,
+                    masked,
+                    block_tile(index, value, src, n_out, dst, count, tail_mask)
+                );
+            }
+        }
+        v0 += nv;
+    }
+}
+
+/// # Safety
+/// AVX2; as for the AVX-512 block tile, with 8-lane vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_tile<const NV: usize, const MASKED: bool>(
+    index: &[u32],
+    value: &[[f32; BLOCK]],
+    w: *const f32,
+    n_out: usize,
+    out: *mut f32,
+    count: usize,
+    tail_mask: __m256i,
+) {
+    let mut acc = [[_mm256_setzero_ps(); NV]; BLOCK];
+    let mut wv = [_mm256_setzero_ps(); NV];
+    for (&k, x) in index.iter().zip(value) {
+        // SAFETY: k < width (SparseRows invariant).
+        let row = unsafe { w.add(k as usize * n_out) };
+        for (v, wv) in wv.iter_mut().enumerate() {
+            // SAFETY: full vectors lie within the row; the last one is masked to the row end
+            // when MASKED, and masked-off lanes are not read.
+            *wv = unsafe {
+                if MASKED && v + 1 == NV {
+                    _mm256_maskload_ps(row.add(v * LANES), tail_mask)
+                } else {
+                    _mm256_loadu_ps(row.add(v * LANES))
+                }
+            };
+        }
+        for (acc, &x) in acc.iter_mut().zip(x) {
+            let x = _mm256_set1_ps(x);
+            for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                // Separate multiply and add: the contract forbids FMA.
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, wv));
+            }
+        }
+    }
+    for (s, acc) in acc.iter().enumerate().take(count) {
+        for (v, acc) in acc.iter().enumerate() {
+            // SAFETY: row s < count, NV vectors, the last masked to the row end.
+            unsafe {
+                if MASKED && v + 1 == NV {
+                    _mm256_maskstore_ps(out.add(s * n_out + v * LANES), tail_mask, *acc);
+                } else {
+                    _mm256_storeu_ps(out.add(s * n_out + v * LANES), *acc);
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::dispatch_tile;
-use crate::sparse::SparseRows;
+use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 16;
 /// Accumulator vectors per pass over a sample's terms: 8 (128 outputs) leave registers for
@@ -70,5 +70,95 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     for (v, acc) in acc.iter().enumerate() {
         // SAFETY: the caller guarantees room for NV vectors, the last masked to the row end.
         unsafe { _mm512_mask_storeu_ps(out.add(v * LANES), mask(v), *acc) };
+    }
+}
+
+/// Accumulator vectors per sample in the blocked kernel: 4 samples × 4 vectors = 16
+/// accumulators, plus 4 weight vectors and a broadcast, within the 32 zmm registers.
+const BLOCK_TILE: usize = 4;
+
+/// The blocked kernel: each weight row is loaded once for the [`BLOCK`] samples of a block
+/// (over the union of their nonzero indices), which trades extra `0 · w` terms for a quarter
+/// of the loads. Same contract as [`accumulate`].
+///
+/// # Safety
+/// As for [`accumulate`].
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn accumulate_blocked(
+    rows: &SparseRows,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let vectors = n_out.div_ceil(LANES);
+    let tail = n_out % LANES;
+    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let samples = rows.samples();
+    let mut v0 = 0;
+    while v0 < vectors {
+        let nv = (vectors - v0).min(BLOCK_TILE);
+        let masked = tail != 0 && v0 + nv == vectors;
+        for b in 0..rows.blocks() {
+            let (index, value) = rows.block(b);
+            let first = b * BLOCK;
+            let count = (samples - first).min(BLOCK);
+            // SAFETY: rows first.. first + count exist in `out`, and the tile stays within
+            // each row (the last vector masked to `n_out`); weight offsets stay within row
+            // `k < width` of `weights`.
+            unsafe {
+                let dst = out.as_mut_ptr().add(first * n_out + v0 * LANES);
+                let src = weights.as_ptr().add(v0 * LANES);
+                dispatch_tile!(
+                    nv,
+                    masked,
+                    block_tile(index, value, src, n_out, dst, count, tail_mask)
+                );
+            }
+        }
+        v0 += nv;
+    }
+}
+
+/// One block of samples, `NV` vectors of outputs; rows `count..BLOCK` are padding (their
+/// values are 0) and are not stored.
+///
+/// # Safety
+/// AVX-512F; as for [`tile`], with `out` pointing at the block's first row and `count` rows
+/// of room.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block_tile<const NV: usize, const MASKED: bool>(
+    index: &[u32],
+    value: &[[f32; BLOCK]],
+    w: *const f32,
+    n_out: usize,
+    out: *mut f32,
+    count: usize,
+    tail_mask: __mmask16,
+) {
+    let mask = |v: usize| if MASKED && v + 1 == NV { tail_mask } else { !0 };
+    let mut acc = [[_mm512_setzero_ps(); NV]; BLOCK];
+    let mut wv = [_mm512_setzero_ps(); NV];
+    for (&k, x) in index.iter().zip(value) {
+        // SAFETY: k < width (SparseRows invariant), so the row's NV vectors (masked past
+        // n_out) lie within `weights`.
+        let row = unsafe { w.add(k as usize * n_out) };
+        for (v, wv) in wv.iter_mut().enumerate() {
+            // SAFETY: see above; masked-off lanes are not read.
+            *wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
+        }
+        for (acc, &x) in acc.iter_mut().zip(x) {
+            let x = _mm512_set1_ps(x);
+            for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                // Separate multiply and add: the contract forbids FMA.
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, wv));
+            }
+        }
+    }
+    for (s, acc) in acc.iter().enumerate().take(count) {
+        for (v, acc) in acc.iter().enumerate() {
+            // SAFETY: row s < count of the block, NV vectors, the last masked to the row end.
+            unsafe { _mm512_mask_storeu_ps(out.add(s * n_out + v * LANES), mask(v), *acc) };
+        }
     }
 }
