@@ -83,7 +83,7 @@ struct State {
     current: Option<(u32, Arc<EncodedTheta>)>,
     chunk_size: u32,
     faulty: HashSet<WorkerId>,
-    rejected_results: u64,
+    rejected_messages: u64,
     /// Set when training ends: `Some(true)` when the run completed, `Some(false)` when the
     /// coordinator stopped early (a worker that joins now should come back later).
     finished: Option<bool>,
@@ -410,10 +410,10 @@ async fn serve_worker(
         };
         if let Err(e) = handle_message(&shared, worker, message) {
             tracing::warn!(worker_id = worker, error = %e, "dropping a bad message");
-            shared.lock().rejected_results += 1;
+            shared.lock().rejected_messages += 1;
         }
     };
-    let released = {
+    {
         let mut state = shared.lock();
         let name = state
             .workers
@@ -423,9 +423,7 @@ async fn serve_worker(
         let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker));
         assign_all(&mut state, shared.options.lease);
         tracing::info!(worker_id = worker, %name, reason = %end, released, workers = state.workers.len(), "worker left");
-        released
-    };
-    let _ = released;
+    }
     shared.changed.notify_waiters();
 }
 
@@ -647,6 +645,15 @@ pub async fn run(
         let mut state = shared.lock();
         let finished = result.as_ref().is_ok_and(|s| !s.interrupted);
         state.finished = Some(finished);
+        if !state.faulty.is_empty() || state.rejected_messages > 0 {
+            let mut faulty: Vec<WorkerId> = state.faulty.iter().copied().collect();
+            faulty.sort_unstable();
+            tracing::warn!(
+                ?faulty,
+                rejected_messages = state.rejected_messages,
+                "workers sent results that were refused"
+            );
+        }
         let reason = if finished {
             "the run is over"
         } else {
@@ -692,17 +699,7 @@ async fn train(
             break;
         }
         if stop.load(Ordering::SeqCst) {
-            return finish(
-                config,
-                env,
-                net,
-                &mut run_dir,
-                es_state,
-                data,
-                Instant::now(),
-                true,
-            )
-            .await;
+            return finish(env, net, &mut run_dir, es_state, data, Instant::now(), true).await;
         }
         if last_log.elapsed() >= Duration::from_secs(5) {
             tracing::info!(workers, wanted = options.workers, "waiting for workers");
@@ -841,17 +838,7 @@ async fn train(
             );
         }
     }
-    finish(
-        config,
-        env,
-        net,
-        &mut run_dir,
-        es_state,
-        data,
-        started,
-        interrupted,
-    )
-    .await
+    finish(env, net, &mut run_dir, es_state, data, started, interrupted).await
 }
 
 fn generation_report(t: u32, results: &[PairResult], update: UpdateStats) -> GenerationReport {
@@ -897,7 +884,6 @@ async fn evaluate_test(
 
 #[allow(clippy::too_many_arguments)]
 async fn finish(
-    config: &RunConfig,
     env: &Environment,
     net: &NetConfig,
     run_dir: &mut RunDir,
@@ -939,6 +925,5 @@ async fn finish(
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     run_dir.write_file("summary.json", json.as_bytes())?;
     tracing::info!(generations, test_accuracy = summary.test_accuracy, run_dir = %run_dir.path().display(), interrupted, "run finished");
-    let _ = config;
     Ok(summary)
 }
