@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use es_core::noise::NoiseSource;
 use es_core::train::{
-    Dataset, EsState, EvalPool, GenerationReport, PairResult, UpdateStats, apply_update,
-    golden_task,
+    Dataset, EsConfig, EsState, EvalPool, Evaluator, GenerationReport, PairResult, UpdateStats,
+    apply_update, evaluate_index, golden_task,
 };
 use es_data::mnist::Mnist;
 use es_kernel::{Evaluation, NetConfig};
@@ -28,28 +28,36 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::RunError;
+use crate::checkpoint::{Checkpoint, Checkpointer};
 use crate::config::RunConfig;
 use crate::embedded::{self, Environment, RunSummary};
 use crate::run_dir::RunDir;
-use crate::scheduler::{GenerationWork, Submitted, WorkerId};
+use crate::scheduler::{GenerationWork, Submitted, WorkerId, same_result};
 
 /// How the cluster waits for and watches its workers.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     /// Workers to wait for before the first generation; later ones join the run as they come.
     pub workers: usize,
-    /// A chunk not finished this long after it was handed out goes to another worker.
+    /// Slack over a chunk's expected evaluation time (measured on the previous generation)
+    /// before the chunk goes to another worker.
     pub lease: Duration,
+    /// The lease of chunks handed out before any generation has been timed.
+    pub first_lease: Duration,
     /// How often workers send a heartbeat; a stream silent for three intervals is dropped.
     pub heartbeat: Duration,
+    /// Rejected messages after which a worker is disconnected.
+    pub max_rejected: u32,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             workers: 1,
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(5),
+            first_lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(2),
+            max_rejected: 64,
         }
     }
 }
@@ -70,6 +78,8 @@ struct WorkerSlot {
     tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
     /// The θ the worker holds, as far as the coordinator knows.
     theta_digest: Option<Digest>,
+    /// Messages (or parts of them) refused so far.
+    rejected: u32,
 }
 
 #[derive(Default)]
@@ -79,10 +89,16 @@ struct State {
     joined: HashMap<WorkerId, (u32, String)>,
     workers: HashMap<WorkerId, WorkerSlot>,
     work: Option<GenerationWork>,
-    /// The current generation and its θ.
+    /// The current generation and its θ, encoded for the wire and as numbers (to settle
+    /// disputes).
     current: Option<(u32, Arc<EncodedTheta>)>,
+    current_theta: Option<Arc<Vec<f32>>>,
     chunk_size: u32,
-    faulty: HashSet<WorkerId>,
+    /// Seconds one thread takes per pair, measured on the last generation: the expected
+    /// time of a chunk, from which its lease follows.
+    pair_secs: Option<f64>,
+    /// Workers whose results disagreed with the coordinator's own evaluation.
+    quarantined: HashSet<WorkerId>,
     rejected_messages: u64,
     /// Set when training ends: `Some(true)` when the run completed, `Some(false)` when the
     /// coordinator stopped early (a worker that joins now should come back later).
@@ -112,6 +128,8 @@ struct Shared {
     batch_size: usize,
     options: ClusterOptions,
     state: Mutex<State>,
+    /// Evaluates a disputed index on the coordinator.
+    referee: Arc<Mutex<Referee>>,
     /// Signalled when a worker is proven or lost and when a generation completes.
     changed: Notify,
 }
@@ -124,9 +142,22 @@ impl Shared {
     }
 }
 
+/// How long `slot`'s worker may take over a chunk: the time its queue of `capacity` pairs
+/// takes at the measured speed, twice over, plus the configured slack.
+fn lease_for(options: &ClusterOptions, pair_secs: Option<f64>, slot: &WorkerSlot) -> Duration {
+    match pair_secs {
+        None => options.first_lease,
+        Some(secs) => {
+            let queue = f64::from(slot.capacity.max(1)) / f64::from(slot.threads.max(1));
+            options.lease + Duration::from_secs_f64((2.0 * secs * queue).min(3600.0))
+        }
+    }
+}
+
 /// Hands `worker` chunks of the current generation while it has credits.
-fn assign_to(state: &mut State, worker: WorkerId, lease: Duration) {
+fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
     let chunk_size = state.chunk_size.max(1);
+    let pair_secs = state.pair_secs;
     let State {
         work,
         workers,
@@ -136,6 +167,7 @@ fn assign_to(state: &mut State, worker: WorkerId, lease: Duration) {
     let (Some(work), Some(slot)) = (work.as_mut(), workers.get_mut(&worker)) else {
         return;
     };
+    let lease = lease_for(options, pair_secs, slot);
     let now = Instant::now();
     while slot.credits > 0 {
         // At most half the worker's capacity per chunk, so that it holds a second chunk while
@@ -156,11 +188,35 @@ fn assign_to(state: &mut State, worker: WorkerId, lease: Duration) {
     }
 }
 
-fn assign_all(state: &mut State, lease: Duration) {
+fn assign_all(state: &mut State, options: &ClusterOptions) {
     let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
     for id in ids {
-        assign_to(state, id, lease);
+        assign_to(state, id, options);
     }
+}
+
+/// Takes `worker` out of the run for computing other bits than the coordinator: it is told
+/// why and disconnected, and everything it delivered this generation is evaluated again.
+fn quarantine(state: &mut State, worker: WorkerId, reason: &str, options: &ClusterOptions) {
+    if !state.quarantined.insert(worker) {
+        return;
+    }
+    let name = match state.workers.remove(&worker) {
+        Some(slot) => {
+            let refusal = pb::Refusal::new(RefusalReason::GoldenMismatch, reason.to_string());
+            let _ = slot
+                .tx
+                .send(Ok(shutdown_message(Some(refusal), reason, false)));
+            slot.name
+        }
+        None => String::new(),
+    };
+    let returned = state
+        .work
+        .as_mut()
+        .map_or(0, |work| work.discard_worker(worker));
+    tracing::error!(worker_id = worker, %name, reason, returned, "worker quarantined");
+    assign_all(state, options);
 }
 
 /// Sends the current generation to `worker`: θ's bytes, or its digest alone if the worker
@@ -394,6 +450,7 @@ async fn serve_worker(
                 capacity: 0,
                 tx: tx.clone(),
                 theta_digest: cached,
+                rejected: 0,
             },
         );
         announce(&mut state, worker);
@@ -408,9 +465,33 @@ async fn serve_worker(
             Ok(Ok(None)) => break "stream closed".to_string(),
             Ok(Ok(Some(m))) => m,
         };
-        if let Err(e) = handle_message(&shared, worker, message) {
-            tracing::warn!(worker_id = worker, error = %e, "dropping a bad message");
-            shared.lock().rejected_messages += 1;
+        let handled = handle_message(&shared, worker, message);
+        if !handled.errors.is_empty() {
+            let mut state = shared.lock();
+            state.rejected_messages += handled.errors.len() as u64;
+            let rejected = state.workers.get_mut(&worker).map_or(0, |slot| {
+                slot.rejected = slot.rejected.saturating_add(handled.errors.len() as u32);
+                slot.rejected
+            });
+            drop(state);
+            for error in &handled.errors {
+                tracing::warn!(worker_id = worker, %error, "rejected a worker's message");
+            }
+            if rejected > shared.options.max_rejected {
+                let reason = format!(
+                    "sent {rejected} rejected messages: more than the {} allowed",
+                    shared.options.max_rejected
+                );
+                let refusal = pb::Refusal::new(RefusalReason::BadRequest, reason.clone());
+                let _ = tx.send(Ok(shutdown_message(Some(refusal), &reason, false)));
+                break reason;
+            }
+        }
+        for dispute in handled.disputes {
+            settle(&shared, dispute).await;
+        }
+        if shared.lock().quarantined.contains(&worker) {
+            break "quarantined".to_string();
         }
     };
     {
@@ -421,83 +502,139 @@ async fn serve_worker(
             .map(|s| s.name)
             .unwrap_or_default();
         let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker));
-        assign_all(&mut state, shared.options.lease);
+        assign_all(&mut state, &shared.options);
         tracing::info!(worker_id = worker, %name, reason = %end, released, workers = state.workers.len(), "worker left");
     }
     shared.changed.notify_waiters();
 }
 
-/// Applies one message of a proven worker; an error names what was wrong with it.
-fn handle_message(
-    shared: &Shared,
-    worker: WorkerId,
-    message: pb::WorkerMessage,
-) -> Result<(), String> {
+/// Two workers delivered different results for one index.
+#[derive(Clone, Copy, Debug)]
+struct Dispute {
+    generation: u32,
+    first: PairResult,
+    first_worker: Option<WorkerId>,
+    second: PairResult,
+    second_worker: WorkerId,
+}
+
+/// What one message led to: the parts that were refused (each naming what was wrong) and
+/// the disputes to settle.
+#[derive(Debug, Default)]
+struct Handled {
+    errors: Vec<String>,
+    disputes: Vec<Dispute>,
+}
+
+impl Handled {
+    fn error(message: String) -> Handled {
+        Handled {
+            errors: vec![message],
+            disputes: Vec::new(),
+        }
+    }
+}
+
+/// Applies one message of a proven worker. Each result of a `Results` message is judged on
+/// its own: a bad one is refused without losing the good ones beside it.
+fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage) -> Handled {
     use pb::worker_message::Kind;
-    let lease = shared.options.lease;
-    shared.lock().bytes_received += prost::Message::encoded_len(&message) as u64;
+    let mut state = shared.lock();
+    state.bytes_received += prost::Message::encoded_len(&message) as u64;
+    if !state.workers.contains_key(&worker) {
+        return Handled::error(format!(
+            "worker {worker} is not in the run (quarantined or disconnected)"
+        ));
+    }
     match message.kind {
         Some(Kind::Ready(ready)) => {
-            let mut state = shared.lock();
             // Grants still in flight for an older generation are ignored.
             if state.current.as_ref().map(|(t, _)| *t) != Some(ready.generation) {
-                return Ok(());
+                return Handled::default();
             }
             if let Some(slot) = state.workers.get_mut(&worker) {
                 slot.credits = slot.credits.saturating_add(ready.credits).min(1 << 20);
                 slot.capacity = slot.capacity.max(ready.credits.min(1 << 20));
             }
-            assign_to(&mut state, worker, lease);
-            Ok(())
+            assign_to(&mut state, worker, &shared.options);
+            Handled::default()
         }
         Some(Kind::Results(results)) => {
+            let mut handled = Handled::default();
             let mut complete = false;
-            let mut state = shared.lock();
-            for pair in &results.pairs {
-                let result = pair.to_core(shared.batch_size).map_err(|e| e.to_string())?;
-                let Some(work) = state.work.as_mut() else {
-                    return Err(format!(
-                        "results for generation {} arrived between generations",
-                        results.generation
+            let Some(work) = state.work.as_mut() else {
+                // Between generations: late results of the finished one.
+                return handled;
+            };
+            if results.generation != work.generation() {
+                // Late results of a finished generation are normal after a reassignment;
+                // a future generation is not.
+                if results.generation > work.generation() {
+                    handled.errors.push(format!(
+                        "results for generation {}: the current generation is {}",
+                        results.generation,
+                        work.generation()
                     ));
+                } else {
+                    tracing::debug!(
+                        worker_id = worker,
+                        generation = results.generation,
+                        current = work.generation(),
+                        "dropping stale results"
+                    );
+                }
+                return handled;
+            }
+            for pair in &results.pairs {
+                let result = match pair.to_core(shared.batch_size) {
+                    Ok(result) => result,
+                    Err(e) => {
+                        handled.errors.push(format!("malformed result: {e}"));
+                        continue;
+                    }
                 };
                 match work.submit(worker, results.generation, result) {
                     Submitted::Accepted { complete: c } => complete |= c,
                     Submitted::Duplicate => {}
+                    Submitted::Conflict { first } => handled.disputes.push(Dispute {
+                        generation: results.generation,
+                        first,
+                        first_worker: work.delivered_by(result.index),
+                        second: result,
+                        second_worker: worker,
+                    }),
                     Submitted::WrongGeneration { current } => {
-                        // Late results of a finished generation are normal after a reassignment.
-                        tracing::debug!(
-                            worker_id = worker,
-                            generation = results.generation,
-                            current,
-                            "dropping stale results"
-                        );
-                        return Ok(());
-                    }
-                    Submitted::Conflict { first } => {
-                        let other = work.delivered_by(result.index);
-                        state.faulty.insert(worker);
-                        return Err(format!(
-                            "fitness of index {} differs from the one worker {other:?} delivered ({:?} vs {:?}): marked faulty",
-                            result.index, result.plus.fitness, first.plus.fitness
+                        handled.errors.push(format!(
+                            "result for generation {}: the current generation is {current}",
+                            results.generation
                         ));
                     }
-                    other => {
-                        return Err(format!(
-                            "result for index {} rejected: {other:?}",
-                            result.index
-                        ));
-                    }
+                    Submitted::OutOfRange { population } => handled.errors.push(format!(
+                        "result for index {}: expected an index below the population {population}",
+                        result.index
+                    )),
+                    Submitted::Late => tracing::debug!(
+                        worker_id = worker,
+                        index = result.index,
+                        "dropping a late result"
+                    ),
+                    Submitted::NotAssigned => handled.errors.push(format!(
+                        "result for index {}, which was not assigned to worker {worker}",
+                        result.index
+                    )),
+                    Submitted::NotFinite => handled.errors.push(format!(
+                        "result for index {} has fitness {} / {}: expected finite numbers or -inf",
+                        result.index, result.plus.fitness, result.minus.fitness
+                    )),
                 }
             }
             drop(state);
             if complete {
                 shared.changed.notify_waiters();
             }
-            Ok(())
+            handled
         }
         Some(Kind::ThetaRequest(request)) => {
-            let mut state = shared.lock();
             if let Some(slot) = state.workers.get_mut(&worker) {
                 slot.theta_digest = None;
             }
@@ -507,11 +644,124 @@ fn handle_message(
                 "worker asked for theta"
             );
             announce(&mut state, worker);
-            Ok(())
+            Handled::default()
         }
-        Some(Kind::Heartbeat(_)) => Ok(()),
-        Some(Kind::Prove(_)) => Err("prove after the stream was proven".into()),
-        None => Err("message with no kind".into()),
+        Some(Kind::Heartbeat(_)) => Handled::default(),
+        Some(Kind::Prove(_)) => Handled::error("prove after the stream was proven".into()),
+        None => Handled::error("message with no kind".into()),
+    }
+}
+
+/// The coordinator's own evaluator, which settles disputes between workers.
+struct Referee {
+    evaluator: Evaluator,
+    es: Arc<EsConfig>,
+    run_seed: u64,
+    noise: Arc<NoiseSource>,
+    data: Arc<Mnist>,
+}
+
+impl Referee {
+    fn evaluate(
+        &mut self,
+        theta: &[f32],
+        generation: u32,
+        index: u32,
+    ) -> Result<PairResult, es_core::train::TrainError> {
+        let train = Dataset {
+            images: &self.data.train.images,
+            labels: &self.data.train.labels,
+        };
+        evaluate_index(
+            &mut self.evaluator,
+            &self.es,
+            self.run_seed,
+            &self.noise,
+            train,
+            theta,
+            generation,
+            index,
+        )
+    }
+}
+
+/// Settles a dispute by evaluating the index on the coordinator: the stored result becomes the
+/// coordinator's, and every worker that delivered something else is quarantined.
+async fn settle(shared: &Arc<Shared>, dispute: Dispute) {
+    let index = dispute.second.index;
+    let theta = {
+        let state = shared.lock();
+        match (&state.current, &state.current_theta) {
+            (Some((t, _)), Some(theta)) if *t == dispute.generation => Arc::clone(theta),
+            _ => return, // The generation ended meanwhile.
+        }
+    };
+    let referee = Arc::clone(&shared.referee);
+    let truth = tokio::task::spawn_blocking(move || {
+        referee
+            .lock()
+            .expect("the referee does not panic")
+            .evaluate(&theta, dispute.generation, index)
+    })
+    .await
+    .expect("the referee does not panic");
+    let truth = match truth {
+        Ok(truth) => truth,
+        Err(e) => {
+            tracing::error!(index, error = %e, "could not settle a dispute");
+            return;
+        }
+    };
+    let mut state = shared.lock();
+    if state.work.as_ref().map(|w| w.generation()) != Some(dispute.generation) {
+        return;
+    }
+    let first_wrong = !same_result(&dispute.first, &truth);
+    let second_wrong = !same_result(&dispute.second, &truth);
+    tracing::warn!(
+        generation = dispute.generation,
+        index,
+        first_worker = dispute.first_worker,
+        second_worker = dispute.second_worker,
+        first_fitness = dispute.first.plus.fitness,
+        second_fitness = dispute.second.plus.fitness,
+        coordinator_fitness = truth.plus.fitness,
+        "two workers disagreed on an index: settled by the coordinator's own evaluation"
+    );
+    if first_wrong {
+        state.work.as_mut().expect("checked above").settle(truth);
+    }
+    let reason = |worker: WorkerId, theirs: &PairResult| {
+        format!(
+            "worker {worker}'s fitness of index {index} in generation {} is {:?}/{:?}: the coordinator computes {:?}/{:?}; its arithmetic differs",
+            dispute.generation,
+            theirs.plus.fitness,
+            theirs.minus.fitness,
+            truth.plus.fitness,
+            truth.minus.fitness
+        )
+    };
+    if let (true, Some(worker)) = (first_wrong, dispute.first_worker) {
+        quarantine(
+            &mut state,
+            worker,
+            &reason(worker, &dispute.first),
+            &shared.options,
+        );
+    }
+    if second_wrong {
+        let worker = dispute.second_worker;
+        quarantine(
+            &mut state,
+            worker,
+            &reason(worker, &dispute.second),
+            &shared.options,
+        );
+    }
+    let complete = state.work.as_ref().is_some_and(|w| w.is_complete());
+    drop(state);
+    if complete {
+        shared.changed.notify_waiters();
     }
 }
 
@@ -528,6 +778,20 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> Result<RunSummary, RunError> {
+    run_from(config, env, options, listener, shutdown, None).await
+}
+
+/// Like [`run`], continuing from `resume` when given (under the checkpoint's run id, so its
+/// workers rejoin). `config` must be the checkpoint's, operational settings aside. Writes a
+/// checkpoint every `config.checkpoint_every` generations and when `shutdown` ends the run.
+pub async fn run_from(
+    config: RunConfig,
+    env: Environment,
+    options: ClusterOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+    resume: Option<Checkpoint>,
+) -> Result<RunSummary, RunError> {
     let net = config.net()?;
     let es = config.es()?;
     let data = {
@@ -543,6 +807,7 @@ pub async fn run(
             .await
             .expect("noise set-up does not panic")?
     };
+    let begun = embedded::begin(&config, &env, &net, &es, &data, resume)?;
     let spec = es_proto::RunSpec {
         run_seed: config.seed,
         net: net.clone(),
@@ -578,13 +843,16 @@ pub async fn run(
         .expect("the golden task does not panic")?
     };
     let [center, plus, minus] = golden.map(|g| GoldenEval::new(&g.evaluation, &g.logits));
-    let run_id = format!(
-        "{}-{:x}",
-        config.seed,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
+    let run_id = begun.run_id.clone();
+    let noise = Arc::new(noise);
+    let es = Arc::new(es);
+    let referee = Referee {
+        evaluator: Evaluator::new(net.clone(), env.kernel)?,
+        es: Arc::clone(&es),
+        run_seed: config.seed,
+        noise: Arc::clone(&noise),
+        data: Arc::clone(&data),
+    };
     let shared = Arc::new(Shared {
         run_id: run_id.clone(),
         spec: (&spec).into(),
@@ -597,6 +865,7 @@ pub async fn run(
         batch_size: es.batch_size,
         options: options.clone(),
         state: Mutex::new(State::default()),
+        referee: Arc::new(Mutex::new(referee)),
         changed: Notify::new(),
     });
 
@@ -637,7 +906,7 @@ pub async fn run(
         });
     }
     let result = train(
-        &config, &env, &options, &shared, &net, es, noise, &data, &stop,
+        &config, &env, &options, &shared, &net, es, noise, &data, &stop, begun,
     )
     .await;
 
@@ -645,11 +914,11 @@ pub async fn run(
         let mut state = shared.lock();
         let finished = result.as_ref().is_ok_and(|s| !s.interrupted);
         state.finished = Some(finished);
-        if !state.faulty.is_empty() || state.rejected_messages > 0 {
-            let mut faulty: Vec<WorkerId> = state.faulty.iter().copied().collect();
-            faulty.sort_unstable();
+        if !state.quarantined.is_empty() || state.rejected_messages > 0 {
+            let mut quarantined: Vec<WorkerId> = state.quarantined.iter().copied().collect();
+            quarantined.sort_unstable();
             tracing::warn!(
-                ?faulty,
+                ?quarantined,
                 rejected_messages = state.rejected_messages,
                 "workers sent results that were refused"
             );
@@ -678,17 +947,20 @@ async fn train(
     options: &ClusterOptions,
     shared: &Arc<Shared>,
     net: &NetConfig,
-    es: es_core::train::EsConfig,
-    noise: NoiseSource,
+    es: Arc<EsConfig>,
+    noise: Arc<NoiseSource>,
     data: &Arc<Mnist>,
     stop: &AtomicBool,
+    begun: embedded::Begun,
 ) -> Result<RunSummary, RunError> {
-    let mut run_dir = RunDir::create(&env.run_dir)?;
-    run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
-    let mut es_state = EsState::new(net, &es, config.seed);
+    let embedded::Begun {
+        state: mut es_state,
+        mut run_dir,
+        checkpointer,
+        ..
+    } = begun;
     let population = es.population as u32;
-    let es = Arc::new(es);
-    let noise = Arc::new(noise);
+    let checkpointer = Arc::new(checkpointer);
 
     // Wait for the workers.
     let mut last_log = Instant::now();
@@ -699,7 +971,17 @@ async fn train(
             break;
         }
         if stop.load(Ordering::SeqCst) {
-            return finish(env, net, &mut run_dir, es_state, data, Instant::now(), true).await;
+            return finish(
+                env,
+                net,
+                &mut run_dir,
+                es_state,
+                data,
+                Instant::now(),
+                true,
+                &checkpointer,
+            )
+            .await;
         }
         if last_log.elapsed() >= Duration::from_secs(5) {
             tracing::info!(workers, wanted = options.workers, "waiting for workers");
@@ -739,10 +1021,11 @@ async fn train(
             state.chunk_size = (population / (4 * threads)).max(1);
             state.work = Some(GenerationWork::new(t, population, state.chunk_size));
             state.current = Some((t, theta));
+            state.current_theta = Some(Arc::new(es_state.theta.clone()));
             let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
             for id in ids {
                 announce(&mut state, id);
-                assign_to(&mut state, id, options.lease);
+                assign_to(&mut state, id, options);
             }
         }
         // Wait for every index, re-leasing expired chunks as we go.
@@ -755,6 +1038,14 @@ async fn train(
                     let work = state.work.take().expect("checked above");
                     let reassigned = work.reassigned();
                     let workers = state.workers.len();
+                    // The pace of this generation sets the next one's leases.
+                    let threads: u32 = state.workers.values().map(|w| w.threads).sum();
+                    let pair_secs = gen_started.elapsed().as_secs_f64() * f64::from(threads.max(1))
+                        / f64::from(population.max(1));
+                    state.pair_secs = Some(match state.pair_secs {
+                        Some(previous) => 0.5 * (previous + pair_secs),
+                        None => pair_secs,
+                    });
                     let wire = (
                         std::mem::take(&mut state.bytes_sent),
                         std::mem::take(&mut state.bytes_received),
@@ -773,7 +1064,7 @@ async fn train(
                         returned,
                         "leases expired: handing their indices to others"
                     );
-                    assign_all(&mut state, options.lease);
+                    assign_all(&mut state, options);
                 }
             }
             if stop.load(Ordering::SeqCst) {
@@ -791,9 +1082,17 @@ async fn train(
             let net = net.clone();
             let seed = config.seed;
             let threads = env.threads;
+            let checkpointer = Arc::clone(&checkpointer);
             let pairs: Vec<_> = results.iter().map(PairResult::fitness).collect();
             tokio::task::spawn_blocking(move || {
-                let update = apply_update(&mut es_state, &net, &es, &noise, seed, &pairs, threads);
+                let update = apply_update(&mut es_state, &net, &es, &noise, seed, &pairs, threads)
+                    .map_err(RunError::from)
+                    .and_then(|update| {
+                        if checkpointer.due(es_state.generation) {
+                            checkpointer.save(&es_state)?;
+                        }
+                        Ok(update)
+                    });
                 (es_state, update)
             })
             .await
@@ -818,6 +1117,7 @@ async fn train(
         line.evals_per_sec = report.evaluations as f64 / eval_secs.max(1e-9);
         line.wire_bytes_sent = Some(wire.0);
         line.wire_bytes_received = Some(wire.1);
+        line.reassigned = Some(reassigned);
         run_dir.append_metrics(&line)?;
         if reassigned > 0 {
             tracing::info!(
@@ -838,7 +1138,17 @@ async fn train(
             );
         }
     }
-    finish(env, net, &mut run_dir, es_state, data, started, interrupted).await
+    finish(
+        env,
+        net,
+        &mut run_dir,
+        es_state,
+        data,
+        started,
+        interrupted,
+        &checkpointer,
+    )
+    .await
 }
 
 fn generation_report(t: u32, results: &[PairResult], update: UpdateStats) -> GenerationReport {
@@ -891,7 +1201,14 @@ async fn finish(
     data: &Arc<Mnist>,
     started: Instant,
     interrupted: bool,
+    checkpointer: &Checkpointer,
 ) -> Result<RunSummary, RunError> {
+    if interrupted && checkpointer.enabled() {
+        let (checkpointer, state) = (checkpointer.clone(), es_state.clone());
+        tokio::task::spawn_blocking(move || checkpointer.save(&state))
+            .await
+            .expect("saving a checkpoint does not panic")?;
+    }
     run_dir.write_theta("theta.f32", &es_state.theta)?;
     let (net, env, data) = (net.clone(), env.clone(), Arc::clone(data));
     let generations = es_state.generation;

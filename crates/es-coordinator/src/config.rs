@@ -55,6 +55,9 @@ pub struct RunConfig {
     /// Evaluate test accuracy on the full test set every K generations (and at the end);
     /// 0 only at the end.
     pub eval_every: u32,
+    /// Write a checkpoint every K generations (and when stopped by a signal); 0 never.
+    /// Operational only: it does not change θ, so a resumed run may set it anew.
+    pub checkpoint_every: u32,
 }
 
 impl Default for RunConfig {
@@ -84,6 +87,8 @@ impl Default for RunConfig {
             noise_seed: 123,
             noise_table_len: es_core::noise::DEFAULT_TABLE_LEN,
             eval_every: 100,
+            // 8 MB per checkpoint (θ and Adam's moments): every ~30 s of the default run.
+            checkpoint_every: 50,
         }
     }
 }
@@ -121,6 +126,24 @@ impl RunConfig {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// Whether `other` is the same run: equal in everything but the operational settings a
+    /// resumed run may change (time limit, test and checkpoint intervals), which never
+    /// change θ.
+    pub fn same_run_as(&self, other: &RunConfig) -> bool {
+        let operational = |c: &RunConfig| RunConfig {
+            time_limit_secs: 0.0,
+            eval_every: 0,
+            checkpoint_every: 0,
+            ..c.clone()
+        };
+        operational(self) == operational(other)
+    }
+
+    /// Parses a config from TOML text (e.g. the one a checkpoint carries).
+    pub fn from_toml(text: &str) -> Result<RunConfig, toml::de::Error> {
+        toml::from_str(text)
     }
 
     pub fn to_toml(&self) -> String {

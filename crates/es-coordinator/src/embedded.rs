@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use es_core::noise::NoiseSource;
-use es_core::train::{Dataset, GenerationReport, Trainer};
+use es_core::train::{Dataset, EsConfig, EsState, GenerationReport, Trainer};
 use es_data::mnist::{self, DownloadEvent, Mnist};
 use es_data::noise_file::{Check, NoiseFile, Outcome};
 use es_kernel::{Arithmetic, Evaluation, Kernel, NetConfig};
 use serde::Serialize;
 
 use crate::RunError;
+use crate::checkpoint::{Checkpoint, Checkpointer};
 use crate::config::{NoiseKind, RunConfig};
 use crate::run_dir::{MetricsLine, RunDir};
 
@@ -102,10 +103,100 @@ fn test_metrics(e: &Evaluation) -> (f64, f64) {
     (e.accuracy(), -e.fitness)
 }
 
+/// A fresh id for a run: its seed and the start time, so that workers can tell two runs of
+/// the same seed apart.
+pub fn new_run_id(seed: u64) -> String {
+    format!(
+        "{seed}-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )
+}
+
+/// Where a run stands when its loop begins: its id, the optimizer state, the open run
+/// directory and its checkpointer.
+pub(crate) struct Begun {
+    pub run_id: String,
+    pub state: EsState,
+    pub run_dir: RunDir,
+    pub checkpointer: Checkpointer,
+}
+
+/// Starts `config` afresh, or continues `resume` after checking that it is the same run on the
+/// same data.
+pub(crate) fn begin(
+    config: &RunConfig,
+    env: &Environment,
+    net: &NetConfig,
+    es: &EsConfig,
+    data: &Mnist,
+    resume: Option<Checkpoint>,
+) -> Result<Begun, RunError> {
+    let (run_id, state, run_dir) = match resume {
+        None => {
+            let run_dir = RunDir::create(&env.run_dir)?;
+            run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
+            (
+                new_run_id(config.seed),
+                EsState::new(net, es, config.seed),
+                run_dir,
+            )
+        }
+        Some(checkpoint) => {
+            if checkpoint.data_digest != data.digest {
+                return Err(RunError::ResumeData {
+                    path: env.run_dir.clone(),
+                    expected: hex(&checkpoint.data_digest),
+                    found: data.digest_hex(),
+                });
+            }
+            if !config.same_run_as(&checkpoint.config) {
+                return Err(RunError::ResumeConfig {
+                    path: env.run_dir.clone(),
+                });
+            }
+            let generation = checkpoint.state.generation;
+            let (run_dir, dropped) = RunDir::resume(&env.run_dir, generation)?;
+            run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
+            tracing::info!(
+                run_id = checkpoint.run_id,
+                generation,
+                dropped_metrics_lines = dropped,
+                "resuming from a checkpoint"
+            );
+            (checkpoint.run_id, checkpoint.state, run_dir)
+        }
+    };
+    let checkpointer = Checkpointer::new(&env.run_dir, &run_id, config, data.digest);
+    Ok(Begun {
+        run_id,
+        state,
+        run_dir,
+        checkpointer,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Trains on this machine until the config's generations or time limit, or `stop`.
 pub fn run(
     config: &RunConfig,
     env: &Environment,
+    stop: &AtomicBool,
+) -> Result<RunSummary, RunError> {
+    run_from(config, env, None, stop)
+}
+
+/// Like [`run`], continuing from `resume` when given; `config` must be the checkpoint's
+/// (operational settings aside, see [`RunConfig::same_run_as`]). Writes a checkpoint every
+/// `config.checkpoint_every` generations and when `stop` ends the run early.
+pub fn run_from(
+    config: &RunConfig,
+    env: &Environment,
+    resume: Option<Checkpoint>,
     stop: &AtomicBool,
 ) -> Result<RunSummary, RunError> {
     let net = config.net()?;
@@ -113,8 +204,12 @@ pub fn run(
     let data = load_data(env)?;
     tracing::info!(digest = %data.digest_hex(), "mnist loaded");
     let noise = open_noise(config, env)?;
-    let mut run_dir = RunDir::create(&env.run_dir)?;
-    run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
+    let Begun {
+        state,
+        mut run_dir,
+        checkpointer,
+        ..
+    } = begin(config, env, &net, &es, &data, resume)?;
     let train = Dataset {
         images: &data.train.images,
         labels: &data.train.labels,
@@ -124,7 +219,15 @@ pub fn run(
         labels: &data.test.labels,
     };
 
-    let mut trainer = Trainer::new(net.clone(), es, config.seed, noise, env.kernel, env.threads)?;
+    let mut trainer = Trainer::resume(
+        net.clone(),
+        es,
+        config.seed,
+        noise,
+        env.kernel,
+        env.threads,
+        state,
+    )?;
     tracing::info!(
         mode = %net.arithmetic,
         kernel = %env.kernel,
@@ -170,6 +273,9 @@ pub fn run(
         }
         let line = metrics_line(&report, started, gen_secs, env.threads, test_eval);
         run_dir.append_metrics(&line)?;
+        if checkpointer.due(done) {
+            checkpointer.save(trainer.state())?;
+        }
         if evaluate || last_log.elapsed().as_secs_f64() >= 5.0 {
             last_log = Instant::now();
             tracing::info!(
@@ -182,6 +288,9 @@ pub fn run(
                 "generation"
             );
         }
+    }
+    if interrupted && checkpointer.enabled() {
+        checkpointer.save(trainer.state())?;
     }
     let theta = trainer.state().theta.clone();
     run_dir.write_theta("theta.f32", &theta)?;
@@ -248,5 +357,6 @@ pub(crate) fn metrics_line(
         test_loss: test.map(|e| -e.fitness),
         wire_bytes_sent: None,
         wire_bytes_received: None,
+        reassigned: None,
     }
 }

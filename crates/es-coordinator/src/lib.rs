@@ -2,6 +2,7 @@
 //! training: in the embedded single-machine mode (in-process evaluators on all cores) or as
 //! the gRPC coordinator of a cluster of stateless workers.
 //!
+//! - [`checkpoint`]: θ, Adam and the run's identity in one digest-sealed file; `--resume`.
 //! - [`cluster`]: the gRPC coordinator serving remote workers.
 //! - [`config`]: the run's configuration (defaults, TOML file, CLI overrides).
 //! - [`embedded`]: the training loop on this machine, writing the run directory.
@@ -10,6 +11,7 @@
 
 use std::path::PathBuf;
 
+pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod embedded;
@@ -27,6 +29,20 @@ pub enum RunError {
     Train(#[from] es_core::train::TrainError),
     #[error(transparent)]
     Data(#[from] es_data::mnist::MnistError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(
+        "checkpoint {path} was written for MNIST files with digest {expected}: the files in the data directory have digest {found}"
+    )]
+    ResumeData {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "the run to resume in {path} has other settings than its checkpoint: only the time limit, eval_every and checkpoint_every may change on --resume"
+    )]
+    ResumeConfig { path: PathBuf },
     #[error(transparent)]
     NoiseFile(#[from] es_data::noise_file::NoiseFileError),
     #[error("i/o error on {path}: {source}")]

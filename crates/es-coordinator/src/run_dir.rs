@@ -36,6 +36,10 @@ pub struct MetricsLine {
     /// Protobuf payload bytes received from workers this generation (cluster only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wire_bytes_received: Option<u64>,
+    /// Evaluations handed out a second time this generation after a worker was lost or late
+    /// (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reassigned: Option<u32>,
 }
 
 /// Writes into one run directory.
@@ -68,18 +72,50 @@ impl RunDir {
         })
     }
 
+    /// Opens the directory of a run resumed at `generation`: lines of `metrics.jsonl` for
+    /// generations at or past it (written after the checkpoint, before a crash) are dropped,
+    /// since the resumed run writes them again. Lines that do not parse are dropped too (a
+    /// crash can cut the last one short). Returns the directory and the lines dropped.
+    pub fn resume(path: &Path, generation: u32) -> Result<(RunDir, usize), RunError> {
+        fs::create_dir_all(path).map_err(io_error(path))?;
+        let metrics_path = path.join("metrics.jsonl");
+        let text = match fs::read_to_string(&metrics_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(RunError::Io {
+                    path: metrics_path,
+                    source,
+                });
+            }
+        };
+        let mut kept = String::new();
+        let mut dropped = 0;
+        for line in text.lines() {
+            let before = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
+                .is_some_and(|g| g < u64::from(generation));
+            if before {
+                kept.push_str(line);
+                kept.push('\n');
+            } else {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            write_atomic(path, "metrics.jsonl", kept.as_bytes())?;
+        }
+        RunDir::create(path).map(|run| (run, dropped))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// Writes `name` atomically: a temporary file, fsync, rename.
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), RunError> {
-        let target = self.path.join(name);
-        let tmp = self.path.join(format!(".{name}.tmp"));
-        let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
-        file.write_all(bytes).map_err(io_error(&tmp))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        fs::rename(&tmp, &target).map_err(io_error(&target))
+        write_atomic(&self.path, name, bytes)
     }
 
     /// Appends one line to `metrics.jsonl` and flushes it, so a crash loses at most the line
@@ -96,6 +132,16 @@ impl RunDir {
         let bytes: Vec<u8> = theta.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.write_file(name, &bytes)
     }
+}
+
+/// Writes `dir/name` atomically: a temporary file, fsync, rename.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RunError> {
+    let target = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
+    file.write_all(bytes).map_err(io_error(&tmp))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    fs::rename(&tmp, &target).map_err(io_error(&target))
 }
 
 /// Reads a θ file written by [`RunDir::write_theta`], checking its length.
@@ -151,6 +197,7 @@ mod tests {
             test_loss: None,
             wire_bytes_sent: None,
             wire_bytes_received: None,
+            reassigned: None,
         };
         run.append_metrics(&line).unwrap();
         run.append_metrics(&MetricsLine {
@@ -163,6 +210,35 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(!lines[0].contains("test_accuracy") && lines[1].contains("\"test_accuracy\":0.9"));
+        for generation in 2..5 {
+            run.append_metrics(&MetricsLine { generation, ..line })
+                .unwrap();
+        }
+        drop(run);
+        // A crash cut the last line short.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(dir.join("metrics.jsonl"))
+            .unwrap();
+        write!(file, "{{\"generation\":5,\"wall").unwrap();
+        drop(file);
+        let (mut run, dropped) = RunDir::resume(&dir, 3).unwrap();
+        assert_eq!(dropped, 3, "generations 3, 4 and the cut line");
+        run.append_metrics(&MetricsLine {
+            generation: 3,
+            ..line
+        })
+        .unwrap();
+        let text = fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let generations: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["generation"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(generations, [0, 1, 2, 3]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

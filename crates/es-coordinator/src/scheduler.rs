@@ -48,8 +48,11 @@ pub enum Submitted {
     OutOfRange { population: u32 },
     /// The index was never leased to this worker (and is not done).
     NotAssigned,
-    /// A fitness is NaN.
-    NotANumber,
+    /// The worker's lease on the index ended before it delivered: dropped.
+    Late,
+    /// A fitness is NaN or +∞ (fitness is minus a loss: −∞ is a diverged network, +∞ is
+    /// impossible).
+    NotFinite,
 }
 
 /// The work of one generation.
@@ -64,7 +67,7 @@ pub struct GenerationWork {
     /// Which worker delivered each index first (for conflict reports).
     delivered_by: HashMap<u32, WorkerId>,
     /// Chunks whose lease ended before they were done, per worker: their late results are
-    /// still accepted (first result wins) or cross-checked.
+    /// dropped, after a cross-check against the result that is in.
     past_leases: HashMap<WorkerId, Vec<Chunk>>,
     received: u32,
     /// Evaluations that were handed out a second time after a lease ended.
@@ -142,8 +145,9 @@ impl GenerationWork {
                 population: self.population,
             };
         }
-        if result.plus.fitness.is_nan() || result.minus.fitness.is_nan() {
-            return Submitted::NotANumber;
+        let impossible = |f: f64| f.is_nan() || f == f64::INFINITY;
+        if impossible(result.plus.fitness) || impossible(result.minus.fitness) {
+            return Submitted::NotFinite;
         }
         let slot = result.index as usize;
         if let Some(first) = self.results[slot] {
@@ -153,14 +157,18 @@ impl GenerationWork {
                 Submitted::Conflict { first }
             };
         }
-        // Accept results only for indices leased to this worker, now or before (a lease that
-        // expired and was handed to another worker still counts: the first result wins).
-        let leased_to_worker = self
+        // New results come only from the current lease holder. A worker whose lease ended
+        // (it stalled or lost its stream) is late: its results are dropped (DESIGN.md §3),
+        // after the cross-check above if the index is done.
+        let holds_lease = self
             .lease_of(result.index)
-            .is_some_and(|l| l.worker == worker)
-            || self.was_leased_to(worker, result.index);
-        if !leased_to_worker {
-            return Submitted::NotAssigned;
+            .is_some_and(|l| l.worker == worker);
+        if !holds_lease {
+            return if self.was_leased_to(worker, result.index) {
+                Submitted::Late
+            } else {
+                Submitted::NotAssigned
+            };
         }
         self.results[slot] = Some(result);
         self.delivered_by.insert(result.index, worker);
@@ -185,7 +193,7 @@ impl GenerationWork {
     }
 
     /// Leases that ended (expired or released) are remembered per worker so that their late
-    /// results can still be accepted or cross-checked.
+    /// results can be told from unassigned ones, and cross-checked.
     fn was_leased_to(&self, worker: WorkerId, index: u32) -> bool {
         self.past_leases
             .get(&worker)
@@ -273,6 +281,49 @@ impl GenerationWork {
         returned
     }
 
+    /// Replaces the stored result of `truth.index` by `truth`: the coordinator's own evaluation
+    /// settled a dispute against the worker that delivered it first. Returns whether the
+    /// stored result changed.
+    pub fn settle(&mut self, truth: PairResult) -> bool {
+        let Some(slot) = self.results.get_mut(truth.index as usize) else {
+            return false;
+        };
+        let changed = !slot.is_some_and(|stored| same_result(&stored, &truth));
+        if slot.is_none() {
+            self.received += 1;
+        }
+        *slot = Some(truth);
+        self.delivered_by.remove(&truth.index);
+        changed
+    }
+
+    /// Forgets everything `worker` did this generation (it was quarantined): its leases end,
+    /// the results it delivered are dropped, and all of those indices wait again. Returns how
+    /// many indices went back.
+    pub fn discard_worker(&mut self, worker: WorkerId) -> u32 {
+        let mut returned = self.release_worker(worker);
+        self.past_leases.remove(&worker);
+        let mut delivered: Vec<u32> = self
+            .delivered_by
+            .iter()
+            .filter(|&(_, &w)| w == worker)
+            .map(|(&i, _)| i)
+            .collect();
+        delivered.sort_unstable();
+        for &index in delivered.iter().rev() {
+            self.delivered_by.remove(&index);
+            self.results[index as usize] = None;
+            self.received -= 1;
+            self.waiting.push_front(Chunk {
+                first: index,
+                count: 1,
+            });
+        }
+        returned += delivered.len() as u32;
+        self.reassigned += delivered.len() as u32;
+        returned
+    }
+
     pub fn is_complete(&self) -> bool {
         self.received == self.population
     }
@@ -301,7 +352,8 @@ impl GenerationWork {
 }
 
 /// Two results for one index agree when their fitnesses have the same bits.
-fn same_result(a: &PairResult, b: &PairResult) -> bool {
+/// Whether two results of one index agree bit for bit (fitness) and in counts.
+pub fn same_result(a: &PairResult, b: &PairResult) -> bool {
     a.plus.fitness.to_bits() == b.plus.fitness.to_bits()
         && a.minus.fitness.to_bits() == b.minus.fitness.to_bits()
         && a.plus.correct == b.plus.correct
@@ -376,11 +428,26 @@ mod tests {
         );
         assert_eq!(work.submit(1, 7, result(2, 1.0)), Submitted::NotAssigned);
         assert_eq!(work.submit(2, 7, result(0, 1.0)), Submitted::NotAssigned);
+        assert_eq!(work.submit(1, 7, result(0, f64::NAN)), Submitted::NotFinite);
         assert_eq!(
-            work.submit(1, 7, result(0, f64::NAN)),
-            Submitted::NotANumber
+            work.submit(1, 7, result(0, f64::INFINITY)),
+            Submitted::NotFinite
         );
-        assert_eq!(work.received(), 0);
+        assert!(
+            matches!(
+                work.submit(
+                    1,
+                    7,
+                    PairResult {
+                        plus: result(1, f64::NEG_INFINITY).plus,
+                        ..result(1, -1.0)
+                    }
+                ),
+                Submitted::Accepted { .. }
+            ),
+            "−∞ is the fitness of a diverged network, a legitimate result"
+        );
+        assert_eq!(work.received(), 1);
         assert_eq!(
             work.submit(1, 7, result(0, 1.0)),
             Submitted::Accepted { complete: false }
@@ -392,7 +459,7 @@ mod tests {
                 first: result(0, 1.0)
             }
         );
-        assert_eq!(work.received(), 1);
+        assert_eq!(work.received(), 2);
     }
 
     #[test]
@@ -431,6 +498,39 @@ mod tests {
     }
 
     #[test]
+    fn a_quarantined_worker_loses_its_results_and_a_settled_dispute_keeps_the_truth() {
+        let now = Instant::now();
+        let lease = Duration::from_secs(10);
+        let mut work = GenerationWork::new(3, 6, 3);
+        let a = work.assign(1, 3, now, lease).unwrap();
+        let b = work.assign(2, 3, now, lease).unwrap();
+        for i in a.indices() {
+            assert!(matches!(
+                work.submit(1, 3, result(i, -1.0)),
+                Submitted::Accepted { .. }
+            ));
+        }
+        work.submit(2, 3, result(b.first, -2.0));
+        // Worker 2 is found lying: its delivered index and its unfinished ones wait again.
+        assert_eq!(work.discard_worker(2), 3);
+        assert_eq!(work.received(), 3);
+        assert_eq!(
+            work.submit(2, 3, result(b.first + 1, -2.0)),
+            Submitted::NotAssigned,
+            "nothing of a quarantined worker is accepted"
+        );
+        let again = work.assign(1, 3, now, lease).unwrap();
+        assert_eq!(again, Chunk { first: 3, count: 1 });
+        // The coordinator settles index 0 against worker 1.
+        assert!(work.settle(result(0, -0.5)));
+        assert!(
+            !work.settle(result(0, -0.5)),
+            "settling twice changes nothing"
+        );
+        assert_eq!(work.received(), 3);
+    }
+
+    #[test]
     fn expired_leases_go_back_and_the_first_result_wins() {
         let now = Instant::now();
         let mut work = GenerationWork::new(0, 4, 4);
@@ -439,13 +539,23 @@ mod tests {
         assert_eq!(work.expire(now + LEASE), (vec![1], 4));
         let again = work.assign(2, 4, now + LEASE, LEASE).unwrap();
         assert_eq!(again, Chunk { first: 0, count: 4 });
-        // The stalled worker wakes up and delivers index 0 first: accepted.
+        // The stalled worker wakes up and delivers index 0 before the new holder: late,
+        // dropped.
+        assert_eq!(work.submit(1, 0, result(0, 1.0)), Submitted::Late);
+        assert_eq!(work.received(), 0);
         assert_eq!(
-            work.submit(1, 0, result(0, 1.0)),
+            work.submit(2, 0, result(0, 1.0)),
             Submitted::Accepted { complete: false }
         );
-        assert_eq!(work.delivered_by(0), Some(1));
-        assert_eq!(work.submit(2, 0, result(0, 1.0)), Submitted::Duplicate);
+        assert_eq!(work.delivered_by(0), Some(2));
+        // Once the index is in, a late result is cross-checked.
+        assert_eq!(work.submit(1, 0, result(0, 1.0)), Submitted::Duplicate);
+        assert_eq!(
+            work.submit(1, 0, result(0, 3.0)),
+            Submitted::Conflict {
+                first: result(0, 1.0)
+            }
+        );
         for i in 1..4 {
             work.submit(2, 0, result(i, 1.0));
         }

@@ -326,6 +326,41 @@ fn perturb(theta: &[f32], eps: &[f32], sigma: f32, plus: &mut [f32], minus: &mut
     }
 }
 
+/// Evaluates perturbation `index` of `generation` at `theta` exactly as a worker does: that
+/// generation's minibatch and sigmas. The coordinator uses it to settle two workers that
+/// disagree on an index.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_index(
+    evaluator: &mut Evaluator,
+    es: &EsConfig,
+    run_seed: u64,
+    noise: &NoiseSource,
+    train: Dataset<'_>,
+    theta: &[f32],
+    generation: u32,
+    index: u32,
+) -> Result<PairResult, TrainError> {
+    let net = evaluator.forward.config().clone();
+    train.validate(&net)?;
+    let mut indices = Vec::new();
+    minibatch_indices(
+        run_seed,
+        generation,
+        es.batch_size,
+        train.len(),
+        &mut indices,
+    );
+    let mut batch = Batch::new(net.inputs);
+    batch.fill(train.images, train.labels, &indices);
+    let sigmas = es.layer_sigmas(&net, generation);
+    let key = NoiseKey {
+        run_seed,
+        generation,
+        index,
+    };
+    Ok(evaluator.evaluate_pair(theta, noise, key, &sigmas, &batch)?)
+}
+
 /// One evaluation of the golden task: its score and its logits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GoldenRun {

@@ -28,6 +28,9 @@ pub struct WorkerOptions {
     pub kernel: Kernel,
     /// How to reconnect after a transport failure or a stopping coordinator.
     pub reconnect: Backoff,
+    /// Interval of HTTP/2 keep-alive pings; a connection whose ping goes unanswered for
+    /// twice as long is dead (a coordinator that vanished, a cut network) and is replaced.
+    pub keepalive: Duration,
 }
 
 impl WorkerOptions {
@@ -46,6 +49,7 @@ impl WorkerOptions {
                 .last()
                 .expect("the portable kernel is always supported"),
             reconnect: Backoff::default(),
+            keepalive: Duration::from_secs(10),
         }
     }
 }

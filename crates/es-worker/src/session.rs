@@ -42,7 +42,7 @@ pub enum WorkerExit {
 /// HTTP/2 flow-control window of the worker's connection: room for a whole θ message.
 const HTTP2_WINDOW: u32 = 8 << 20;
 /// How long a `Join` call may take before it counts as a transport failure.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages the worker may queue on its `Work` stream before sending waits.
 const OUTBOX: usize = 64;
 /// Credits the worker grants per evaluation thread for each generation: enough queued work
@@ -166,8 +166,8 @@ fn client(options: &WorkerOptions) -> Result<Client, WorkerError> {
         // in dozens of flow-control round trips.
         .initial_stream_window_size(HTTP2_WINDOW)
         .initial_connection_window_size(HTTP2_WINDOW)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
+        .http2_keep_alive_interval(options.keepalive)
+        .keep_alive_timeout(options.keepalive * 2)
         .keep_alive_while_idle(true);
     let token = options
         .token
@@ -366,9 +366,12 @@ impl Worker {
             kernel: self.options.kernel.name().to_owned(),
         });
         request.set_timeout(JOIN_TIMEOUT);
-        let reply = match self.client.join(request).await {
-            Ok(reply) => reply.into_inner(),
-            Err(status) => return failed_call("join", status),
+        // The deadline is also enforced here: over a network that swallows packets the
+        // coordinator never sees the request, let alone its timeout.
+        let reply = match tokio::time::timeout(JOIN_TIMEOUT, self.client.join(request)).await {
+            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Err(status)) => return failed_call("join", status),
+            Err(_) => return Ok(SessionEnd::retry("join timed out")),
         };
         let accepted = match reply.outcome {
             Some(pb::join_reply::Outcome::Accepted(accepted)) => accepted,
@@ -428,9 +431,12 @@ impl Worker {
         out.send(prove.into())
             .await
             .expect("the receiver is held below");
-        let inbound = match self.client.work(ReceiverStream::new(outbox)).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return failed_call("work", status),
+        let opened =
+            tokio::time::timeout(JOIN_TIMEOUT, self.client.work(ReceiverStream::new(outbox)));
+        let inbound = match opened.await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return failed_call("work", status),
+            Err(_) => return Ok(SessionEnd::retry("opening the work stream timed out")),
         };
         let heartbeat = (accepted.heartbeat_interval_ms > 0)
             .then(|| Duration::from_millis(accepted.heartbeat_interval_ms.into()));

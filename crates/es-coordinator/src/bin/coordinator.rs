@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use es_coordinator::checkpoint::{self, Checkpoint};
 use es_coordinator::cluster::{self, ClusterOptions};
 use es_coordinator::config::{NoiseKind, RunConfig};
 use es_coordinator::embedded::{self, Environment};
@@ -26,9 +27,20 @@ struct Cli {
     /// Address to serve on with --workers (default: loopback only).
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
-    /// Seconds after which an unfinished chunk is handed to another worker.
-    #[arg(long, default_value_t = 30.0)]
+    /// Seconds a chunk may take beyond its expected time (measured on the previous
+    /// generation) before it is handed to another worker.
+    #[arg(long, default_value_t = 5.0)]
     lease: f64,
+    /// Seconds between worker heartbeats; a worker silent for three is dropped.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat: f64,
+    /// Continue the run in this run directory from its newest checkpoint (or from this
+    /// checkpoint file), with the run's own settings.
+    #[arg(long, conflicts_with_all = RUN_SETTINGS)]
+    resume: Option<PathBuf>,
+    /// Write a checkpoint every K generations (0: never); also on SIGINT/SIGTERM.
+    #[arg(long)]
+    checkpoint_every: Option<u32>,
     /// TOML file with run settings; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -90,9 +102,10 @@ struct Cli {
     /// the usual public mirrors). `--mirror none` disables downloading.
     #[arg(long = "mirror", env = "UNDERFLOW_MIRRORS", value_delimiter = ',')]
     mirrors: Vec<String>,
-    /// Where config.toml, metrics.jsonl and the final parameters go.
-    #[arg(long, default_value = "runs/latest")]
-    run_dir: PathBuf,
+    /// Where config.toml, metrics.jsonl, checkpoints and the final parameters go
+    /// (default: runs/latest, or the directory given to --resume).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
     /// Directory of the cached noise table.
     #[arg(long, env = "UNDERFLOW_CACHE")]
     cache_dir: Option<PathBuf>,
@@ -103,6 +116,28 @@ struct Cli {
     #[arg(long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
 }
+
+/// Flags that define a run's arithmetic: a resumed run keeps its checkpoint's.
+const RUN_SETTINGS: &[&str] = &[
+    "config",
+    "seed",
+    "generations",
+    "population",
+    "batch",
+    "sigma",
+    "sigma_schedule",
+    "lr",
+    "lr_schedule",
+    "l2",
+    "mode",
+    "init_multipliers",
+    "sigma_multipliers",
+    "lr_multipliers",
+    "scale_exponents",
+    "output_exponent",
+    "noise",
+    "noise_table_len",
+];
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum NoiseArg {
@@ -121,13 +156,13 @@ impl Cli {
                 $(if let Some(v) = &self.$field { c.$target = v.clone(); })*
             };
         }
-        set!(seed => seed, generations => generations, time_limit => time_limit_secs,
+        set!(seed => seed, generations => generations,
              population => population, batch => batch, sigma => sigma,
              sigma_schedule => sigma_schedule, lr => lr, lr_schedule => lr_schedule, l2 => l2,
              mode => mode, init_multipliers => init_multipliers,
              scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
-             lr_multipliers => lr_multipliers, noise_table_len => noise_table_len,
-             eval_every => eval_every);
+             lr_multipliers => lr_multipliers, noise_table_len => noise_table_len);
+        self.set_operational(&mut c);
         if let Some(noise) = self.noise {
             c.noise = match noise {
                 NoiseArg::Table => NoiseKind::Table,
@@ -138,6 +173,44 @@ impl Cli {
         c.net()?;
         c.es()?;
         Ok(c)
+    }
+
+    /// The settings a resumed run may change: they never change θ.
+    fn set_operational(&self, c: &mut RunConfig) {
+        if let Some(v) = self.time_limit {
+            c.time_limit_secs = v;
+        }
+        if let Some(v) = self.eval_every {
+            c.eval_every = v;
+        }
+        if let Some(v) = self.checkpoint_every {
+            c.checkpoint_every = v;
+        }
+    }
+
+    /// The config and checkpoint to resume from, and the run directory.
+    fn resumed(&self) -> anyhow::Result<(RunConfig, Checkpoint, PathBuf)> {
+        let target = self.resume.as_ref().expect("called with --resume");
+        let (path, checkpoint) = checkpoint::load_for_resume(target)?;
+        // A checkpoint file lives in RUN_DIR/checkpoints/.
+        let run_dir = match &self.run_dir {
+            Some(dir) => dir.clone(),
+            None if target.is_file() => path
+                .parent()
+                .and_then(|p| p.parent())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            None => target.clone(),
+        };
+        let mut config = checkpoint.config.clone();
+        self.set_operational(&mut config);
+        eprintln!(
+            "resuming run {} at generation {} from {}",
+            checkpoint.run_id,
+            checkpoint.state.generation,
+            path.display()
+        );
+        Ok((config, checkpoint, run_dir))
     }
 }
 
@@ -150,7 +223,19 @@ fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    let config = cli.run_config()?;
+    let (config, resume, run_dir) = match &cli.resume {
+        Some(_) => {
+            let (config, checkpoint, run_dir) = cli.resumed()?;
+            (config, Some(checkpoint), run_dir)
+        }
+        None => (
+            cli.run_config()?,
+            None,
+            cli.run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs/latest")),
+        ),
+    };
     let kernel = match &cli.kernel {
         Some(name) if !name.is_empty() => name.parse::<Kernel>()?,
         _ => Kernel::detect()?,
@@ -172,19 +257,19 @@ fn main() -> anyhow::Result<()> {
             .cache_dir
             .clone()
             .unwrap_or_else(noise_file::default_cache_dir),
-        run_dir: cli.run_dir.clone(),
+        run_dir,
         threads,
         kernel,
     };
     if let Some(workers) = cli.workers {
-        return run_cluster(config, env, workers, &cli);
+        return run_cluster(config, env, workers, &cli, resume);
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
-    let summary = embedded::run(&config, &env, &stop)?;
+    let summary = embedded::run_from(&config, &env, resume, &stop)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -196,10 +281,19 @@ fn run_cluster(
     env: Environment,
     workers: usize,
     cli: &Cli,
+    resume: Option<Checkpoint>,
 ) -> anyhow::Result<()> {
+    let seconds = |flag: &str, value: f64| {
+        anyhow::ensure!(
+            value.is_finite() && value > 0.0,
+            "--{flag} {value}: expected a positive number of seconds"
+        );
+        Ok(Duration::from_secs_f64(value))
+    };
     let options = ClusterOptions {
         workers: workers.max(1),
-        lease: Duration::from_secs_f64(cli.lease.max(0.1)),
+        lease: seconds("lease", cli.lease)?,
+        heartbeat: seconds("heartbeat", cli.heartbeat)?,
         ..ClusterOptions::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -216,7 +310,8 @@ fn run_cluster(
             }
             tracing::info!("stopping on signal");
         });
-        let summary = cluster::run(config, env, options, listener, shutdown).await?;
+        let summary =
+            cluster::run_from(config, env, options, listener, shutdown, resume).await?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
     })

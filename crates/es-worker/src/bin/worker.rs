@@ -44,6 +44,10 @@ struct Cli {
     /// Give up when the coordinator stays unreachable this many seconds (default: never).
     #[arg(long, value_name = "SECONDS")]
     give_up_after: Option<f64>,
+    /// Seconds between HTTP/2 keep-alive pings; a connection silent for twice as long is
+    /// replaced (detects a vanished coordinator or a cut network).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    keepalive: f64,
 }
 
 impl Cli {
@@ -87,6 +91,12 @@ impl Cli {
             give_up_after,
             ..Backoff::default()
         };
+        anyhow::ensure!(
+            self.keepalive.is_finite() && self.keepalive > 0.0,
+            "--keepalive {}: expected a positive number of seconds",
+            self.keepalive
+        );
+        options.keepalive = Duration::from_secs_f64(self.keepalive);
         Ok(options)
     }
 }
