@@ -1,5 +1,9 @@
 //! Shared helpers of Underflow's end-to-end tests: where the test data is, scratch
-//! directories, and small run configurations that finish in seconds.
+//! directories, small run configurations that finish in seconds, real processes
+//! ([`processes`]) and a TCP proxy that can blackhole a link ([`proxy`]).
+
+pub mod processes;
+pub mod proxy;
 
 use std::path::PathBuf;
 
@@ -43,7 +47,13 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
+    /// Removes the directory, unless the test failed and `UNDERFLOW_KEEP_SCRATCH` is set (to
+    /// read its logs).
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("UNDERFLOW_KEEP_SCRATCH").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

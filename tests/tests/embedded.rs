@@ -2,6 +2,7 @@
 
 use std::sync::atomic::AtomicBool;
 
+use es_coordinator::checkpoint;
 use es_coordinator::config::{NoiseKind, RunConfig};
 use es_coordinator::embedded;
 use es_coordinator::run_dir::read_theta;
@@ -109,4 +110,78 @@ fn missing_data_is_reported_with_how_to_get_it() {
         .to_string();
     assert!(err.contains("train-images-idx3-ubyte"), "{err}");
     assert!(err.contains("UNDERFLOW_DATA"), "{err}");
+}
+
+#[test]
+fn a_run_resumed_from_its_checkpoint_ends_bit_identical_and_a_corrupt_one_is_refused() {
+    let scratch = Scratch::new("embedded-resume");
+    let config = RunConfig {
+        eval_every: 0,
+        checkpoint_every: 3,
+        ..small_run(7)
+    };
+    let env = environment(&scratch, "whole", 2);
+    embedded::run(&config, &env, &AtomicBool::new(false)).unwrap();
+    let whole = theta_bytes(&env.run_dir);
+
+    // Resume a copy of the run directory from generation 3's checkpoint.
+    let (_, checkpoint) =
+        checkpoint::load_for_resume(&env.run_dir.join(checkpoint::DIR).join("g00000003.ckpt"))
+            .unwrap();
+    assert_eq!(checkpoint.state.generation, 3);
+    assert_eq!(checkpoint.config, config);
+    let resumed_env = environment(&scratch, "resumed", 1);
+    std::fs::create_dir_all(&resumed_env.run_dir).unwrap();
+    std::fs::copy(
+        env.run_dir.join("metrics.jsonl"),
+        resumed_env.run_dir.join("metrics.jsonl"),
+    )
+    .unwrap();
+    let summary = embedded::run_from(
+        &config,
+        &resumed_env,
+        Some(checkpoint.clone()),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(summary.generations, 7);
+    assert!(
+        theta_bytes(&resumed_env.run_dir) == whole,
+        "the resumed run's θ differs from the uninterrupted one"
+    );
+    let metrics = std::fs::read_to_string(resumed_env.run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        7,
+        "generations 3.. written once each"
+    );
+
+    // Another run's settings do not resume this checkpoint.
+    let other = RunConfig {
+        lr: config.lr * 2.0,
+        ..config.clone()
+    };
+    let e = embedded::run_from(
+        &other,
+        &resumed_env,
+        Some(checkpoint),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("other settings than its checkpoint"), "{e}");
+
+    // A damaged newest checkpoint is refused, naming the good one before it.
+    let newest = env.run_dir.join(checkpoint::DIR).join("g00000006.ckpt");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    let e = checkpoint::load_for_resume(&env.run_dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("g00000006.ckpt is unusable") && e.contains("g00000003.ckpt"),
+        "{e}"
+    );
 }

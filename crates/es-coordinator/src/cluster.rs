@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     pub heartbeat: Duration,
     /// Rejected messages after which a worker is disconnected.
     pub max_rejected: u32,
+    /// Every this many generations, the coordinator evaluates one result of each worker
+    /// itself (its first of the generation) before the update; 0 turns audits off.
+    pub audit_every: u32,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +61,7 @@ impl Default for ClusterOptions {
             first_lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(2),
             max_rejected: 64,
+            audit_every: 1,
         }
     }
 }
@@ -99,7 +103,14 @@ struct State {
     pair_secs: Option<f64>,
     /// Workers whose results disagreed with the coordinator's own evaluation.
     quarantined: HashSet<WorkerId>,
+    /// Workers audited this generation.
+    audited: HashSet<WorkerId>,
+    /// Checks (disputes and audits) still being evaluated: the generation waits for them.
+    checks_pending: u32,
     rejected_messages: u64,
+    /// Rejected messages and quarantined workers since the last generation's metrics.
+    rejected_since: u64,
+    quarantined_since: u64,
     /// Set when training ends: `Some(true)` when the run completed, `Some(false)` when the
     /// coordinator stopped early (a worker that joins now should come back later).
     finished: Option<bool>,
@@ -128,7 +139,7 @@ struct Shared {
     batch_size: usize,
     options: ClusterOptions,
     state: Mutex<State>,
-    /// Evaluates a disputed index on the coordinator.
+    /// Evaluates indices on the coordinator: disputes and audits.
     referee: Arc<Mutex<Referee>>,
     /// Signalled when a worker is proven or lost and when a generation completes.
     changed: Notify,
@@ -175,6 +186,13 @@ fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
         // credits would shrink chunks to single indices, which a multi-threaded worker cannot
         // spread over its threads.)
         let count = chunk_size.min((slot.capacity / 2).max(1)).min(slot.credits);
+        // No more than two chunks' worth (or two per thread) in flight: the rest stays in the
+        // pool for whichever worker finishes first, instead of queueing behind this one (and
+        // being lost with it).
+        let in_flight = slot.capacity.saturating_sub(slot.credits);
+        if in_flight >= 2 * chunk_size.max(slot.threads) {
+            break;
+        }
         let Some(chunk) = work.assign(worker, count, now, lease) else {
             break;
         };
@@ -201,6 +219,7 @@ fn quarantine(state: &mut State, worker: WorkerId, reason: &str, options: &Clust
     if !state.quarantined.insert(worker) {
         return;
     }
+    state.quarantined_since += 1;
     let name = match state.workers.remove(&worker) {
         Some(slot) => {
             let refusal = pb::Refusal::new(RefusalReason::GoldenMismatch, reason.to_string());
@@ -469,6 +488,7 @@ async fn serve_worker(
         if !handled.errors.is_empty() {
             let mut state = shared.lock();
             state.rejected_messages += handled.errors.len() as u64;
+            state.rejected_since += handled.errors.len() as u64;
             let rejected = state.workers.get_mut(&worker).map_or(0, |slot| {
                 slot.rejected = slot.rejected.saturating_add(handled.errors.len() as u32);
                 slot.rejected
@@ -487,8 +507,8 @@ async fn serve_worker(
                 break reason;
             }
         }
-        for dispute in handled.disputes {
-            settle(&shared, dispute).await;
+        for c in handled.checks {
+            check(&shared, c).await;
         }
         if shared.lock().quarantined.contains(&worker) {
             break "quarantined".to_string();
@@ -508,35 +528,36 @@ async fn serve_worker(
     shared.changed.notify_waiters();
 }
 
-/// Two workers delivered different results for one index.
-#[derive(Clone, Copy, Debug)]
-struct Dispute {
+/// Results of one index to check against the coordinator's own evaluation: two that
+/// disagree (a dispute), or one picked for an audit.
+#[derive(Clone, Debug)]
+struct Check {
     generation: u32,
-    first: PairResult,
-    first_worker: Option<WorkerId>,
-    second: PairResult,
-    second_worker: WorkerId,
+    index: u32,
+    /// Who claimed what (`None`: a worker no longer known).
+    claims: Vec<(Option<WorkerId>, PairResult)>,
 }
 
 /// What one message led to: the parts that were refused (each naming what was wrong) and
-/// the disputes to settle.
+/// the checks to run.
 #[derive(Debug, Default)]
 struct Handled {
     errors: Vec<String>,
-    disputes: Vec<Dispute>,
+    checks: Vec<Check>,
 }
 
 impl Handled {
     fn error(message: String) -> Handled {
         Handled {
             errors: vec![message],
-            disputes: Vec::new(),
+            checks: Vec::new(),
         }
     }
 }
 
 /// Applies one message of a proven worker. Each result of a `Results` message is judged on
-/// its own: a bad one is refused without losing the good ones beside it.
+/// its own: a bad one is refused without losing the good ones beside it. Checks returned are
+/// already counted in `checks_pending`.
 fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage) -> Handled {
     use pb::worker_message::Kind;
     let mut state = shared.lock();
@@ -562,7 +583,19 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
         Some(Kind::Results(results)) => {
             let mut handled = Handled::default();
             let mut complete = false;
-            let Some(work) = state.work.as_mut() else {
+            // A worker's first accepted result of an audited generation is checked.
+            let audit = shared.options.audit_every > 0
+                && results
+                    .generation
+                    .is_multiple_of(shared.options.audit_every)
+                && !state.audited.contains(&worker);
+            let State {
+                work,
+                audited,
+                checks_pending,
+                ..
+            } = &mut *state;
+            let Some(work) = work.as_mut() else {
                 // Between generations: late results of the finished one.
                 return handled;
             };
@@ -594,14 +627,24 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                     }
                 };
                 match work.submit(worker, results.generation, result) {
-                    Submitted::Accepted { complete: c } => complete |= c,
+                    Submitted::Accepted { complete: c } => {
+                        complete |= c;
+                        if audit && handled.checks.is_empty() {
+                            handled.checks.push(Check {
+                                generation: results.generation,
+                                index: result.index,
+                                claims: vec![(Some(worker), result)],
+                            });
+                        }
+                    }
                     Submitted::Duplicate => {}
-                    Submitted::Conflict { first } => handled.disputes.push(Dispute {
+                    Submitted::Conflict { first } => handled.checks.push(Check {
                         generation: results.generation,
-                        first,
-                        first_worker: work.delivered_by(result.index),
-                        second: result,
-                        second_worker: worker,
+                        index: result.index,
+                        claims: vec![
+                            (work.delivered_by(result.index), first),
+                            (Some(worker), result),
+                        ],
                     }),
                     Submitted::WrongGeneration { current } => {
                         handled.errors.push(format!(
@@ -628,6 +671,10 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                     )),
                 }
             }
+            if audit && !handled.checks.is_empty() {
+                audited.insert(worker);
+            }
+            *checks_pending += handled.checks.len() as u32;
             drop(state);
             if complete {
                 shared.changed.notify_waiters();
@@ -652,7 +699,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
     }
 }
 
-/// The coordinator's own evaluator, which settles disputes between workers.
+/// The coordinator's own evaluator, which checks workers' results.
 struct Referee {
     evaluator: Evaluator,
     es: Arc<EsConfig>,
@@ -685,83 +732,76 @@ impl Referee {
     }
 }
 
-/// Settles a dispute by evaluating the index on the coordinator: the stored result becomes the
-/// coordinator's, and every worker that delivered something else is quarantined.
-async fn settle(shared: &Arc<Shared>, dispute: Dispute) {
-    let index = dispute.second.index;
+/// Runs a check: evaluates the index on the coordinator, stores that result, and quarantines
+/// every worker that claimed something else. The generation cannot complete before its
+/// checks have run, so no unchecked claim reaches the update.
+async fn check(shared: &Arc<Shared>, check: Check) {
+    let truth = evaluate_check(shared, &check).await;
+    let mut state = shared.lock();
+    state.checks_pending -= 1;
+    let current = state.work.as_ref().map(|w| w.generation()) == Some(check.generation);
+    if let (Some(truth), true) = (truth, current) {
+        let wrong: Vec<(Option<WorkerId>, PairResult)> = check
+            .claims
+            .iter()
+            .filter(|(_, claim)| !same_result(claim, &truth))
+            .copied()
+            .collect();
+        if check.claims.len() > 1 || !wrong.is_empty() {
+            tracing::warn!(
+                generation = check.generation,
+                index = check.index,
+                claims = ?check.claims.iter().map(|(w, c)| (*w, c.plus.fitness, c.minus.fitness)).collect::<Vec<_>>(),
+                coordinator = ?(truth.plus.fitness, truth.minus.fitness),
+                "results checked against the coordinator's own evaluation"
+            );
+        }
+        if !wrong.is_empty() {
+            state.work.as_mut().expect("checked above").settle(truth);
+        }
+        for (worker, claim) in wrong {
+            let Some(worker) = worker else { continue };
+            let reason = format!(
+                "worker {worker}'s fitness of index {} in generation {} is {:?}/{:?}: the coordinator computes {:?}/{:?}; its arithmetic differs",
+                check.index,
+                check.generation,
+                claim.plus.fitness,
+                claim.minus.fitness,
+                truth.plus.fitness,
+                truth.minus.fitness
+            );
+            quarantine(&mut state, worker, &reason, &shared.options);
+        }
+    }
+    drop(state);
+    shared.changed.notify_waiters();
+}
+
+/// The coordinator's own result of a check's index, if its generation is still running.
+async fn evaluate_check(shared: &Arc<Shared>, check: &Check) -> Option<PairResult> {
     let theta = {
         let state = shared.lock();
         match (&state.current, &state.current_theta) {
-            (Some((t, _)), Some(theta)) if *t == dispute.generation => Arc::clone(theta),
-            _ => return, // The generation ended meanwhile.
+            (Some((t, _)), Some(theta)) if *t == check.generation => Arc::clone(theta),
+            _ => return None, // The generation ended meanwhile.
         }
     };
     let referee = Arc::clone(&shared.referee);
+    let (generation, index) = (check.generation, check.index);
     let truth = tokio::task::spawn_blocking(move || {
         referee
             .lock()
             .expect("the referee does not panic")
-            .evaluate(&theta, dispute.generation, index)
+            .evaluate(&theta, generation, index)
     })
     .await
     .expect("the referee does not panic");
-    let truth = match truth {
-        Ok(truth) => truth,
+    match truth {
+        Ok(truth) => Some(truth),
         Err(e) => {
-            tracing::error!(index, error = %e, "could not settle a dispute");
-            return;
+            tracing::error!(generation, index, error = %e, "could not run a check");
+            None
         }
-    };
-    let mut state = shared.lock();
-    if state.work.as_ref().map(|w| w.generation()) != Some(dispute.generation) {
-        return;
-    }
-    let first_wrong = !same_result(&dispute.first, &truth);
-    let second_wrong = !same_result(&dispute.second, &truth);
-    tracing::warn!(
-        generation = dispute.generation,
-        index,
-        first_worker = dispute.first_worker,
-        second_worker = dispute.second_worker,
-        first_fitness = dispute.first.plus.fitness,
-        second_fitness = dispute.second.plus.fitness,
-        coordinator_fitness = truth.plus.fitness,
-        "two workers disagreed on an index: settled by the coordinator's own evaluation"
-    );
-    if first_wrong {
-        state.work.as_mut().expect("checked above").settle(truth);
-    }
-    let reason = |worker: WorkerId, theirs: &PairResult| {
-        format!(
-            "worker {worker}'s fitness of index {index} in generation {} is {:?}/{:?}: the coordinator computes {:?}/{:?}; its arithmetic differs",
-            dispute.generation,
-            theirs.plus.fitness,
-            theirs.minus.fitness,
-            truth.plus.fitness,
-            truth.minus.fitness
-        )
-    };
-    if let (true, Some(worker)) = (first_wrong, dispute.first_worker) {
-        quarantine(
-            &mut state,
-            worker,
-            &reason(worker, &dispute.first),
-            &shared.options,
-        );
-    }
-    if second_wrong {
-        let worker = dispute.second_worker;
-        quarantine(
-            &mut state,
-            worker,
-            &reason(worker, &dispute.second),
-            &shared.options,
-        );
-    }
-    let complete = state.work.as_ref().is_some_and(|w| w.is_complete());
-    drop(state);
-    if complete {
-        shared.changed.notify_waiters();
     }
 }
 
@@ -1022,6 +1062,7 @@ async fn train(
             state.work = Some(GenerationWork::new(t, population, state.chunk_size));
             state.current = Some((t, theta));
             state.current_theta = Some(Arc::new(es_state.theta.clone()));
+            state.audited.clear();
             let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
             for id in ids {
                 announce(&mut state, id);
@@ -1033,8 +1074,9 @@ async fn train(
             let notified = shared.changed.notified();
             {
                 let mut state = shared.lock();
+                let checks_pending = state.checks_pending;
                 let work = state.work.as_mut().expect("a generation is running");
-                if work.is_complete() {
+                if work.is_complete() && checks_pending == 0 {
                     let work = state.work.take().expect("checked above");
                     let reassigned = work.reassigned();
                     let workers = state.workers.len();
@@ -1049,6 +1091,8 @@ async fn train(
                     let wire = (
                         std::mem::take(&mut state.bytes_sent),
                         std::mem::take(&mut state.bytes_received),
+                        std::mem::take(&mut state.rejected_since),
+                        std::mem::take(&mut state.quarantined_since),
                     );
                     break (
                         work.into_results().expect("complete"),
@@ -1069,7 +1113,7 @@ async fn train(
             }
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
-                break (Vec::new(), 0, 0, (0, 0));
+                break (Vec::new(), 0, 0, (0, 0, 0, 0));
             }
             let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
         };
@@ -1118,6 +1162,8 @@ async fn train(
         line.wire_bytes_sent = Some(wire.0);
         line.wire_bytes_received = Some(wire.1);
         line.reassigned = Some(reassigned);
+        line.rejected_messages = Some(wire.2);
+        line.quarantined = Some(wire.3);
         run_dir.append_metrics(&line)?;
         if reassigned > 0 {
             tracing::info!(

@@ -358,5 +358,7 @@ pub(crate) fn metrics_line(
         wire_bytes_sent: None,
         wire_bytes_received: None,
         reassigned: None,
+        rejected_messages: None,
+        quarantined: None,
     }
 }

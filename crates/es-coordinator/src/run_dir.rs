@@ -40,6 +40,13 @@ pub struct MetricsLine {
     /// (cluster only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reassigned: Option<u32>,
+    /// Worker messages (or results within them) refused this generation (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_messages: Option<u64>,
+    /// Workers quarantined this generation for results the coordinator computes otherwise
+    /// (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<u64>,
 }
 
 /// Writes into one run directory.
@@ -198,6 +205,8 @@ mod tests {
             wire_bytes_sent: None,
             wire_bytes_received: None,
             reassigned: None,
+            rejected_messages: None,
+            quarantined: None,
         };
         run.append_metrics(&line).unwrap();
         run.append_metrics(&MetricsLine {

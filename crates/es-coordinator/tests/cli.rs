@@ -88,3 +88,26 @@ fn a_busy_port_is_reported_with_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn resume_refuses_a_missing_checkpoint_and_conflicting_settings() {
+    let dir = std::env::temp_dir().join(format!("underflow-cli-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = coordinator().arg("--resume").arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no checkpoint in") && err.contains("checkpoint_every"),
+        "{err}"
+    );
+    let out = coordinator()
+        .arg("--resume")
+        .arg(&dir)
+        .args(["--lr", "0.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lr") && err.contains("--resume"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

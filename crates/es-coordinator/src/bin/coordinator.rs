@@ -221,6 +221,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        // The log goes to stderr; stdout carries only the final summary (JSON).
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let (config, resume, run_dir) = match &cli.resume {
