@@ -25,5 +25,19 @@ fi
 export UNDERFLOW_TEST_MNIST="${UNDERFLOW_TEST_MNIST:-$UNDERFLOW_DATA}"
 
 cargo test --workspace --locked
-# The portable kernel is what a CPU without AVX2 runs: run the end-to-end tests on it too.
-UNDERFLOW_KERNEL=portable cargo test --locked -p underflow-tests
+# The portable kernel is what a CPU without AVX2 runs: run the end-to-end training tests on
+# it too (the fault scenarios test the cluster's bookkeeping, not the kernel: once is enough).
+UNDERFLOW_KERNEL=portable cargo test --locked -p underflow-tests --test embedded --test cluster
+
+# Deployment: the Kubernetes manifests against the API schemas (offline, after a pip install),
+# and the Compose cluster for real — it needs a Docker engine: always there in CI
+# (UNDERFLOW_REQUIRE_DOCKER=1), elsewhere skipped with a notice when there is none.
+deploy/validate-k8s.sh
+if docker info >/dev/null 2>&1; then
+  deploy/test-compose.sh
+elif [ "${UNDERFLOW_REQUIRE_DOCKER:-0}" = 1 ]; then
+  echo "no usable Docker engine: deploy/test-compose.sh cannot run" >&2
+  exit 1
+else
+  echo "SKIPPED deploy/test-compose.sh: no usable Docker engine on this machine" >&2
+fi

@@ -17,6 +17,16 @@ use underflow_tests::processes::{
 use underflow_tests::proxy::Proxy;
 use underflow_tests::{Scratch, environment, small_run};
 
+/// The scenarios run one at a time: each starts four or five processes, and on a 2-core
+/// machine two at once would starve the heartbeats that fault detection relies on.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Generations slow enough (tenths of a second on a 2-core debug build) that a fault lands
 /// in the middle of one.
 fn config(generations: u32) -> RunConfig {
@@ -125,6 +135,7 @@ fn finish(coordinator: &mut Process, workers: &mut [Process]) {
 
 #[test]
 fn a_worker_killed_mid_generation_changes_nothing() {
+    let _serial = one_at_a_time();
     let scratch = Scratch::new("fault-kill");
     let generations = 12;
     let reference = reference_theta(&scratch, generations);
@@ -171,6 +182,7 @@ fn a_worker_killed_mid_generation_changes_nothing() {
 
 #[test]
 fn a_stopped_worker_is_dropped_and_rejoins_when_continued() {
+    let _serial = one_at_a_time();
     let scratch = Scratch::new("fault-stop");
     let generations = 14;
     let reference = reference_theta(&scratch, generations);
@@ -213,15 +225,18 @@ fn a_stopped_worker_is_dropped_and_rejoins_when_continued() {
         "the continued worker took part again"
     );
     eprintln!(
-        "SIGSTOP: stalled worker dropped after {:.0} ms of silence detection; rejoined {:.0} ms after SIGCONT; evaluations repeated: {}",
+        "SIGSTOP: stalled worker dropped after {:.0} ms of silence detection; rejoined {:.0} ms after SIGCONT; evaluations repeated: {}; slowest generation {:.3} s vs median {:.3} s",
         detected.as_secs_f64() * 1e3,
         rejoined.as_secs_f64() * 1e3,
-        2 * reassigned(&paths.run_dir)
+        2 * reassigned(&paths.run_dir),
+        generation_times(&paths.run_dir).0,
+        generation_times(&paths.run_dir).1
     );
 }
 
 #[test]
 fn a_killed_coordinator_resumes_from_its_checkpoint_and_the_workers_ride_it_out() {
+    let _serial = one_at_a_time();
     let scratch = Scratch::new("fault-resume");
     let generations = 14;
     let reference = reference_theta(&scratch, generations);
@@ -296,6 +311,7 @@ impl SplitMix {
 
 #[test]
 fn chaos_random_kills_and_restarts_of_workers_leave_theta_bit_identical() {
+    let _serial = one_at_a_time();
     let scratch = Scratch::new("fault-chaos");
     let generations = 20;
     let reference = reference_theta(&scratch, generations);
@@ -356,6 +372,7 @@ fn chaos_random_kills_and_restarts_of_workers_leave_theta_bit_identical() {
 
 #[test]
 fn a_worker_behind_a_blackholed_link_is_dropped_and_rejoins_after_healing() {
+    let _serial = one_at_a_time();
     let scratch = Scratch::new("fault-cut");
     let generations = 16;
     let reference = reference_theta(&scratch, generations);
@@ -403,9 +420,11 @@ fn a_worker_behind_a_blackholed_link_is_dropped_and_rejoins_after_healing() {
         "the worker reconnected through the proxy"
     );
     eprintln!(
-        "network cut: worker dropped {:.0} ms after the cut; rejoined {:.0} ms after healing; evaluations repeated: {}",
+        "network cut: worker dropped {:.0} ms after the cut; rejoined {:.0} ms after healing; evaluations repeated: {}; slowest generation {:.3} s vs median {:.3} s",
         detected.as_secs_f64() * 1e3,
         rejoined.as_secs_f64() * 1e3,
-        2 * reassigned(&paths.run_dir)
+        2 * reassigned(&paths.run_dir),
+        generation_times(&paths.run_dir).0,
+        generation_times(&paths.run_dir).1
     );
 }

@@ -84,6 +84,8 @@ struct WorkerSlot {
     theta_digest: Option<Digest>,
     /// Messages (or parts of them) refused so far.
     rejected: u32,
+    /// Results accepted from this stream (for the logs: who contributed).
+    accepted: u64,
 }
 
 #[derive(Default)]
@@ -470,6 +472,7 @@ async fn serve_worker(
                 tx: tx.clone(),
                 theta_digest: cached,
                 rejected: 0,
+                accepted: 0,
             },
         );
         announce(&mut state, worker);
@@ -516,14 +519,14 @@ async fn serve_worker(
     };
     {
         let mut state = shared.lock();
-        let name = state
+        let (name, accepted) = state
             .workers
             .remove(&worker)
-            .map(|s| s.name)
+            .map(|s| (s.name, s.accepted))
             .unwrap_or_default();
         let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker));
         assign_all(&mut state, &shared.options);
-        tracing::info!(worker_id = worker, %name, reason = %end, released, workers = state.workers.len(), "worker left");
+        tracing::info!(worker_id = worker, %name, reason = %end, released, pairs_accepted = accepted, workers = state.workers.len(), "worker left");
     }
     shared.changed.notify_waiters();
 }
@@ -591,6 +594,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 && !state.audited.contains(&worker);
             let State {
                 work,
+                workers,
                 audited,
                 checks_pending,
                 ..
@@ -629,6 +633,9 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 match work.submit(worker, results.generation, result) {
                     Submitted::Accepted { complete: c } => {
                         complete |= c;
+                        if let Some(slot) = workers.get_mut(&worker) {
+                            slot.accepted += 1;
+                        }
                         if audit && handled.checks.is_empty() {
                             handled.checks.push(Check {
                                 generation: results.generation,
@@ -968,7 +975,8 @@ pub async fn run_from(
         } else {
             "the coordinator is stopping"
         };
-        for slot in state.workers.values() {
+        for (id, slot) in &state.workers {
+            tracing::info!(worker_id = id, name = %slot.name, pairs_accepted = slot.accepted, "worker at the end of the run");
             let _ = slot.tx.send(Ok(shutdown_message(None, reason, finished)));
         }
         state.workers.clear();

@@ -111,3 +111,65 @@ fn resume_refuses_a_missing_checkpoint_and_conflicting_settings() {
     assert!(err.contains("--lr") && err.contains("--resume"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn auto_resume_starts_afresh_then_continues_from_the_newest_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("underflow-cli-auto-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/mnist");
+    let run = |generations: &str| {
+        coordinator()
+            .args(["--auto-resume", "--generations", generations])
+            .args(["--population", "8", "--batch", "16", "--eval-every", "0"])
+            .args(["--noise-table-len", "1048576", "--checkpoint-every", "2"])
+            .args(["--mirror", "none", "--threads", "1", "--data", data])
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .env("UNDERFLOW_CACHE", dir.join("cache"))
+            .output()
+            .unwrap()
+    };
+    let first = run("4");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&first.stderr).contains("--auto-resume: resuming"));
+    assert!(dir.join("run/checkpoints/g00000004.ckpt").exists());
+    // Restarted with the same flags: it resumes at generation 4 and has nothing left to do.
+    let again = run("4");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(
+        err.contains("--auto-resume: resuming") && err.contains("generation 4"),
+        "{err}"
+    );
+    // Restarted with other settings: refused, the checkpoint kept.
+    let other = run("6");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success());
+    assert!(err.contains("other settings than its checkpoint"), "{err}");
+    assert!(dir.join("run/checkpoints/g00000004.ckpt").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn probe_reports_a_coordinator_that_does_not_answer() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    // Environment settings (as in the container images) do not get in the probe's way.
+    let out = coordinator()
+        .args(["--probe", &addr])
+        .env("UNDERFLOW_DATA", "/nonexistent")
+        .env("UNDERFLOW_MIRRORS", "none")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no coordinator answers at http://{addr}")),
+        "{err}"
+    );
+}

@@ -85,6 +85,7 @@ async fn run_inner(
         client,
         cache: None,
         next_ticket: 1,
+        pairs_sent: 0,
         failures: Failures::default(),
     };
     loop {
@@ -98,7 +99,7 @@ async fn run_inner(
         };
         let (reason, drop_caches) = match end {
             SessionEnd::Finished => {
-                info!("run finished");
+                info!(pairs_sent = worker.pairs_sent, "run finished");
                 return Ok(WorkerExit::Finished);
             }
             SessionEnd::Retry {
@@ -346,6 +347,8 @@ struct Worker {
     /// The next generation ticket (see `compute`); unique over the worker's life.
     next_ticket: u64,
     failures: Failures,
+    /// Pairs evaluated and sent over the worker's life (for its logs).
+    pairs_sent: u64,
 }
 
 impl Worker {
@@ -448,6 +451,7 @@ impl Worker {
             done,
             current: None,
             next_ticket: &mut self.next_ticket,
+            pairs_sent: &mut self.pairs_sent,
             failures: &mut self.failures,
             proven: false,
         };
@@ -524,6 +528,7 @@ struct Serving<'a> {
     current: Option<Current>,
     next_ticket: &'a mut u64,
     failures: &'a mut Failures,
+    pairs_sent: &'a mut u64,
     proven: bool,
 }
 
@@ -732,6 +737,7 @@ impl Serving<'_> {
                 if let Some(end) = self.send(results).await? {
                     return Ok(Some(end));
                 }
+                *self.pairs_sent += pairs.len() as u64;
                 self.send(pb::Ready {
                     generation: done.generation,
                     credits: count,

@@ -34,10 +34,23 @@ struct Cli {
     /// Seconds between worker heartbeats; a worker silent for three is dropped.
     #[arg(long, default_value_t = 2.0)]
     heartbeat: f64,
+    /// Every K generations the coordinator re-evaluates one result of each worker itself and
+    /// quarantines workers that computed other bits (0: no audits).
+    #[arg(long, default_value_t = 1)]
+    audit_every: u32,
     /// Continue the run in this run directory from its newest checkpoint (or from this
     /// checkpoint file), with the run's own settings.
     #[arg(long, conflicts_with_all = RUN_SETTINGS)]
     resume: Option<PathBuf>,
+    /// Only ask the coordinator at HOST:PORT whether it serves (gRPC health check) and exit
+    /// 0 if it does, 1 if not: a container health check.
+    #[arg(long, value_name = "HOST:PORT")]
+    probe: Option<String>,
+    /// Resume from the run directory's newest checkpoint if it has one, else start the run
+    /// the flags describe (for restarts by a supervisor: Compose, Kubernetes). The flags
+    /// must describe the checkpoint's run.
+    #[arg(long, conflicts_with = "resume")]
+    auto_resume: bool,
     /// Write a checkpoint every K generations (0: never); also on SIGINT/SIGTERM.
     #[arg(long)]
     checkpoint_every: Option<u32>,
@@ -225,18 +238,34 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(address) = &cli.probe {
+        return probe(address);
+    }
     let (config, resume, run_dir) = match &cli.resume {
         Some(_) => {
             let (config, checkpoint, run_dir) = cli.resumed()?;
             (config, Some(checkpoint), run_dir)
         }
-        None => (
-            cli.run_config()?,
-            None,
-            cli.run_dir
+        None => {
+            let config = cli.run_config()?;
+            let run_dir = cli
+                .run_dir
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("runs/latest")),
-        ),
+                .unwrap_or_else(|| PathBuf::from("runs/latest"));
+            let resume = if cli.auto_resume && !checkpoint::list(&run_dir)?.is_empty() {
+                let (path, checkpoint) = checkpoint::load_for_resume(&run_dir)?;
+                eprintln!(
+                    "--auto-resume: resuming run {} at generation {} from {}",
+                    checkpoint.run_id,
+                    checkpoint.state.generation,
+                    path.display()
+                );
+                Some(checkpoint)
+            } else {
+                None
+            };
+            (config, resume, run_dir)
+        }
     };
     let kernel = match &cli.kernel {
         Some(name) if !name.is_empty() => name.parse::<Kernel>()?,
@@ -296,6 +325,7 @@ fn run_cluster(
         workers: workers.max(1),
         lease: seconds("lease", cli.lease)?,
         heartbeat: seconds("heartbeat", cli.heartbeat)?,
+        audit_every: cli.audit_every,
         ..ClusterOptions::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -315,6 +345,46 @@ fn run_cluster(
         let summary =
             cluster::run_from(config, env, options, listener, shutdown, resume).await?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    })
+}
+
+/// Asks the gRPC health service at `address` about the Coordinator service.
+fn probe(address: &str) -> anyhow::Result<()> {
+    use es_proto::tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+            .with_context(|| format!("--probe {address}: expected HOST:PORT"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .with_context(|| format!("no coordinator answers at {uri}"))?;
+        let service = <es_proto::pb::coordinator_server::CoordinatorServer<()> as tonic::server::NamedService>::NAME;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .with_context(|| format!("health check of {uri} failed"))?
+            .into_inner();
+        anyhow::ensure!(
+            reply.status() == ServingStatus::Serving,
+            "{uri} reports {:?} for {service}: expected SERVING",
+            reply.status()
+        );
+        println!("{uri}: {service} is serving");
         Ok(())
     })
 }
