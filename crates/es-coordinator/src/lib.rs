@@ -6,6 +6,7 @@
 //! - [`cluster`]: the gRPC coordinator serving remote workers.
 //! - [`config`]: the run's configuration (defaults, TOML file, CLI overrides).
 //! - [`embedded`]: the training loop on this machine, writing the run directory.
+//! - [`export`]: parameters out of a run: detailed evaluation, safetensors, `.npy` logits.
 //! - [`run_dir`]: `config.toml`, `metrics.jsonl`, `theta.f32`, `summary.json`.
 //! - [`scheduler`]: one generation's leases and results (synchronous; the server locks it).
 
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod embedded;
+pub mod export;
 pub mod run_dir;
 pub mod scheduler;
 
@@ -43,6 +45,8 @@ pub enum RunError {
         "the run to resume in {path} has other settings than its checkpoint: only the time limit, eval_every and checkpoint_every may change on --resume"
     )]
     ResumeConfig { path: PathBuf },
+    #[error("export: {0}")]
+    Export(String),
     #[error(transparent)]
     NoiseFile(#[from] es_data::noise_file::NoiseFileError),
     #[error("i/o error on {path}: {source}")]

@@ -173,3 +173,92 @@ fn probe_reports_a_coordinator_that_does_not_answer() {
         "{err}"
     );
 }
+
+#[test]
+fn underflow_evaluates_and_exports_a_run() {
+    let dir = std::env::temp_dir().join(format!("underflow-cli-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/mnist");
+    let run = dir.join("run");
+    let trained = coordinator()
+        .args(["--generations", "3", "--population", "8", "--batch", "32"])
+        .args(["--eval-every", "0", "--noise-table-len", "1048576"])
+        .args(["--mirror", "none", "--threads", "1", "--data", data])
+        .arg("--run-dir")
+        .arg(&run)
+        .env("UNDERFLOW_CACHE", dir.join("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let underflow = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_underflow"));
+        c.env("UNDERFLOW_DATA", data);
+        c
+    };
+    // The run's own arithmetic, then the unflushed control: the summary's two accuracies.
+    for (mode, key) in [
+        (None, "test_accuracy"),
+        (Some("ieee"), "test_accuracy_unflushed"),
+    ] {
+        let mut c = underflow();
+        c.arg("evaluate").arg(&run).arg("--json");
+        if let Some(mode) = mode {
+            c.args(["--mode", mode]);
+        }
+        c.arg("--logits").arg(dir.join("logits.npy"));
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["accuracy"], summary[key], "{mode:?}");
+        assert_eq!(report["samples"], 10_000);
+        let confusion = report["confusion"].as_array().unwrap();
+        let total: u64 = confusion
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .map(|c| c.as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 10_000);
+        let npy = std::fs::metadata(dir.join("logits.npy")).unwrap().len();
+        assert!((400_000..400_256).contains(&npy), "{npy} bytes of logits");
+    }
+    // Export, and read the tensors back: θ's bits in the documented names and shapes.
+    let out = underflow()
+        .arg("export")
+        .arg(&run)
+        .arg("--out")
+        .arg(dir.join("model.safetensors"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let net = es_kernel::NetConfig::default();
+    let back = es_coordinator::export::from_safetensors(&net, &bytes).unwrap();
+    let theta = es_coordinator::run_dir::read_theta(&run.join("theta.f32"), back.len()).unwrap();
+    assert!(
+        back.iter()
+            .map(|x| x.to_bits())
+            .eq(theta.iter().map(|x| x.to_bits())),
+        "the export holds θ bit for bit"
+    );
+    let missing = underflow()
+        .args(["evaluate", "/nonexistent/run"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/run"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,157 @@
+//! `underflow`: takes results out of a run. `evaluate` scores a run's final parameters or a
+//! checkpoint on the MNIST test set (accuracy, per-class accuracy, confusion matrix, loss;
+//! optionally every image's logits as `.npy`); `export` writes θ as safetensors.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use es_coordinator::export::{self, Parameters};
+use es_core::train::Dataset;
+use es_data::mnist;
+use es_kernel::{Arithmetic, Kernel};
+
+/// Evaluate and export the parameters of an Underflow run.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Score parameters on the 10,000 MNIST test images.
+    Evaluate {
+        /// A run directory (its theta.f32, else its newest checkpoint), a checkpoint file
+        /// (.ckpt) or a theta.f32 beside its config.toml.
+        run: PathBuf,
+        /// Evaluate in another arithmetic than the run's: ftz, seed or ieee (no flushing at
+        /// all: the control that shows what the underflow contributes).
+        #[arg(long)]
+        mode: Option<String>,
+        /// Also write every image's logits here as a NumPy .npy array [10000, 10].
+        #[arg(long, value_name = "FILE.npy")]
+        logits: Option<PathBuf>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Directory with the MNIST files.
+        #[arg(long, env = "UNDERFLOW_DATA")]
+        data: Option<PathBuf>,
+        /// Force a kernel: portable, avx2 or avx512.
+        #[arg(long, env = es_kernel::kernels::KERNEL_ENV)]
+        kernel: Option<String>,
+    },
+    /// Write θ as safetensors: w1, b1, w2, b2, … ([fan_in, fan_out] and [fan_out], f32),
+    /// with the arithmetic mode, widths and scale exponents as metadata.
+    Export {
+        /// A run directory, checkpoint or theta.f32 (as for evaluate).
+        run: PathBuf,
+        /// The file to write.
+        #[arg(long, short, value_name = "FILE.safetensors")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Evaluate {
+            run,
+            mode,
+            logits,
+            json,
+            data,
+            kernel,
+        } => evaluate(run, mode, logits, json, data, kernel),
+        Command::Export { run, out } => {
+            let Parameters {
+                config,
+                theta,
+                source,
+                ..
+            } = export::load_parameters(&run)?;
+            let net = config.net()?;
+            let bytes = export::to_safetensors(&net, &theta)?;
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes) from {}",
+                out.display(),
+                bytes.len(),
+                source.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn evaluate(
+    run: PathBuf,
+    mode: Option<String>,
+    logits: Option<PathBuf>,
+    json: bool,
+    data: Option<PathBuf>,
+    kernel: Option<String>,
+) -> anyhow::Result<()> {
+    let params = export::load_parameters(&run)?;
+    let mut net = params.config.net()?;
+    if let Some(mode) = mode {
+        net.arithmetic = mode.parse::<Arithmetic>()?;
+    }
+    let kernel = match kernel {
+        Some(name) if !name.is_empty() => name.parse::<Kernel>()?,
+        _ => Kernel::detect()?,
+    };
+    let data_dir = data.unwrap_or_else(mnist::default_data_dir);
+    let mnist = mnist::load(&data_dir)?;
+    let test = Dataset {
+        images: &mnist.test.images,
+        labels: &mnist.test.labels,
+    };
+    let report = export::evaluate(&net, kernel, &params.theta, test)?;
+    if let Some(path) = &logits {
+        let bytes = export::npy_f32(&[report.samples, net.outputs], &report.logits);
+        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let per_class = report.per_class_accuracy();
+    if json {
+        let value = serde_json::json!({
+            "source": params.source,
+            "generation": params.generation,
+            "mode": net.arithmetic.name(),
+            "samples": report.samples,
+            "accuracy": report.accuracy(),
+            "loss": report.loss,
+            "per_class_accuracy": per_class,
+            "confusion": report.confusion,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({} arithmetic{}): test accuracy {:.4}, loss {:.4} on {} images",
+        params.source.display(),
+        net.arithmetic.name(),
+        params
+            .generation
+            .map(|g| format!(", generation {g}"))
+            .unwrap_or_default(),
+        report.accuracy(),
+        report.loss,
+        report.samples
+    );
+    println!("\nclass  accuracy   confusion (rows: label, columns: predicted)");
+    for (label, row) in report.confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|c| format!("{c:5}")).collect();
+        println!("{label:5}  {:8.4}  {}", per_class[label], cells.join(""));
+    }
+    Ok(())
+}
