@@ -102,6 +102,11 @@ impl GenerationWork {
         self.generation
     }
 
+    /// The number of indices (mirrored pairs) of the generation.
+    pub fn population(&self) -> u32 {
+        self.population
+    }
+
     /// Leases the next waiting chunk (at most `max_count` indices of it; the rest waits) to
     /// `worker` until `now + lease`.
     pub fn assign(
