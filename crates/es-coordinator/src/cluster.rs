@@ -106,6 +106,8 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 /// The deadline of a unary call, reading its request included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping coordinator waits for clients to close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The golden task every worker of a run must reproduce: generation 0's minibatch and σ,
 /// perturbation 0.
@@ -492,11 +494,21 @@ async fn serve_worker(
     tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
 ) {
     let silence = shared.options.heartbeat * 3;
-    let first =
-        match tokio::time::timeout(silence.max(Duration::from_secs(10)), inbound.message()).await {
-            Ok(Ok(first)) => first,
-            _ => return,
-        };
+    let deadline = silence.max(Duration::from_secs(10));
+    // A stream that fails (e.g. an oversized message) or stays silent is told why.
+    let first = match tokio::time::timeout(deadline, inbound.message()).await {
+        Ok(Ok(first)) => first,
+        Ok(Err(status)) => {
+            let _ = tx.send(Err(status));
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(Err(Status::deadline_exceeded(format!(
+                "no prove within {deadline:?} of opening the work stream"
+            ))));
+            return;
+        }
+    };
     let (worker, cached) = match check_proof(&shared, first) {
         Ok(ok) => ok,
         Err(refusal) => {
@@ -546,7 +558,11 @@ async fn serve_worker(
     let end = loop {
         let message = match tokio::time::timeout(silence, inbound.message()).await {
             Err(_) => break "silent for three heartbeat intervals".to_string(),
-            Ok(Err(status)) => break format!("stream failed: {}", status.message()),
+            Ok(Err(status)) => {
+                let end = format!("stream failed: {}", status.message());
+                let _ = tx.send(Err(status));
+                break end;
+            }
             Ok(Ok(None)) => break "stream closed".to_string(),
             Ok(Ok(Some(m))) => m,
         };
@@ -1093,8 +1109,20 @@ pub async fn run_from(
     }
     // Give the shutdown messages a moment to leave before the server closes the streams.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // A graceful stop waits for clients to close their connections; one that never does
+    // (a stuck or hostile client) must not keep the coordinator from exiting.
     let _ = stop_server.send(());
-    let _ = server.await;
+    let mut server = server;
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "clients kept connections open after the run: closing them"
+        );
+        server.abort();
+    }
     result
 }
 
