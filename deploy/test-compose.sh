@@ -31,6 +31,10 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$work/runs"
+# The run's token, a secret the containers read as a file.
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/token"
+chmod 644 "$work/token"
+export UNDERFLOW_TOKEN_FILE="$work/token"
 # Generations of a few tenths of a second, so that the faults land mid-run.
 cat > "$work/run.toml" <<'TOML'
 generations = 40

@@ -24,17 +24,21 @@ use es_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use es_proto::pb::{self, RefusalReason};
 use es_proto::{Digest, EncodedTheta, GoldenEval, GoldenProof, PROTOCOL_VERSION};
 use tokio::sync::{Notify, mpsc};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::RunError;
+use crate::auth::{RequireToken, ServerTls, Token, check_exposure};
 use crate::checkpoint::{Checkpoint, Checkpointer};
 use crate::config::RunConfig;
 use crate::embedded::{self, Environment, RunSummary};
+use crate::limits::{Incoming, TokenBucket, inbound_message_limit};
 use crate::run_dir::RunDir;
 use crate::scheduler::{GenerationWork, Submitted, WorkerId, same_result};
 
-/// How the cluster waits for and watches its workers.
+/// How the cluster waits for and watches its workers, who may take part, and what each may
+/// cost (see `auth` and `limits`).
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     /// Workers to wait for before the first generation; later ones join the run as they come.
@@ -51,6 +55,21 @@ pub struct ClusterOptions {
     /// Every this many generations, the coordinator evaluates one result of each worker
     /// itself (its first of the generation) before the update; 0 turns audits off.
     pub audit_every: u32,
+    /// The cluster's shared token, required on every call of the `Coordinator` service.
+    pub token: Option<Token>,
+    /// TLS (and, with a client CA, mutual TLS); `None` serves plain HTTP/2.
+    pub tls: Option<ServerTls>,
+    /// Serve unauthenticated on an address other than loopback (see
+    /// [`crate::auth::check_exposure`]).
+    pub insecure: bool,
+    /// Workers joined or streaming at once; a Join beyond is refused with `FULL`.
+    pub max_workers: usize,
+    /// Open connections at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// `Results` and `ThetaRequest` messages per second one stream may send (a token bucket
+    /// holding one second's worth); each one beyond is rejected unread, and counts towards
+    /// [`ClusterOptions::max_rejected`].
+    pub results_per_sec: f64,
 }
 
 impl Default for ClusterOptions {
@@ -62,9 +81,37 @@ impl Default for ClusterOptions {
             heartbeat: Duration::from_secs(2),
             max_rejected: 64,
             audit_every: 1,
+            token: None,
+            tls: None,
+            insecure: false,
+            max_workers: 64,
+            max_connections: 128,
+            results_per_sec: 1000.0,
         }
     }
 }
+
+/// How long a joined worker may take to open its stream (it may first build its noise
+/// table) before its place is given to others.
+const JOIN_TTL: Duration = Duration::from_secs(600);
+/// The longest worker name and kernel name kept from a `JoinRequest` (they are for logs).
+const MAX_NAME_CHARS: usize = 64;
+/// Full copies of θ one worker may ask for in one generation (a worker that lost its copy
+/// asks once); more are rejected, since each costs the coordinator θ's bytes on the wire.
+const MAX_THETA_REQUESTS: u32 = 4;
+/// Rejected parts of one message that are logged one by one; the rest are counted.
+const LOGGED_ERRORS: usize = 3;
+/// The HTTP/2 flow-control window of each stream a client opens (the connection's is twice
+/// this): how much a client can make the coordinator buffer before it reads.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Streams one connection may hold open at once (a worker needs two: Join and Work).
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// The largest header block a client may send (the token is one short header).
+const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+/// The deadline of a unary call, reading its request included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping coordinator waits for clients to close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The golden task every worker of a run must reproduce: generation 0's minibatch and σ,
 /// perturbation 0.
@@ -86,13 +133,22 @@ struct WorkerSlot {
     rejected: u32,
     /// Results accepted from this stream (for the logs: who contributed).
     accepted: u64,
+    /// The generation of the last `ThetaRequest` and how many came for it.
+    theta_requests: (u32, u32),
+}
+
+/// A worker that joined but has not proven itself yet.
+struct Joined {
+    threads: u32,
+    name: String,
+    at: Instant,
 }
 
 #[derive(Default)]
 struct State {
     next_worker_id: WorkerId,
-    /// Joined but not yet proven, with their thread counts and names.
-    joined: HashMap<WorkerId, (u32, String)>,
+    /// Joined but not yet proven.
+    joined: HashMap<WorkerId, Joined>,
     workers: HashMap<WorkerId, WorkerSlot>,
     work: Option<GenerationWork>,
     /// The current generation and its θ, encoded for the wire and as numbers (to settle
@@ -320,14 +376,38 @@ impl Coordinator for Service {
                 "threads is 0: expected at least 1".into(),
             )));
         }
+        let name: String = join.name.chars().take(MAX_NAME_CHARS).collect();
+        let kernel: String = join.kernel.chars().take(MAX_NAME_CHARS).collect();
         let worker_id = {
             let mut state = shared.lock();
+            let now = Instant::now();
+            state
+                .joined
+                .retain(|_, joined| now.duration_since(joined.at) < JOIN_TTL);
+            let taken = state.joined.len() + state.workers.len();
+            if taken >= shared.options.max_workers {
+                drop(state);
+                return Ok(Response::new(refuse(
+                    RefusalReason::Full,
+                    format!(
+                        "the coordinator already has {taken} workers joined or working: at most {} (--max-workers)",
+                        shared.options.max_workers
+                    ),
+                )));
+            }
             state.next_worker_id += 1;
             let id = state.next_worker_id;
-            state.joined.insert(id, (join.threads, join.name.clone()));
+            state.joined.insert(
+                id,
+                Joined {
+                    threads: join.threads,
+                    name: name.clone(),
+                    at: now,
+                },
+            );
             id
         };
-        tracing::info!(worker_id, name = %join.name, threads = join.threads, kernel = %join.kernel, ?peer, "worker joined");
+        tracing::info!(worker_id, %name, threads = join.threads, %kernel, ?peer, "worker joined");
         let accepted = pb::JoinAccepted {
             protocol_version: PROTOCOL_VERSION,
             run_id: shared.run_id.clone(),
@@ -435,11 +515,21 @@ async fn serve_worker(
     tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
 ) {
     let silence = shared.options.heartbeat * 3;
-    let first =
-        match tokio::time::timeout(silence.max(Duration::from_secs(10)), inbound.message()).await {
-            Ok(Ok(first)) => first,
-            _ => return,
-        };
+    let deadline = silence.max(Duration::from_secs(10));
+    // A stream that fails (e.g. an oversized message) or stays silent is told why.
+    let first = match tokio::time::timeout(deadline, inbound.message()).await {
+        Ok(Ok(first)) => first,
+        Ok(Err(status)) => {
+            let _ = tx.send(Err(status));
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(Err(Status::deadline_exceeded(format!(
+                "no prove within {deadline:?} of opening the work stream"
+            ))));
+            return;
+        }
+    };
     let (worker, cached) = match check_proof(&shared, first) {
         Ok(ok) => ok,
         Err(refusal) => {
@@ -451,7 +541,11 @@ async fn serve_worker(
     };
     {
         let mut state = shared.lock();
-        let (threads, name) = state.joined.remove(&worker).unwrap_or((1, String::new()));
+        let Joined { threads, name, .. } = state.joined.remove(&worker).unwrap_or(Joined {
+            threads: 1,
+            name: String::new(),
+            at: Instant::now(),
+        });
         if let Some(completed) = state.finished {
             let reason = if completed {
                 "the run is over"
@@ -473,6 +567,7 @@ async fn serve_worker(
                 theta_digest: cached,
                 rejected: 0,
                 accepted: 0,
+                theta_requests: (0, 0),
             },
         );
         announce(&mut state, worker);
@@ -480,14 +575,28 @@ async fn serve_worker(
     }
     shared.changed.notify_waiters();
 
+    let rate = shared.options.results_per_sec;
+    let mut bucket = TokenBucket::new(rate, rate.min(f64::from(u32::MAX)) as u32, Instant::now());
     let end = loop {
         let message = match tokio::time::timeout(silence, inbound.message()).await {
             Err(_) => break "silent for three heartbeat intervals".to_string(),
-            Ok(Err(status)) => break format!("stream failed: {}", status.message()),
+            Ok(Err(status)) => {
+                let end = format!("stream failed: {}", status.message());
+                let _ = tx.send(Err(status));
+                break end;
+            }
             Ok(Ok(None)) => break "stream closed".to_string(),
             Ok(Ok(Some(m))) => m,
         };
-        let handled = handle_message(&shared, worker, message);
+        use pb::worker_message::Kind;
+        let costly = matches!(message.kind, Some(Kind::Results(_) | Kind::ThetaRequest(_)));
+        let handled = if costly && !bucket.take(Instant::now()) {
+            Handled::error(format!(
+                "more than {rate} results or theta requests per second: message dropped"
+            ))
+        } else {
+            handle_message(&shared, worker, message)
+        };
         if !handled.errors.is_empty() {
             let mut state = shared.lock();
             state.rejected_messages += handled.errors.len() as u64;
@@ -497,8 +606,15 @@ async fn serve_worker(
                 slot.rejected
             });
             drop(state);
-            for error in &handled.errors {
+            for error in handled.errors.iter().take(LOGGED_ERRORS) {
                 tracing::warn!(worker_id = worker, %error, "rejected a worker's message");
+            }
+            if handled.errors.len() > LOGGED_ERRORS {
+                tracing::warn!(
+                    worker_id = worker,
+                    more = handled.errors.len() - LOGGED_ERRORS,
+                    "rejected more parts of the same message"
+                );
             }
             if rejected > shared.options.max_rejected {
                 let reason = format!(
@@ -622,6 +738,14 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 }
                 return handled;
             }
+            if results.pairs.len() > work.population() as usize {
+                handled.errors.push(format!(
+                    "results message with {} pairs: a generation has {}",
+                    results.pairs.len(),
+                    work.population()
+                ));
+                return handled;
+            }
             for pair in &results.pairs {
                 let result = match pair.to_core(shared.batch_size) {
                     Ok(result) => result,
@@ -689,7 +813,17 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
             handled
         }
         Some(Kind::ThetaRequest(request)) => {
+            let current = state.current.as_ref().map(|(t, _)| *t);
             if let Some(slot) = state.workers.get_mut(&worker) {
+                let (t, count) = slot.theta_requests;
+                let count = if current == Some(t) { count + 1 } else { 1 };
+                slot.theta_requests = (current.unwrap_or(0), count);
+                if count > MAX_THETA_REQUESTS {
+                    return Handled::error(format!(
+                        "theta request number {count} in generation {}: at most {MAX_THETA_REQUESTS} are answered",
+                        request.generation
+                    ));
+                }
                 slot.theta_digest = None;
             }
             tracing::debug!(
@@ -839,6 +973,17 @@ pub async fn run_from(
     shutdown: Shutdown,
     resume: Option<Checkpoint>,
 ) -> Result<RunSummary, RunError> {
+    let local = listener.local_addr().map_err(|source| RunError::Io {
+        path: "listener".into(),
+        source,
+    })?;
+    check_exposure(
+        local,
+        options.token.is_some(),
+        options.tls.as_ref().is_some_and(ServerTls::mutual),
+        options.insecure,
+    )
+    .map_err(RunError::Exposed)?;
     let net = config.net()?;
     let es = config.es()?;
     let data = {
@@ -924,22 +1069,51 @@ pub async fn run_from(
     health_reporter
         .set_serving::<CoordinatorServer<Service>>()
         .await;
-    let service = CoordinatorServer::new(Service(Arc::clone(&shared)))
-        .max_decoding_message_size(es_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(es_proto::MAX_MESSAGE_BYTES);
+    // Every call of the Coordinator service needs the token; the interceptor runs before a
+    // request's body is read. A worker sends small messages: the decoding limit is what a
+    // generation of results needs, not θ's size.
+    let service = InterceptedService::new(
+        CoordinatorServer::new(Service(Arc::clone(&shared)))
+            .max_decoding_message_size(inbound_message_limit(es.population))
+            .max_encoding_message_size(es_proto::MAX_MESSAGE_BYTES),
+        RequireToken::new(options.token.as_ref()),
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls.config())
+            .map_err(|e| RunError::Serve(format!("the TLS configuration is unusable: {e}")))?;
+    }
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            // θ (2.7 MB) goes to every worker each generation: windows large enough that it
-            // does not wait on HTTP/2 flow control (the default is 64 KiB).
-            .initial_stream_window_size(Some(es_proto::MAX_MESSAGE_BYTES as u32))
-            .initial_connection_window_size(Some(es_proto::MAX_MESSAGE_BYTES as u32))
-            .tcp_nodelay(true)
+        builder
+            // Flow-control windows bound what a client can make the coordinator buffer:
+            // workers send small messages (θ travels the other way, under the worker's own
+            // windows), so 1 MiB per stream and 2 MiB per connection slow nothing down.
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(2 * STREAM_WINDOW))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            // Unary calls (Join) must finish within this; work streams have their own
+            // deadlines (first message, heartbeats) in `serve_worker`.
+            .timeout(CALL_TIMEOUT)
+            // A peer that stops answering pings (vanished, cut off) loses its connection.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = server_stopped.await;
-            }),
+            .serve_with_incoming_shutdown(
+                Incoming::new(listener, options.max_connections),
+                async {
+                    let _ = server_stopped.await;
+                },
+            ),
+    );
+    tracing::info!(
+        tls = options.tls.is_some(),
+        mutual_tls = options.tls.as_ref().is_some_and(ServerTls::mutual),
+        token = options.token.is_some(),
+        "coordinator security"
     );
     tracing::info!(%addr, run_id, workers = options.workers, "coordinator listening");
 
@@ -983,8 +1157,20 @@ pub async fn run_from(
     }
     // Give the shutdown messages a moment to leave before the server closes the streams.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // A graceful stop waits for clients to close their connections; one that never does
+    // (a stuck or hostile client) must not keep the coordinator from exiting.
     let _ = stop_server.send(());
-    let _ = server.await;
+    let mut server = server;
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "clients kept connections open after the run: closing them"
+        );
+        server.abort();
+    }
     result
 }
 

@@ -2,21 +2,25 @@
 //! training: in the embedded single-machine mode (in-process evaluators on all cores) or as
 //! the gRPC coordinator of a cluster of stateless workers.
 //!
+//! - [`auth`]: the shared token on every call, TLS, and no unauthenticated public listener.
 //! - [`checkpoint`]: θ, Adam and the run's identity in one digest-sealed file; `--resume`.
 //! - [`cluster`]: the gRPC coordinator serving remote workers.
 //! - [`config`]: the run's configuration (defaults, TOML file, CLI overrides).
 //! - [`embedded`]: the training loop on this machine, writing the run directory.
 //! - [`export`]: parameters out of a run: detailed evaluation, safetensors, `.npy` logits.
+//! - [`limits`]: what one client may cost: connections, message rates and sizes.
 //! - [`run_dir`]: `config.toml`, `metrics.jsonl`, `theta.f32`, `summary.json`.
 //! - [`scheduler`]: one generation's leases and results (synchronous; the server locks it).
 
 use std::path::PathBuf;
 
+pub mod auth;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod embedded;
 pub mod export;
+pub mod limits;
 pub mod run_dir;
 pub mod scheduler;
 
@@ -49,6 +53,11 @@ pub enum RunError {
     Export(String),
     #[error(transparent)]
     NoiseFile(#[from] es_data::noise_file::NoiseFileError),
+    /// The coordinator would serve unauthenticated on an address other machines reach.
+    #[error("{0}")]
+    Exposed(String),
+    #[error("cannot serve: {0}")]
+    Serve(String),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -46,7 +46,7 @@ pub enum Submitted {
     WrongGeneration { current: u32 },
     /// The index is outside `0..population`.
     OutOfRange { population: u32 },
-    /// The index was never leased to this worker (and is not done).
+    /// The index was never leased to this worker (done or not).
     NotAssigned,
     /// The worker's lease on the index ended before it delivered: dropped.
     Late,
@@ -102,6 +102,11 @@ impl GenerationWork {
         self.generation
     }
 
+    /// The number of indices (mirrored pairs) of the generation.
+    pub fn population(&self) -> u32 {
+        self.population
+    }
+
     /// Leases the next waiting chunk (at most `max_count` indices of it; the rest waits) to
     /// `worker` until `now + lease`.
     pub fn assign(
@@ -150,8 +155,18 @@ impl GenerationWork {
             return Submitted::NotFinite;
         }
         let slot = result.index as usize;
+        let holds_lease = self
+            .lease_of(result.index)
+            .is_some_and(|l| l.worker == worker);
         if let Some(first) = self.results[slot] {
-            return if same_result(&first, &result) {
+            // Only a worker that was given the index can dispute it: anyone else's result is
+            // unasked for, and must not make the coordinator evaluate the index itself.
+            let involved = holds_lease
+                || self.was_leased_to(worker, result.index)
+                || self.delivered_by.get(&result.index) == Some(&worker);
+            return if !involved {
+                Submitted::NotAssigned
+            } else if same_result(&first, &result) {
                 Submitted::Duplicate
             } else {
                 Submitted::Conflict { first }
@@ -160,9 +175,6 @@ impl GenerationWork {
         // New results come only from the current lease holder. A worker whose lease ended
         // (it stalled or lost its stream) is late: its results are dropped (DESIGN.md §3),
         // after the cross-check above if the index is done.
-        let holds_lease = self
-            .lease_of(result.index)
-            .is_some_and(|l| l.worker == worker);
         if !holds_lease {
             return if self.was_leased_to(worker, result.index) {
                 Submitted::Late
@@ -495,6 +507,9 @@ mod tests {
             work.submit(1, 0, result(2, 9.0)),
             Submitted::Conflict { .. }
         ));
+        // A worker that was never given an index cannot dispute it.
+        assert_eq!(work.submit(3, 0, result(2, 9.0)), Submitted::NotAssigned);
+        assert_eq!(work.submit(3, 0, result(2, 1.0)), Submitted::NotAssigned);
     }
 
     #[test]

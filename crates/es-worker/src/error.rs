@@ -32,6 +32,10 @@ pub enum WorkerError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The TLS settings cannot be used (e.g. a PEM file that holds no certificate, or an
+    /// endpoint that is not `https://`).
+    #[error("cannot set up TLS to {endpoint}: {reason}")]
+    Tls { endpoint: String, reason: String },
     /// The shared token cannot travel as gRPC metadata.
     #[error("the token is not a valid header value: expected visible ASCII characters")]
     InvalidToken,

@@ -8,7 +8,8 @@
 //! can be dropped and rebuilt at any time. See `proto/es/v1/es.proto` for the protocol.
 //!
 //! - [`run`]: the worker's life, until the run is over, `shutdown` resolves or a final error.
-//! - [`WorkerOptions`], [`DataSource`], [`Backoff`]: what a worker is told at start.
+//! - [`WorkerOptions`], [`DataSource`], [`Backoff`], [`ClientTls`]: what a worker is told at
+//!   start.
 //! - [`WorkerExit`], [`WorkerError`]: how it ended.
 //! - `session` (private): join, prove, serve the `Work` stream, reconnect.
 //! - `compute` (private): the dedicated compute thread that runs every forward pass, so the
@@ -39,5 +40,5 @@ mod scripted_tests;
 mod session;
 
 pub use error::WorkerError;
-pub use options::{AUTHORIZATION_KEY, Backoff, DataSource, WorkerOptions, default_name};
+pub use options::{AUTHORIZATION_KEY, Backoff, ClientTls, DataSource, WorkerOptions, default_name};
 pub use session::{WorkerExit, run};

@@ -9,13 +9,16 @@ use es_data::mnist::Mnist;
 use es_kernel::Kernel;
 
 /// Everything [`crate::run`] needs. Build it with [`WorkerOptions::new`] and override fields.
-#[derive(Clone, Debug)]
+/// Its `Debug` leaves out the token and the TLS key.
+#[derive(Clone)]
 pub struct WorkerOptions {
-    /// The coordinator's URI, e.g. `http://127.0.0.1:50051`.
+    /// The coordinator's URI, e.g. `http://127.0.0.1:50051` (`https://` with [`Self::tls`]).
     pub endpoint: String,
     /// The cluster's shared token, sent on every call as `authorization: Bearer <token>`
     /// ([`AUTHORIZATION_KEY`]); `None` sends no such header.
     pub token: Option<String>,
+    /// TLS to the coordinator; `None` speaks plain HTTP/2.
+    pub tls: Option<ClientTls>,
     /// Threads the worker evaluates on (at least 1; 0 counts as 1).
     pub threads: usize,
     /// The MNIST files, already loaded or to be loaded from a directory.
@@ -41,6 +44,7 @@ impl WorkerOptions {
         WorkerOptions {
             endpoint: endpoint.into(),
             token: None,
+            tls: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             data,
             cache_dir: es_data::noise_file::default_cache_dir(),
@@ -51,6 +55,48 @@ impl WorkerOptions {
             reconnect: Backoff::default(),
             keepalive: Duration::from_secs(10),
         }
+    }
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .field("threads", &self.threads)
+            .field("data", &self.data)
+            .field("cache_dir", &self.cache_dir)
+            .field("name", &self.name)
+            .field("kernel", &self.kernel)
+            .field("reconnect", &self.reconnect)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+/// How the worker speaks TLS to the coordinator: the CA that signed the coordinator's
+/// certificate, and for mutual TLS the worker's own certificate and key (all PEM). Its
+/// `Debug` leaves out the key.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// The CA the coordinator's certificate must chain to (no system roots are trusted).
+    pub ca_pem: Vec<u8>,
+    /// The worker's certificate chain and private key, for a coordinator that requires
+    /// client certificates.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the coordinator's certificate must carry, when it differs from the
+    /// endpoint's host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_certificate", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
     }
 }
 
@@ -154,6 +200,24 @@ mod tests {
             give_up_after: None,
         };
         assert_eq!(b.delay(40), Duration::MAX);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let data = DataSource::Dir {
+            dir: "/data".into(),
+            mirrors: Vec::new(),
+        };
+        let mut options = WorkerOptions::new("https://c:1", data);
+        options.token = Some("hunter2".into());
+        options.tls = Some(ClientTls {
+            ca_pem: b"CA".to_vec(),
+            identity: Some((b"CERT".to_vec(), b"KEY hunter2".to_vec())),
+            domain: Some("coordinator".into()),
+        });
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("https://c:1"), "{shown}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::compute::{ChunkDone, ChunkJob, ChunkOutcome, ComputeThread};
@@ -170,6 +170,31 @@ fn client(options: &WorkerOptions) -> Result<Client, WorkerError> {
         .http2_keep_alive_interval(options.keepalive)
         .keep_alive_timeout(options.keepalive * 2)
         .keep_alive_while_idle(true);
+    let endpoint = match &options.tls {
+        None => endpoint,
+        Some(tls) => {
+            let failed = |reason: String| WorkerError::Tls {
+                endpoint: options.endpoint.clone(),
+                reason,
+            };
+            if endpoint.uri().scheme_str() != Some("https") {
+                return Err(failed(
+                    "the endpoint is not https://: TLS needs an https:// URI".into(),
+                ));
+            }
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint
+                .tls_config(config)
+                .map_err(|e| failed(e.to_string()))?
+        }
+    };
     let token = options
         .token
         .as_ref()

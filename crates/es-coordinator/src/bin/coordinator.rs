@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use es_coordinator::auth::{ServerTls, Token};
 use es_coordinator::checkpoint::{self, Checkpoint};
 use es_coordinator::cluster::{self, ClusterOptions};
 use es_coordinator::config::{NoiseKind, RunConfig};
@@ -24,9 +25,42 @@ struct Cli {
     /// Serve gRPC and wait for this many remote workers instead of training in-process.
     #[arg(long)]
     workers: Option<usize>,
-    /// Address to serve on with --workers (default: loopback only).
+    /// Address to serve on with --workers (default: loopback only). Any other address needs
+    /// a token or mutual TLS, or --insecure.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
+    /// The cluster's shared token, required on every call (never logged).
+    #[arg(
+        long,
+        env = "UNDERFLOW_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<Token>,
+    /// A file holding the shared token (e.g. a mounted secret).
+    #[arg(long, env = "UNDERFLOW_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate (chain); needs --tls-key.
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: every worker must present a certificate signed by this PEM CA.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve unauthenticated (no token, no mutual TLS) on an address other than loopback.
+    #[arg(long)]
+    insecure: bool,
+    /// Workers joined or working at once; more are refused (FULL).
+    #[arg(long, default_value_t = 64)]
+    max_workers: usize,
+    /// Open connections at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 128)]
+    max_connections: usize,
+    /// Results (and theta requests) per second one worker may send; more are rejected.
+    #[arg(long, default_value_t = 1000.0)]
+    max_results_per_sec: f64,
     /// Seconds a chunk may take beyond its expected time (measured on the previous
     /// generation) before it is handed to another worker.
     #[arg(long, default_value_t = 5.0)]
@@ -321,11 +355,38 @@ fn run_cluster(
         );
         Ok(Duration::from_secs_f64(value))
     };
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "the token is given twice (--token or UNDERFLOW_TOKEN, and --token-file): give it once"
+        ),
+        (Some(token), None) => Some(token.clone()),
+        (None, Some(path)) => Some(Token::from_file(path)?),
+        (None, None) => None,
+    };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::from_files(
+            cert,
+            key,
+            cli.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    anyhow::ensure!(
+        cli.max_results_per_sec.is_finite() && cli.max_results_per_sec >= 1.0,
+        "--max-results-per-sec {}: expected at least 1",
+        cli.max_results_per_sec
+    );
     let options = ClusterOptions {
         workers: workers.max(1),
         lease: seconds("lease", cli.lease)?,
         heartbeat: seconds("heartbeat", cli.heartbeat)?,
         audit_every: cli.audit_every,
+        token,
+        tls,
+        insecure: cli.insecure,
+        max_workers: cli.max_workers.max(workers),
+        max_connections: cli.max_connections.max(1),
+        results_per_sec: cli.max_results_per_sec,
         ..ClusterOptions::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use es_data::mnist;
 use es_kernel::Kernel;
-use es_worker::{Backoff, DataSource, WorkerExit, WorkerOptions};
+use es_worker::{Backoff, ClientTls, DataSource, WorkerExit, WorkerOptions};
 
 /// Evaluate evolution-strategies perturbations for an Underflow coordinator.
 #[derive(Parser, Debug)]
@@ -38,9 +38,24 @@ struct Cli {
     /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
     #[arg(long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
-    /// The cluster's shared token, sent on every call.
+    /// The cluster's shared token, sent on every call (never logged).
     #[arg(long, env = "UNDERFLOW_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the shared token (e.g. a mounted secret).
+    #[arg(long, env = "UNDERFLOW_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Speak TLS, trusting only this PEM CA for the coordinator's certificate.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this worker's PEM certificate (needs --tls-key and --tls-ca).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// The name the coordinator's certificate carries, if not the host of --connect.
+    #[arg(long, requires = "tls_ca", value_name = "NAME")]
+    tls_domain: Option<String>,
     /// Give up when the coordinator stays unreachable this many seconds (default: never).
     #[arg(long, value_name = "SECONDS")]
     give_up_after: Option<f64>,
@@ -56,10 +71,39 @@ impl Cli {
             Some(name) if !name.is_empty() => name.parse::<Kernel>()?,
             _ => Kernel::detect()?,
         };
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("--{flag} {}", path.display()))
+        };
+        let tls = match &self.tls_ca {
+            None => None,
+            Some(ca) => Some(ClientTls {
+                ca_pem: read("tls-ca", ca)?,
+                identity: match (&self.tls_cert, &self.tls_key) {
+                    (Some(cert), Some(key)) => {
+                        Some((read("tls-cert", cert)?, read("tls-key", key)?))
+                    }
+                    _ => None,
+                },
+                domain: self.tls_domain.clone(),
+            }),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = if self.connect.contains("://") {
             self.connect
         } else {
-            format!("http://{}", self.connect)
+            format!("{scheme}://{}", self.connect)
+        };
+        let token = match (self.token.filter(|t| !t.is_empty()), &self.token_file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "the token is given twice (--token or UNDERFLOW_TOKEN, and --token-file): give it once"
+            ),
+            (Some(token), None) => Some(token),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--token-file {}", path.display()))?;
+                Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+            }
+            (None, None) => None,
         };
         let data = DataSource::Dir {
             dir: self.data.unwrap_or_else(mnist::default_data_dir),
@@ -86,7 +130,8 @@ impl Cli {
             options.name = name;
         }
         options.kernel = kernel;
-        options.token = self.token.filter(|t| !t.is_empty());
+        options.token = token;
+        options.tls = tls;
         options.reconnect = Backoff {
             give_up_after,
             ..Backoff::default()
@@ -143,6 +188,8 @@ async fn main() -> anyhow::Result<ExitCode> {
     let options = Cli::parse().options()?;
     tracing::info!(
         endpoint = %options.endpoint,
+        tls = options.tls.is_some(),
+        token = options.token.is_some(),
         threads = options.threads,
         kernel = %options.kernel,
         cache_dir = %options.cache_dir.display(),
