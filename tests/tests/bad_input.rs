@@ -93,6 +93,8 @@ fn results(generation: u32, pairs: Vec<pb::PairResult>) -> pb::WorkerMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
+    // The coordinator's log, shown when the test fails.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let scratch = Scratch::new("bad-input");
     let reference = {
         let env = environment(&scratch, "reference", 2);
@@ -167,20 +169,26 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
         .await
         .unwrap()
         .into_inner();
-    let mut next = async || -> coordinator_message::Kind {
-        tokio::time::timeout(Duration::from_secs(60), inbound.next())
-            .await
-            .expect("the coordinator answers")
-            .expect("the stream is open")
-            .expect("no stream error")
-            .kind
-            .expect("a kind")
+    let mut next = async |limit: Duration| -> Option<coordinator_message::Kind> {
+        match tokio::time::timeout(limit, inbound.next()).await {
+            Err(_) => None,
+            Ok(message) => Some(
+                message
+                    .expect("the stream is open")
+                    .expect("no stream error")
+                    .kind
+                    .expect("a kind"),
+            ),
+        }
     };
+    const WAIT: Duration = Duration::from_secs(60);
     assert!(matches!(
-        next().await,
+        next(WAIT).await.expect("the coordinator answers"),
         coordinator_message::Kind::ProofAccepted(_)
     ));
-    let coordinator_message::Kind::Generation(generation) = next().await else {
+    let coordinator_message::Kind::Generation(generation) =
+        next(WAIT).await.expect("the coordinator answers")
+    else {
         panic!("expected the first generation");
     };
     let t = generation.generation;
@@ -193,26 +201,34 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
     )
     .await
     .unwrap();
-    let coordinator_message::Kind::Assign(assign) = next().await else {
+    let coordinator_message::Kind::Assign(assign) =
+        next(WAIT).await.expect("the coordinator answers")
+    else {
         panic!("expected an assignment");
     };
-    let mine = assign.first_index..assign.first_index + assign.count;
+    // The credits may come back as several chunks: collect every assignment that follows.
+    let mut mine: Vec<u32> = (assign.first_index..assign.first_index + assign.count).collect();
+    while let Some(message) = next(Duration::from_millis(500)).await {
+        if let coordinator_message::Kind::Assign(more) = message {
+            mine.extend(more.first_index..more.first_index + more.count);
+        }
+    }
     let not_mine = (0..24).find(|i| !mine.contains(i)).unwrap();
 
     // Every kind of bad message; each is refused and logged, none ends the run.
     let batch = config().batch as u64;
     for bad in [
-        results(t + 5, vec![pair(mine.start, -1.0, -1.0, 1)]),
+        results(t + 5, vec![pair(mine[0], -1.0, -1.0, 1)]),
         results(t, vec![pair(9999, -1.0, -1.0, 1)]),
         results(t, vec![pair(not_mine, -1.0, -1.0, 1)]),
-        results(t, vec![pair(mine.start, f64::NAN, -1.0, 1)]),
-        results(t, vec![pair(mine.start, f64::INFINITY, -1.0, 1)]),
-        results(t, vec![pair(mine.start, -1.0, -1.0, batch + 1)]),
+        results(t, vec![pair(mine[0], f64::NAN, -1.0, 1)]),
+        results(t, vec![pair(mine[0], f64::INFINITY, -1.0, 1)]),
+        results(t, vec![pair(mine[0], -1.0, -1.0, batch + 1)]),
         results(
             t,
             vec![pb::PairResult {
                 fitness_plus: None,
-                ..pair(mine.start, -1.0, -1.0, 1)
+                ..pair(mine[0], -1.0, -1.0, 1)
             }],
         ),
         pb::WorkerMessage { kind: None },
@@ -221,10 +237,10 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
         out.send(bad).await.unwrap();
     }
     // Then lies about its own indices: the coordinator audits one and quarantines it.
-    let lies = mine.clone().map(|i| pair(i, -0.5, -0.25, 3)).collect();
+    let lies = mine.iter().map(|&i| pair(i, -0.5, -0.25, 3)).collect();
     out.send(results(t, lies)).await.unwrap();
     let shutdown = loop {
-        match next().await {
+        match next(WAIT).await.expect("the coordinator answers") {
             coordinator_message::Kind::Shutdown(s) => break s,
             _ => continue,
         }
