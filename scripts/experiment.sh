@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One reproducible training experiment (issue: reproduce and beat the seed's accuracy):
+#
+#   scripts/experiment.sh NAME [coordinator flags...]
+#   e.g. scripts/experiment.sh ftz-b500 --batch 500 --time-limit 2400 --eval-every 50
+#
+# Trains embedded (release build, all cores) in runs/experiments/NAME, then keeps in
+# docs/results/NAME/ what makes the run checkable and repeatable: config.toml (the resolved
+# settings), metrics.jsonl (the curve), summary.json (final accuracy and its unflushed
+# control), machine.txt (CPU, cores, commit, command), eval.json and eval-ieee.json
+# (`underflow evaluate`: per-class accuracy and confusion matrix, in the run's arithmetic and
+# with no flushing at all) and model.safetensors (the final θ: w1, b1, w2, b2, w3, b3).
+# Re-running the same command on the same commit reproduces θ bit for bit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name="${1:?usage: scripts/experiment.sh NAME [coordinator flags...]}"
+shift
+export UNDERFLOW_DATA="${UNDERFLOW_DATA:-$PWD/../shared/data/mnist}"
+cargo build --release --locked --bin coordinator --bin underflow >&2
+run="runs/experiments/$name"
+out="docs/results/$name"
+rm -rf "$run"
+mkdir -p "$out"
+./target/release/coordinator --run-dir "$run" "$@"
+cp "$run/config.toml" "$run/metrics.jsonl" "$run/summary.json" "$out/"
+./target/release/underflow evaluate "$run" --json > "$out/eval.json"
+./target/release/underflow evaluate "$run" --mode ieee --json > "$out/eval-ieee.json"
+./target/release/underflow export "$run" --out "$out/model.safetensors" >&2
+{
+  echo "command: scripts/experiment.sh $name $*"
+  echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- crates || echo ' (with uncommitted changes in crates/)')"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+  echo "cores: $(nproc)"
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} > "$out/machine.txt"
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+s = json.load(open(f"{out}/summary.json"))
+print(f"{out}: {s['generations']} generations in {s['wall_secs']:.0f} s, test accuracy "
+      f"{s['test_accuracy']:.4f} ({s['mode']}); unflushed control {s['test_accuracy_unflushed']:.4f}")
+PY
