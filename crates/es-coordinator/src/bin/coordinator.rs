@@ -20,17 +20,18 @@ use es_kernel::Kernel;
 /// Train an activation-free MNIST network with evolution strategies, where the only
 /// nonlinearity is f32 underflow.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Serve gRPC and wait for this many remote workers instead of training in-process.
-    #[arg(long)]
+    #[arg(help_heading = "Cluster", long)]
     workers: Option<usize>,
     /// Address to serve on with --workers (default: loopback only). Any other address needs
     /// a token or mutual TLS, or --insecure.
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(help_heading = "Cluster", long, default_value = "127.0.0.1:50051")]
     listen: String,
     /// The cluster's shared token, required on every call (never logged).
     #[arg(
+        help_heading = "Security",
         long,
         env = "UNDERFLOW_TOKEN",
         hide_env_values = true,
@@ -38,129 +39,165 @@ struct Cli {
     )]
     token: Option<Token>,
     /// A file holding the shared token (e.g. a mounted secret).
-    #[arg(long, env = "UNDERFLOW_TOKEN_FILE", value_name = "PATH")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "UNDERFLOW_TOKEN_FILE",
+        value_name = "PATH"
+    )]
     token_file: Option<PathBuf>,
     /// Serve TLS with this PEM certificate (chain); needs --tls-key.
-    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        requires = "tls_key",
+        value_name = "PEM"
+    )]
     tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
     tls_key: Option<PathBuf>,
     /// Mutual TLS: every worker must present a certificate signed by this PEM CA.
-    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
     tls_client_ca: Option<PathBuf>,
     /// Serve unauthenticated (no token, no mutual TLS) on an address other than loopback.
-    #[arg(long)]
+    #[arg(help_heading = "Security", long)]
     insecure: bool,
     /// Workers joined or working at once; more are refused (FULL).
-    #[arg(long, default_value_t = 64)]
+    #[arg(help_heading = "Cluster", long, default_value_t = 64)]
     max_workers: usize,
     /// Open connections at once; more are closed as they arrive.
-    #[arg(long, default_value_t = 128)]
+    #[arg(help_heading = "Cluster", long, default_value_t = 128)]
     max_connections: usize,
     /// Results (and theta requests) per second one worker may send; more are rejected.
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(help_heading = "Cluster", long, default_value_t = 1000.0)]
     max_results_per_sec: f64,
     /// Seconds a chunk may take beyond its expected time (measured on the previous
     /// generation) before it is handed to another worker.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(help_heading = "Cluster", long, default_value_t = 5.0)]
     lease: f64,
     /// Seconds between worker heartbeats; a worker silent for three is dropped.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(help_heading = "Cluster", long, default_value_t = 2.0)]
     heartbeat: f64,
     /// Every K generations the coordinator re-evaluates one result of each worker itself and
     /// quarantines workers that computed other bits (0: no audits).
-    #[arg(long, default_value_t = 1)]
+    #[arg(help_heading = "Cluster", long, default_value_t = 1)]
     audit_every: u32,
     /// Continue the run in this run directory from its newest checkpoint (or from this
     /// checkpoint file), with the run's own settings.
-    #[arg(long, conflicts_with_all = RUN_SETTINGS)]
+    #[arg(help_heading = "Checkpoints and resuming", long, conflicts_with_all = RUN_SETTINGS)]
     resume: Option<PathBuf>,
     /// Only ask the coordinator at HOST:PORT whether it serves (gRPC health check) and exit
     /// 0 if it does, 1 if not: a container health check.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(help_heading = "Cluster", long, value_name = "HOST:PORT")]
     probe: Option<String>,
     /// Resume from the run directory's newest checkpoint if it has one, else start the run
     /// the flags describe (for restarts by a supervisor: Compose, Kubernetes). The flags
     /// must describe the checkpoint's run.
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(
+        help_heading = "Checkpoints and resuming",
+        long,
+        conflicts_with = "resume"
+    )]
     auto_resume: bool,
     /// Write a checkpoint every K generations (0: never); also on SIGINT/SIGTERM.
-    #[arg(long)]
+    #[arg(help_heading = "Checkpoints and resuming", long)]
     checkpoint_every: Option<u32>,
     /// TOML file with run settings; flags given here override it.
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     config: Option<PathBuf>,
-    #[arg(long)]
+    /// The seed every random choice of the run derives from.
+    #[arg(help_heading = "Run settings", long)]
     seed: Option<u64>,
-    #[arg(long)]
+    /// Generations to train (schedules span them).
+    #[arg(help_heading = "Run settings", long)]
     generations: Option<u32>,
     /// Stop after this many seconds of training (checked between generations).
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     time_limit: Option<f64>,
     /// Mirrored pairs per generation.
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     population: Option<usize>,
     /// Training images per generation.
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     batch: Option<usize>,
     /// Perturbation scale, relative to each layer's init standard deviation.
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     sigma: Option<f32>,
-    #[arg(long)]
+    /// Schedule of σ: constant, linear:FRACTION, cosine:FRACTION or step:FACTOR:EVERY.
+    #[arg(help_heading = "Run settings", long)]
     sigma_schedule: Option<String>,
-    #[arg(long)]
+    /// Adam's learning rate.
+    #[arg(help_heading = "Run settings", long)]
     lr: Option<f32>,
-    /// constant, linear:FRACTION, cosine:FRACTION or step:FACTOR:EVERY.
-    #[arg(long)]
+    /// Schedule of the learning rate: constant, linear:FRACTION, cosine:FRACTION or
+    /// step:FACTOR:EVERY.
+    #[arg(help_heading = "Run settings", long)]
     lr_schedule: Option<String>,
-    #[arg(long)]
+    /// Weight decay added to the gradient estimate (0: none).
+    #[arg(help_heading = "Run settings", long)]
     l2: Option<f32>,
     /// Arithmetic: ftz (flush-to-zero everywhere) or seed (OpenAI's TF/cuBLAS).
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     mode: Option<String>,
     /// Per-layer multipliers of the He init std, comma-separated (e.g. 1,8,8).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     init_multipliers: Option<Vec<f32>>,
     /// Per-layer multipliers of σ, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     sigma_multipliers: Option<Vec<f32>>,
     /// Per-layer multipliers of Adam's step, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     lr_multipliers: Option<Vec<f32>>,
     /// Per-hidden-layer scale exponents, comma-separated (e.g. 125,125).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     scale_exponents: Option<Vec<i32>>,
     /// Scale exponent of the logits (a softmax temperature of 2^e).
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(help_heading = "Run settings", long, allow_hyphen_values = true)]
     output_exponent: Option<i32>,
     /// Noise source: table (shared, cached file) or stream.
-    #[arg(long, value_enum)]
+    #[arg(help_heading = "Run settings", long, value_enum)]
     noise: Option<NoiseArg>,
-    #[arg(long)]
+    /// Values in the shared noise table.
+    #[arg(help_heading = "Run settings", long)]
     noise_table_len: Option<usize>,
     /// Evaluate on the full test set every K generations (0: only at the end).
-    #[arg(long)]
+    #[arg(help_heading = "Run settings", long)]
     eval_every: Option<u32>,
     /// Directory with the MNIST files (downloaded there if missing).
-    #[arg(long, env = "UNDERFLOW_DATA")]
+    #[arg(help_heading = "Data and machine", long, env = "UNDERFLOW_DATA")]
     data: Option<PathBuf>,
     /// Base URL to download missing MNIST files from, tried in order (repeatable; default:
     /// the usual public mirrors). `--mirror none` disables downloading.
-    #[arg(long = "mirror", env = "UNDERFLOW_MIRRORS", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Data and machine",
+        long = "mirror",
+        env = "UNDERFLOW_MIRRORS",
+        value_delimiter = ','
+    )]
     mirrors: Vec<String>,
     /// Where config.toml, metrics.jsonl, checkpoints and the final parameters go
     /// (default: runs/latest, or the directory given to --resume).
-    #[arg(long)]
+    #[arg(help_heading = "Data and machine", long)]
     run_dir: Option<PathBuf>,
     /// Directory of the cached noise table.
-    #[arg(long, env = "UNDERFLOW_CACHE")]
+    #[arg(help_heading = "Data and machine", long, env = "UNDERFLOW_CACHE")]
     cache_dir: Option<PathBuf>,
     /// Evaluator threads (default: all cores).
-    #[arg(long)]
+    #[arg(help_heading = "Data and machine", long)]
     threads: Option<usize>,
     /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
-    #[arg(long, env = es_kernel::kernels::KERNEL_ENV)]
+    #[arg(help_heading = "Data and machine", long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
 }
 

@@ -13,7 +13,7 @@ use es_kernel::{Arithmetic, Kernel};
 
 /// Evaluate and export the parameters of an Underflow run.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,55 +13,80 @@ use es_worker::{Backoff, ClientTls, DataSource, WorkerExit, WorkerOptions};
 
 /// Evaluate evolution-strategies perturbations for an Underflow coordinator.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// The coordinator's address, host:port (or a URI such as http://host:port).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(help_heading = "Connection", long, value_name = "HOST:PORT")]
     connect: String,
     /// Evaluator threads (default: all cores).
-    #[arg(long)]
+    #[arg(help_heading = "Evaluation", long)]
     threads: Option<usize>,
     /// Directory with the MNIST files (default: $UNDERFLOW_DATA, else the user cache).
-    #[arg(long, env = "UNDERFLOW_DATA")]
+    #[arg(help_heading = "Data", long, env = "UNDERFLOW_DATA")]
     data: Option<PathBuf>,
     /// Base URL to download missing MNIST files from, tried in order (repeatable). Without
     /// it the worker never downloads.
-    #[arg(long = "mirror", value_name = "URL")]
+    #[arg(help_heading = "Data", long = "mirror", value_name = "URL")]
     mirrors: Vec<String>,
     /// Directory of the cached noise table, shared by the workers of a host (default:
     /// $UNDERFLOW_CACHE, else the user cache).
-    #[arg(long, env = "UNDERFLOW_CACHE")]
+    #[arg(help_heading = "Data", long, env = "UNDERFLOW_CACHE")]
     cache_dir: Option<PathBuf>,
     /// A name for the coordinator's logs (default: host name/process id).
-    #[arg(long)]
+    #[arg(help_heading = "Evaluation", long)]
     name: Option<String>,
     /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
-    #[arg(long, env = es_kernel::kernels::KERNEL_ENV)]
+    #[arg(help_heading = "Evaluation", long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
     /// The cluster's shared token, sent on every call (never logged).
-    #[arg(long, env = "UNDERFLOW_TOKEN", hide_env_values = true)]
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "UNDERFLOW_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// A file holding the shared token (e.g. a mounted secret).
-    #[arg(long, env = "UNDERFLOW_TOKEN_FILE", value_name = "PATH")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "UNDERFLOW_TOKEN_FILE",
+        value_name = "PATH"
+    )]
     token_file: Option<PathBuf>,
     /// Speak TLS, trusting only this PEM CA for the coordinator's certificate.
-    #[arg(long, value_name = "PEM")]
+    #[arg(help_heading = "Security", long, value_name = "PEM")]
     tls_ca: Option<PathBuf>,
     /// Mutual TLS: this worker's PEM certificate (needs --tls-key and --tls-ca).
-    #[arg(long, requires_all = ["tls_key", "tls_ca"], value_name = "PEM")]
+    #[arg(help_heading = "Security", long, requires_all = ["tls_key", "tls_ca"], value_name = "PEM")]
     tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
     tls_key: Option<PathBuf>,
     /// The name the coordinator's certificate carries, if not the host of --connect.
-    #[arg(long, requires = "tls_ca", value_name = "NAME")]
+    #[arg(
+        help_heading = "Security",
+        long,
+        requires = "tls_ca",
+        value_name = "NAME"
+    )]
     tls_domain: Option<String>,
     /// Give up when the coordinator stays unreachable this many seconds (default: never).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(help_heading = "Connection", long, value_name = "SECONDS")]
     give_up_after: Option<f64>,
     /// Seconds between HTTP/2 keep-alive pings; a connection silent for twice as long is
     /// replaced (detects a vanished coordinator or a cut network).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    #[arg(
+        help_heading = "Connection",
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10.0
+    )]
     keepalive: f64,
 }
 
