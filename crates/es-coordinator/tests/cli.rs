@@ -181,6 +181,7 @@ fn underflow_evaluates_and_exports_a_run() {
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/mnist");
     let run = dir.join("run");
     let trained = coordinator()
+        .args(["--log-format", "json"])
         .args(["--generations", "3", "--population", "8", "--batch", "32"])
         .args(["--eval-every", "0", "--noise-table-len", "1048576"])
         .args(["--mirror", "none", "--threads", "1", "--data", data])
@@ -194,6 +195,13 @@ fn underflow_evaluates_and_exports_a_run() {
         "{}",
         String::from_utf8_lossy(&trained.stderr)
     );
+    // --log-format json: every log line is a JSON object with a message.
+    let log = String::from_utf8_lossy(&trained.stderr);
+    assert!(log.lines().count() >= 2, "{log}");
+    for line in log.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(value["fields"]["message"].is_string(), "{line}");
+    }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let underflow = || {

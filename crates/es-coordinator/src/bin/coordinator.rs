@@ -199,6 +199,16 @@ struct Cli {
     /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
     #[arg(help_heading = "Data and machine", long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
+    /// Log lines as text (plain when stderr is not a terminal) or as JSON objects, one per
+    /// line. `RUST_LOG` sets the level (default: info).
+    #[arg(
+        help_heading = "Data and machine",
+        long,
+        value_enum,
+        default_value = "text",
+        env = "UNDERFLOW_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
 }
 
 /// Flags that define a run's arithmetic: a resumed run keeps its checkpoint's.
@@ -299,16 +309,8 @@ impl Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        // The log goes to stderr; stdout carries only the final summary (JSON).
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     if let Some(address) = &cli.probe {
         return probe(address);
     }
@@ -485,4 +487,27 @@ fn probe(address: &str) -> anyhow::Result<()> {
         println!("{uri}: {service} is serving");
         Ok(())
     })
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr (stdout is for results) at `RUST_LOG`'s level, default info.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

@@ -88,6 +88,16 @@ struct Cli {
         default_value_t = 10.0
     )]
     keepalive: f64,
+    /// Log lines as text (plain when stderr is not a terminal) or as JSON objects, one per
+    /// line. `RUST_LOG` sets the level (default: info).
+    #[arg(
+        help_heading = "Evaluation",
+        long,
+        value_enum,
+        default_value = "text",
+        env = "UNDERFLOW_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
 }
 
 impl Cli {
@@ -202,15 +212,9 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
-    let options = Cli::parse().options()?;
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let options = cli.options()?;
     tracing::info!(
         endpoint = %options.endpoint,
         tls = options.tls.is_some(),
@@ -228,5 +232,28 @@ async fn main() -> anyhow::Result<ExitCode> {
             eprintln!("error: {e}");
             Ok(ExitCode::from(if e.is_refusal() { 2 } else { 1 }))
         }
+    }
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr (stdout is for results) at `RUST_LOG`'s level, default info.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
