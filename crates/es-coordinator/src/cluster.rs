@@ -929,18 +929,22 @@ async fn evaluate_check(shared: &Arc<Shared>, check: &Check) -> Option<PairResul
     };
     let referee = Arc::clone(&shared.referee);
     let (generation, index) = (check.generation, check.index);
+    // A check that cannot run must still end: the generation waits for every pending one.
     let truth = tokio::task::spawn_blocking(move || {
-        referee
+        let mut referee = referee
             .lock()
-            .expect("the referee does not panic")
-            .evaluate(&theta, generation, index)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        referee.evaluate(&theta, generation, index)
     })
-    .await
-    .expect("the referee does not panic");
+    .await;
     match truth {
-        Ok(truth) => Some(truth),
-        Err(e) => {
+        Ok(Ok(truth)) => Some(truth),
+        Ok(Err(e)) => {
             tracing::error!(generation, index, error = %e, "could not run a check");
+            None
+        }
+        Err(e) => {
+            tracing::error!(generation, index, error = %e, "a check panicked");
             None
         }
     }
