@@ -17,6 +17,9 @@ name="${1:?usage: scripts/experiment.sh NAME [coordinator flags...]}"
 shift
 export UNDERFLOW_DATA="${UNDERFLOW_DATA:-$PWD/../shared/data/mnist}"
 cargo build --release --locked --bin coordinator --bin underflow >&2
+# The commit the binaries were built from (HEAD may move while the run trains).
+commit="$(git rev-parse HEAD)$(git diff --quiet HEAD -- crates || echo ' (with uncommitted changes in crates/)')"
+started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 run="runs/experiments/$name"
 out="docs/results/$name"
 rm -rf "$run"
@@ -28,10 +31,11 @@ cp "$run/config.toml" "$run/metrics.jsonl" "$run/summary.json" "$out/"
 ./target/release/underflow export "$run" --out "$out/model.safetensors" >&2
 {
   echo "command: scripts/experiment.sh $name $*"
-  echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- crates || echo ' (with uncommitted changes in crates/)')"
+  echo "commit: $commit"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo "cores: $(nproc)"
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "started: $started"
+  echo "finished: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > "$out/machine.txt"
 python3 - "$out" <<'PY'
 import json, sys
