@@ -342,16 +342,7 @@ pub fn evaluate_index(
 ) -> Result<PairResult, TrainError> {
     let net = evaluator.forward.config().clone();
     train.validate(&net)?;
-    let mut indices = Vec::new();
-    minibatch_indices(
-        run_seed,
-        generation,
-        es.batch_size,
-        train.len(),
-        &mut indices,
-    );
-    let mut batch = Batch::new(net.inputs);
-    batch.fill(train.images, train.labels, &indices);
+    let batch = generation_batch(net.inputs, es.batch_size, run_seed, train, generation);
     let sigmas = es.layer_sigmas(&net, generation);
     let key = NoiseKey {
         run_seed,
@@ -359,6 +350,21 @@ pub fn evaluate_index(
         index,
     };
     Ok(evaluator.evaluate_pair(theta, noise, key, &sigmas, &batch)?)
+}
+
+/// Generation `generation`'s minibatch of `train`, drawn from `run_seed`.
+fn generation_batch(
+    inputs: usize,
+    batch_size: usize,
+    run_seed: u64,
+    train: Dataset<'_>,
+    generation: u32,
+) -> Batch {
+    let mut indices = Vec::new();
+    minibatch_indices(run_seed, generation, batch_size, train.len(), &mut indices);
+    let mut batch = Batch::new(inputs);
+    batch.fill(train.images, train.labels, &indices);
+    batch
 }
 
 /// One evaluation of the golden task: its score and its logits.
@@ -387,25 +393,19 @@ pub fn golden_task(
     es.validate_for(net)?;
     train.validate(net)?;
     let theta = init_params(net, run_seed);
-    let mut indices = Vec::new();
-    minibatch_indices(
-        run_seed,
-        generation,
-        es.batch_size,
-        train.len(),
-        &mut indices,
-    );
-    let mut batch = Batch::new(net.inputs);
-    batch.fill(train.images, train.labels, &indices);
-    let sigmas = es.layer_sigmas(net, generation);
     let mut evaluator = Evaluator::new(net.clone(), kernel)?;
-    let key = NoiseKey {
+    // Materialise θ₀ ± σε exactly as a worker's evaluation does, then keep the logits of each.
+    evaluate_index(
+        &mut evaluator,
+        es,
         run_seed,
+        noise,
+        train,
+        &theta,
         generation,
         index,
-    };
-    // Materialise θ₀ ± σε exactly as evaluate_pair does, keeping the logits of each.
-    evaluator.evaluate_pair(&theta, noise, key, &sigmas, &batch)?;
+    )?;
+    let batch = generation_batch(net.inputs, es.batch_size, run_seed, train, generation);
     let classes = net.outputs;
     let run = |params: &[f32], forward: &mut Forward| {
         let logits = forward.logits(params, &batch).to_vec();
