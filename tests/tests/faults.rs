@@ -5,7 +5,7 @@
 //! Each test prints what it measured (time to detect a lost worker, time lost, evaluations
 //! repeated); `cargo test -p underflow-tests --test faults -- --nocapture` shows it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,52 @@ fn cluster_flags(port: u16, workers: usize, paths: &RunPaths) -> Vec<String> {
     ]
 }
 
+/// One scenario: the undisturbed run's θ, and a coordinator waiting for `workers` workers on
+/// a free port with quick fault detection (workers are started by the test).
+struct Scenario {
+    // Dropped first: the processes end before their scratch directory goes.
+    coord: Process,
+    reference: Vec<u8>,
+    paths: RunPaths,
+    port: u16,
+    address: String,
+    log: PathBuf,
+    _scratch: Scratch,
+}
+
+impl Scenario {
+    fn start(name: &str, generations: u32, workers: usize, extra: &[&str]) -> Scenario {
+        let scratch = Scratch::new(name);
+        let reference = reference_theta(&scratch, generations);
+        let paths = RunPaths::new(scratch.path());
+        let port = free_port();
+        let log = paths.log("coordinator");
+        let mut args = cluster_flags(port, workers, &paths);
+        args.extend(run_flags(generations));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let coord = coordinator(&args, &paths.cache, &log);
+        Scenario {
+            coord,
+            reference,
+            paths,
+            port,
+            address: format!("127.0.0.1:{port}"),
+            log,
+            _scratch: scratch,
+        }
+    }
+
+    /// A one-thread worker dialing the coordinator directly, logging to `w{i}.log`.
+    fn worker(&self, i: usize) -> Process {
+        worker(
+            &self.address,
+            &self.paths.cache,
+            &self.paths.log(&format!("w{i}")),
+            &[],
+        )
+    }
+}
+
 fn assert_same_theta(run_dir: &Path, reference: &[u8], what: &str) {
     let theta = std::fs::read(run_dir.join("theta.f32")).expect("the run wrote θ");
     assert!(
@@ -136,90 +182,70 @@ fn finish(coordinator: &mut Process, workers: &mut [Process]) {
 #[test]
 fn a_worker_killed_mid_generation_changes_nothing() {
     let _serial = one_at_a_time();
-    let scratch = Scratch::new("fault-kill");
     let generations = 12;
-    let reference = reference_theta(&scratch, generations);
-    let paths = RunPaths::new(scratch.path());
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let log = paths.log("coordinator");
-    let mut args = cluster_flags(port, 3, &paths);
-    args.extend(run_flags(generations));
-    let mut coord = coordinator(&args, &paths.cache, &log);
-    let mut workers: Vec<Process> = (0..3)
-        .map(|i| worker(&address, &paths.cache, &paths.log(&format!("w{i}")), &[]))
-        .collect();
+    let mut s = Scenario::start("fault-kill", generations, 3, &[]);
+    let mut workers: Vec<Process> = (0..3).map(|i| s.worker(i)).collect();
     wait_for("three generations", Duration::from_secs(120), || {
-        metrics(&paths.run_dir).len() >= 3
+        metrics(&s.paths.run_dir).len() >= 3
     });
     // Generations end when metrics.jsonl grows: half a generation later is mid-generation.
-    std::thread::sleep(half_a_generation(&paths.run_dir));
-    let left_before = log_count(&log, "worker left");
+    std::thread::sleep(half_a_generation(&s.paths.run_dir));
+    let left_before = log_count(&s.log, "worker left");
     workers.remove(1).kill();
     let detected = wait_for("the coordinator to notice", Duration::from_secs(30), || {
-        log_count(&log, "worker left") > left_before
+        log_count(&s.log, "worker left") > left_before
     });
-    finish(&mut coord, &mut workers);
-    assert_same_theta(&paths.run_dir, &reference, "after kill -9 of a worker");
-    let lines = metrics(&paths.run_dir);
+    finish(&mut s.coord, &mut workers);
+    assert_same_theta(&s.paths.run_dir, &s.reference, "after kill -9 of a worker");
+    let lines = metrics(&s.paths.run_dir);
     assert_eq!(lines.len(), generations as usize);
     assert!(
         lines.iter().any(|l| l["workers"] == 2),
         "the run went on with two workers"
     );
-    for line in std::fs::read_to_string(&log).unwrap().lines() {
+    for line in std::fs::read_to_string(&s.log).unwrap().lines() {
         if line.contains("worker left") || line.contains("expired") {
             eprintln!("coordinator: {line}");
         }
     }
-    let (slowest, median) = generation_times(&paths.run_dir);
+    let (slowest, median) = generation_times(&s.paths.run_dir);
     eprintln!(
         "kill -9: lost worker detected in {:.0} ms; evaluations repeated: {}; slowest generation {slowest:.3} s vs median {median:.3} s",
         detected.as_secs_f64() * 1e3,
-        2 * reassigned(&paths.run_dir)
+        2 * reassigned(&s.paths.run_dir)
     );
 }
 
 #[test]
 fn a_stopped_worker_is_dropped_and_rejoins_when_continued() {
     let _serial = one_at_a_time();
-    let scratch = Scratch::new("fault-stop");
     let generations = 14;
-    let reference = reference_theta(&scratch, generations);
-    let paths = RunPaths::new(scratch.path());
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let log = paths.log("coordinator");
-    let mut args = cluster_flags(port, 3, &paths);
-    args.extend(run_flags(generations));
-    let mut coord = coordinator(&args, &paths.cache, &log);
-    let mut workers: Vec<Process> = (0..3)
-        .map(|i| worker(&address, &paths.cache, &paths.log(&format!("w{i}")), &[]))
-        .collect();
+    let mut s = Scenario::start("fault-stop", generations, 3, &[]);
+    let mut workers: Vec<Process> = (0..3).map(|i| s.worker(i)).collect();
     wait_for("two generations", Duration::from_secs(120), || {
-        metrics(&paths.run_dir).len() >= 2
+        metrics(&s.paths.run_dir).len() >= 2
     });
-    std::thread::sleep(half_a_generation(&paths.run_dir));
-    let left_before = log_count(&log, "worker left");
-    let proven_before = log_count(&log, "worker proven");
+    std::thread::sleep(half_a_generation(&s.paths.run_dir));
+    let left_before = log_count(&s.log, "worker left");
+    let proven_before = log_count(&s.log, "worker proven");
     workers[2].signal("STOP");
     // Three heartbeats of silence (1.5 s) drop it; its leases go to the others.
     let detected = wait_for(
         "the stalled worker to be dropped",
         Duration::from_secs(30),
-        || log_count(&log, "worker left") > left_before,
+        || log_count(&s.log, "worker left") > left_before,
     );
-    let stopped_at = metrics(&paths.run_dir).len();
+    let stopped_at = metrics(&s.paths.run_dir).len();
     std::thread::sleep(Duration::from_secs(1));
     workers[2].signal("CONT");
     let rejoined = wait_for(
         "the continued worker to rejoin",
         Duration::from_secs(60),
-        || log_count(&log, "worker proven") > proven_before || coord.has_exited(),
+        || log_count(&s.log, "worker proven") > proven_before || s.coord.has_exited(),
     );
-    finish(&mut coord, &mut workers);
-    assert_same_theta(&paths.run_dir, &reference, "after SIGSTOP/SIGCONT");
-    let lines = metrics(&paths.run_dir);
+    finish(&mut s.coord, &mut workers);
+    assert_same_theta(&s.paths.run_dir, &s.reference, "after SIGSTOP/SIGCONT");
+    let lines = metrics(&s.paths.run_dir);
     assert!(
         lines[stopped_at..].iter().any(|l| l["workers"] == 3) || stopped_at + 2 >= lines.len(),
         "the continued worker took part again"
@@ -228,29 +254,19 @@ fn a_stopped_worker_is_dropped_and_rejoins_when_continued() {
         "SIGSTOP: stalled worker dropped after {:.0} ms of silence detection; rejoined {:.0} ms after SIGCONT; evaluations repeated: {}; slowest generation {:.3} s vs median {:.3} s",
         detected.as_secs_f64() * 1e3,
         rejoined.as_secs_f64() * 1e3,
-        2 * reassigned(&paths.run_dir),
-        generation_times(&paths.run_dir).0,
-        generation_times(&paths.run_dir).1
+        2 * reassigned(&s.paths.run_dir),
+        generation_times(&s.paths.run_dir).0,
+        generation_times(&s.paths.run_dir).1
     );
 }
 
 #[test]
 fn a_killed_coordinator_resumes_from_its_checkpoint_and_the_workers_ride_it_out() {
     let _serial = one_at_a_time();
-    let scratch = Scratch::new("fault-resume");
     let generations = 14;
-    let reference = reference_theta(&scratch, generations);
-    let paths = RunPaths::new(scratch.path());
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let mut args = cluster_flags(port, 2, &paths);
-    args.extend(run_flags(generations));
-    args.extend(["--checkpoint-every".to_string(), "4".to_string()]);
-    let mut coord = coordinator(&args, &paths.cache, &paths.log("coordinator-1"));
-    let mut workers: Vec<Process> = (0..2)
-        .map(|i| worker(&address, &paths.cache, &paths.log(&format!("w{i}")), &[]))
-        .collect();
-    let checkpoint = paths.run_dir.join("checkpoints/g00000008.ckpt");
+    let mut s = Scenario::start("fault-resume", generations, 2, &["--checkpoint-every", "4"]);
+    let mut workers: Vec<Process> = (0..2).map(|i| s.worker(i)).collect();
+    let checkpoint = s.paths.run_dir.join("checkpoints/g00000008.ckpt");
     wait_for(
         "the checkpoint of generation 8",
         Duration::from_secs(120),
@@ -258,25 +274,28 @@ fn a_killed_coordinator_resumes_from_its_checkpoint_and_the_workers_ride_it_out(
     );
     // Let it run past the checkpoint, so that the resumed run redoes generations.
     wait_for("generation 10", Duration::from_secs(60), || {
-        metrics(&paths.run_dir).len() >= 10
+        metrics(&s.paths.run_dir).len() >= 10
     });
-    coord.kill();
+    s.coord.kill();
     let killed = Instant::now();
-    let mut resume = vec!["--resume".to_string(), paths.run_dir.display().to_string()];
-    resume.extend(cluster_flags(port, 2, &paths));
-    let log = paths.log("coordinator-2");
-    let mut coord = coordinator(&resume, &paths.cache, &log);
+    let mut resume = vec![
+        "--resume".to_string(),
+        s.paths.run_dir.display().to_string(),
+    ];
+    resume.extend(cluster_flags(s.port, 2, &s.paths));
+    let log = s.paths.log("coordinator-2");
+    s.coord = coordinator(&resume, &s.paths.cache, &log);
     let back = wait_for("the workers to rejoin", Duration::from_secs(60), || {
-        log_count(&log, "worker proven") >= 2 || coord.has_exited()
+        log_count(&log, "worker proven") >= 2 || s.coord.has_exited()
     });
     let downtime = killed.elapsed().min(back + Duration::from_secs(1));
-    finish(&mut coord, &mut workers);
+    finish(&mut s.coord, &mut workers);
     assert_same_theta(
-        &paths.run_dir,
-        &reference,
+        &s.paths.run_dir,
+        &s.reference,
         "after the coordinator's restart",
     );
-    let generations_logged: Vec<u64> = metrics(&paths.run_dir)
+    let generations_logged: Vec<u64> = metrics(&s.paths.run_dir)
         .iter()
         .map(|l| l["generation"].as_u64().unwrap())
         .collect();
@@ -312,36 +331,28 @@ impl SplitMix {
 #[test]
 fn chaos_random_kills_and_restarts_of_workers_leave_theta_bit_identical() {
     let _serial = one_at_a_time();
-    let scratch = Scratch::new("fault-chaos");
     let generations = 20;
-    let reference = reference_theta(&scratch, generations);
-    let paths = RunPaths::new(scratch.path());
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let log = paths.log("coordinator");
-    let mut args = cluster_flags(port, 3, &paths);
-    args.extend(run_flags(generations));
-    let mut coord = coordinator(&args, &paths.cache, &log);
+    let mut s = Scenario::start("fault-chaos", generations, 3, &[]);
     let mut started = 0;
     let spawn = |started: &mut usize| {
         *started += 1;
         worker(
-            &address,
-            &paths.cache,
-            &paths.log(&format!("w{started}")),
+            &s.address,
+            &s.paths.cache,
+            &s.paths.log(&format!("w{started}")),
             &[],
         )
     };
     let mut workers: Vec<Process> = (0..3).map(|_| spawn(&mut started)).collect();
     wait_for("the first generation", Duration::from_secs(120), || {
-        !metrics(&paths.run_dir).is_empty()
+        !metrics(&s.paths.run_dir).is_empty()
     });
     let mut rng = SplitMix(0x00c0_ffee);
     let mut kills = 0;
     // At most 5 faults, one every 0.2–1.0 s, while the run lasts; one worker always lives.
-    while kills < 5 && !coord.has_exited() {
+    while kills < 5 && !s.coord.has_exited() {
         std::thread::sleep(Duration::from_millis(200 + rng.below(800)));
-        if coord.has_exited() {
+        if s.coord.has_exited() {
             break;
         }
         if workers.len() > 1 && rng.below(3) > 0 {
@@ -354,67 +365,57 @@ fn chaos_random_kills_and_restarts_of_workers_leave_theta_bit_identical() {
         }
     }
     assert!(
-        coord.wait(Duration::from_secs(240)).success(),
+        s.coord.wait(Duration::from_secs(240)).success(),
         "coordinator failed"
     );
     for w in &mut workers {
         // A worker started near the end may have found the run over: either way it exits.
         w.wait(Duration::from_secs(60));
     }
-    assert_same_theta(&paths.run_dir, &reference, "after chaos");
-    assert_eq!(metrics(&paths.run_dir).len(), generations as usize);
+    assert_same_theta(&s.paths.run_dir, &s.reference, "after chaos");
+    assert_eq!(metrics(&s.paths.run_dir).len(), generations as usize);
     eprintln!(
         "chaos: {kills} workers killed, {} started in all; evaluations repeated: {}",
         started,
-        2 * reassigned(&paths.run_dir)
+        2 * reassigned(&s.paths.run_dir)
     );
 }
 
 #[test]
 fn a_worker_behind_a_blackholed_link_is_dropped_and_rejoins_after_healing() {
     let _serial = one_at_a_time();
-    let scratch = Scratch::new("fault-cut");
     let generations = 16;
-    let reference = reference_theta(&scratch, generations);
-    let paths = RunPaths::new(scratch.path());
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
+    let mut s = Scenario::start("fault-cut", generations, 3, &[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let proxy = runtime.block_on(Proxy::start(address.parse().unwrap()));
-    let log = paths.log("coordinator");
-    let mut args = cluster_flags(port, 3, &paths);
-    args.extend(run_flags(generations));
-    let mut coord = coordinator(&args, &paths.cache, &log);
-    let mut workers: Vec<Process> = (0..2)
-        .map(|i| worker(&address, &paths.cache, &paths.log(&format!("w{i}")), &[]))
-        .collect();
+    let proxy = runtime.block_on(Proxy::start(s.address.parse().unwrap()));
+    let mut workers: Vec<Process> = (0..2).map(|i| s.worker(i)).collect();
     workers.push(worker(
         &proxy.address().to_string(),
-        &paths.cache,
-        &paths.log("w-behind-proxy"),
+        &s.paths.cache,
+        &s.paths.log("w-behind-proxy"),
         &["--keepalive", "0.5"],
     ));
     wait_for("two generations", Duration::from_secs(120), || {
-        metrics(&paths.run_dir).len() >= 2
+        metrics(&s.paths.run_dir).len() >= 2
     });
-    std::thread::sleep(half_a_generation(&paths.run_dir));
-    let left_before = log_count(&log, "worker left");
-    let proven_before = log_count(&log, "worker proven");
+    std::thread::sleep(half_a_generation(&s.paths.run_dir));
+    let left_before = log_count(&s.log, "worker left");
+    let proven_before = log_count(&s.log, "worker proven");
     proxy.cut();
     let detected = wait_for(
         "the cut-off worker to be dropped",
         Duration::from_secs(30),
-        || log_count(&log, "worker left") > left_before,
+        || log_count(&s.log, "worker left") > left_before,
     );
     std::thread::sleep(Duration::from_secs(2));
     proxy.heal();
     let rejoined = wait_for(
         "the cut-off worker to rejoin",
         Duration::from_secs(60),
-        || log_count(&log, "worker proven") > proven_before || coord.has_exited(),
+        || log_count(&s.log, "worker proven") > proven_before || s.coord.has_exited(),
     );
-    finish(&mut coord, &mut workers);
-    assert_same_theta(&paths.run_dir, &reference, "after a network cut");
+    finish(&mut s.coord, &mut workers);
+    assert_same_theta(&s.paths.run_dir, &s.reference, "after a network cut");
     assert!(
         proxy.connections() >= 2,
         "the worker reconnected through the proxy"
@@ -423,8 +424,8 @@ fn a_worker_behind_a_blackholed_link_is_dropped_and_rejoins_after_healing() {
         "network cut: worker dropped {:.0} ms after the cut; rejoined {:.0} ms after healing; evaluations repeated: {}; slowest generation {:.3} s vs median {:.3} s",
         detected.as_secs_f64() * 1e3,
         rejoined.as_secs_f64() * 1e3,
-        2 * reassigned(&paths.run_dir),
-        generation_times(&paths.run_dir).0,
-        generation_times(&paths.run_dir).1
+        2 * reassigned(&s.paths.run_dir),
+        generation_times(&s.paths.run_dir).0,
+        generation_times(&s.paths.run_dir).1
     );
 }
