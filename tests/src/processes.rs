@@ -75,39 +75,38 @@ pub fn free_port() -> u16 {
 
 /// Starts `coordinator` with `args`, its log (stderr) going to `log`.
 pub fn coordinator(args: &[String], cache: &Path, log: &Path) -> Process {
-    let log = std::fs::File::create(log).expect("creating the coordinator's log");
-    Process(
-        Command::new(binary("coordinator"))
-            .args(args)
-            .args(["--mirror", "none", "--threads", "1"])
-            .arg("--data")
-            .arg(mnist_dir())
-            .env("UNDERFLOW_CACHE", cache)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting the coordinator"),
-    )
+    let mut command = Command::new(binary("coordinator"));
+    command
+        .args(args)
+        .args(["--mirror", "none", "--threads", "1"]);
+    spawn(command, cache, log)
 }
 
 /// Starts a one-thread `worker` of the coordinator at `address`, its log going to `log`.
 pub fn worker(address: &str, cache: &Path, log: &Path, extra: &[&str]) -> Process {
-    let log = std::fs::File::create(log).expect("creating a worker's log");
+    let mut command = Command::new(binary("worker"));
+    command
+        .args(["--connect", address, "--threads", "1"])
+        .args(extra);
+    spawn(command, cache, log)
+}
+
+/// Starts `command` on the test MNIST copy and the noise cache `cache`, logging at info
+/// level without colours to `log`.
+fn spawn(mut command: Command, cache: &Path, log: &Path) -> Process {
+    let file = std::fs::File::create(log)
+        .unwrap_or_else(|e| panic!("creating the log {}: {e}", log.display()));
     Process(
-        Command::new(binary("worker"))
-            .args(["--connect", address, "--threads", "1"])
-            .args(extra)
+        command
             .arg("--data")
             .arg(mnist_dir())
             .env("UNDERFLOW_CACHE", cache)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(file)
             .spawn()
-            .expect("starting a worker"),
+            .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.get_program())),
     )
 }
 
