@@ -20,15 +20,30 @@ fn config() -> RunConfig {
     }
 }
 
-/// Runs `config` on a coordinator with one in-process worker per entry of `worker_threads`;
-/// returns the final θ's bytes.
-async fn cluster_theta(scratch: &Scratch, name: &str, worker_threads: &[usize]) -> Vec<u8> {
+/// One in-process worker of a test cluster: its evaluation threads, and whether it answers
+/// with fake fitnesses (the load-test mode) instead of evaluating.
+#[derive(Clone, Copy, Debug)]
+struct TestWorker {
+    threads: usize,
+    fake: bool,
+}
+
+/// Runs `config` on a coordinator (auditing every `audit_every` generations) with one
+/// in-process worker per entry of `workers`; returns the final θ's bytes and how each worker
+/// ended.
+async fn cluster_run(
+    scratch: &Scratch,
+    name: &str,
+    workers: &[TestWorker],
+    audit_every: u32,
+) -> (Vec<u8>, Vec<Result<WorkerExit, es_worker::WorkerError>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let env = environment(scratch, name, 1);
     let run_dir = env.run_dir.clone();
     let options = ClusterOptions {
-        workers: worker_threads.len(),
+        workers: workers.len(),
+        audit_every,
         ..ClusterOptions::default()
     };
     let coordinator = tokio::spawn(cluster::run(
@@ -39,42 +54,65 @@ async fn cluster_theta(scratch: &Scratch, name: &str, worker_threads: &[usize]) 
         Box::pin(std::future::pending()),
     ));
     let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
-    let mut workers = Vec::new();
-    for (i, &threads) in worker_threads.iter().enumerate() {
+    let mut tasks = Vec::new();
+    for (i, worker) in workers.iter().enumerate() {
         let mut options =
             WorkerOptions::new(endpoint.clone(), DataSource::Loaded(Arc::clone(&mnist)));
-        options.threads = threads;
+        options.threads = worker.threads;
+        options.fake_fitness = worker.fake;
         options.cache_dir = scratch.path().join("cache");
         options.name = format!("{name}-{i}");
-        workers.push(tokio::spawn(es_worker::run(
+        tasks.push(tokio::spawn(es_worker::run(
             options,
             std::future::pending::<()>(),
         )));
     }
     let summary = coordinator.await.unwrap().unwrap();
     assert_eq!(summary.generations, 5);
-    for w in workers {
-        let exit = tokio::time::timeout(Duration::from_secs(30), w)
+    let mut exits = Vec::new();
+    for task in tasks {
+        let exit = tokio::time::timeout(Duration::from_secs(30), task)
             .await
             .expect("worker exits")
-            .unwrap()
             .unwrap();
-        assert_eq!(exit, WorkerExit::Finished);
+        exits.push(exit);
     }
-    std::fs::read(run_dir.join("theta.f32")).unwrap()
+    (std::fs::read(run_dir.join("theta.f32")).unwrap(), exits)
+}
+
+/// [`cluster_run`] with real workers of `worker_threads` threads each, audits on; every
+/// worker must see the run finish.
+async fn cluster_theta(scratch: &Scratch, name: &str, worker_threads: &[usize]) -> Vec<u8> {
+    let workers: Vec<TestWorker> = worker_threads
+        .iter()
+        .map(|&threads| TestWorker {
+            threads,
+            fake: false,
+        })
+        .collect();
+    let (theta, exits) = cluster_run(scratch, name, &workers, 1).await;
+    for exit in exits {
+        assert_eq!(exit.unwrap(), WorkerExit::Finished);
+    }
+    theta
+}
+
+fn embedded_theta(scratch: &Scratch) -> Vec<u8> {
+    let env = environment(scratch, "embedded", 2);
+    let embedded_dir = env.run_dir.clone();
+    embedded::run(&config(), &env, &AtomicBool::new(false)).unwrap();
+    std::fs::read(embedded_dir.join("theta.f32")).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
-    let scratch = Scratch::new("cluster-determinism");
-    let env = environment(&scratch, "embedded", 2);
-    let embedded_dir = env.run_dir.clone();
-    tokio::task::spawn_blocking(move || {
-        embedded::run(&config(), &env, &AtomicBool::new(false)).unwrap()
-    })
-    .await
-    .unwrap();
-    let embedded = std::fs::read(embedded_dir.join("theta.f32")).unwrap();
+    let scratch = Arc::new(Scratch::new("cluster-determinism"));
+    let embedded = {
+        let scratch = Arc::clone(&scratch);
+        tokio::task::spawn_blocking(move || embedded_theta(&scratch))
+            .await
+            .unwrap()
+    };
     let one = cluster_theta(&scratch, "one", &[2]).await;
     assert!(
         one == embedded,
@@ -84,6 +122,46 @@ async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
     assert!(
         three == embedded,
         "θ with 3 workers differs from the embedded run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_workers_drive_a_run_only_with_audits_off() {
+    let scratch = Arc::new(Scratch::new("cluster-fake"));
+    let embedded = {
+        let scratch = Arc::clone(&scratch);
+        tokio::task::spawn_blocking(move || embedded_theta(&scratch))
+            .await
+            .unwrap()
+    };
+    let fake = TestWorker {
+        threads: 1,
+        fake: true,
+    };
+    // Audits off (the load test): fake workers prove the golden task, join and finish the
+    // run; θ follows their fake fitnesses, so it is not the embedded run's.
+    let (theta, exits) = cluster_run(&scratch, "fake-only", &[fake, fake, fake], 0).await;
+    for exit in exits {
+        assert_eq!(exit.unwrap(), WorkerExit::Finished);
+    }
+    assert_eq!(theta.len(), embedded.len());
+    assert!(theta != embedded, "fake fitnesses moved θ like real ones");
+
+    // Audits on (the default): the fake worker is quarantined at its first result, the real
+    // one redoes its indices, and θ is the embedded run's bit for bit.
+    let real = TestWorker {
+        threads: 1,
+        fake: false,
+    };
+    let (theta, exits) = cluster_run(&scratch, "fake-audited", &[fake, real], 1).await;
+    let mut exits = exits.into_iter();
+    let e = exits.next().unwrap().unwrap_err();
+    assert!(e.is_refusal(), "{e}");
+    assert!(e.to_string().contains("GOLDEN_MISMATCH"), "{e}");
+    assert_eq!(exits.next().unwrap().unwrap(), WorkerExit::Finished);
+    assert!(
+        theta == embedded,
+        "θ with a quarantined fake worker differs"
     );
 }
 

@@ -1245,6 +1245,7 @@ async fn train(
         }
         let t = es_state.generation;
         let gen_started = Instant::now();
+        let cpu_started = process_cpu_secs();
         let theta = Arc::new(EncodedTheta::new(&es_state.theta));
         {
             let mut state = shared.lock();
@@ -1319,6 +1320,7 @@ async fn train(
             break;
         }
         let eval_secs = gen_started.elapsed().as_secs_f64();
+        let update_started = Instant::now();
         let (state_back, update) = {
             let (es, noise) = (Arc::clone(&es), Arc::clone(&noise));
             let net = net.clone();
@@ -1341,6 +1343,7 @@ async fn train(
             .expect("the update does not panic")
         };
         es_state = state_back;
+        let update_secs = update_started.elapsed().as_secs_f64();
         let update: UpdateStats = update?;
         let report = generation_report(t, &results, update);
         let done = es_state.generation;
@@ -1362,6 +1365,11 @@ async fn train(
         line.reassigned = Some(reassigned);
         line.rejected_messages = Some(wire.2);
         line.quarantined = Some(wire.3);
+        line.collect_secs = Some(eval_secs);
+        line.update_secs = Some(update_secs);
+        line.cpu_secs = cpu_started
+            .zip(process_cpu_secs())
+            .map(|(start, end)| end - start);
         run_dir.append_metrics(&line)?;
         if reassigned > 0 {
             tracing::info!(
@@ -1393,6 +1401,28 @@ async fn train(
         &checkpointer,
     )
     .await
+}
+
+/// CPU seconds (user and system, all threads) this process has used so far, where the OS
+/// tells (`getrusage`); `None` elsewhere.
+#[cfg(unix)]
+fn process_cpu_secs() -> Option<f64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: `usage` is valid for writes of one `rusage`, which getrusage fills completely
+    // when it returns 0; it is read only then.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return None;
+        }
+        usage.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
+}
+
+#[cfg(not(unix))]
+fn process_cpu_secs() -> Option<f64> {
+    None
 }
 
 fn generation_report(t: u32, results: &[PairResult], update: UpdateStats) -> GenerationReport {

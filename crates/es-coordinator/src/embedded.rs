@@ -360,5 +360,8 @@ pub(crate) fn metrics_line(
         reassigned: None,
         rejected_messages: None,
         quarantined: None,
+        collect_secs: None,
+        update_secs: None,
+        cpu_secs: None,
     }
 }

@@ -47,6 +47,17 @@ pub struct MetricsLine {
     /// (cluster only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<u64>,
+    /// Seconds from announcing the generation until its last result and check were in
+    /// (cluster only): broadcast, the workers' evaluation, bookkeeping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collect_secs: Option<f64>,
+    /// Seconds of the update (ranks, weighted noise sum, Adam, a due checkpoint; cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_secs: Option<f64>,
+    /// CPU seconds the coordinator process used during the generation, all its threads
+    /// (cluster only, where the OS reports it): its own cost apart from the workers' time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_secs: Option<f64>,
 }
 
 /// Writes into one run directory.
@@ -207,6 +218,9 @@ mod tests {
             reassigned: None,
             rejected_messages: None,
             quarantined: None,
+            collect_secs: None,
+            update_secs: None,
+            cpu_secs: None,
         };
         run.append_metrics(&line).unwrap();
         run.append_metrics(&MetricsLine {

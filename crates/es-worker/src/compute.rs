@@ -6,6 +6,10 @@
 //! *ticket* of the generation announcement it belongs to; the session bumps the current
 //! ticket when a new `Generation` arrives or its stream ends, and the thread skips every job
 //! whose ticket is no longer current, so abandoned chunks cost nothing.
+//!
+//! A load-testing worker ([`Fitnesses::Fake`]) still computes the golden proof honestly but
+//! answers chunks with [`fake_pair`], a pure function of (generation, index), without
+//! evaluating: one process can then drive a coordinator with hundreds of connections.
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,7 +19,7 @@ use std::sync::mpsc;
 use std::thread;
 
 use es_core::train::{EvalPool, PairResult, golden_task};
-use es_kernel::{Batch, Kernel};
+use es_kernel::{Batch, Evaluation, Kernel};
 use es_proto::{GoldenEval, GoldenProof};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
@@ -68,6 +72,48 @@ enum Job {
     },
 }
 
+/// How the thread answers chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fitnesses {
+    /// Evaluates every perturbation on the evaluator threads.
+    Evaluated,
+    /// Load testing: [`fake_pair`] for every index, nothing evaluated (and no evaluators
+    /// built, so a connection costs no evaluation buffers).
+    Fake,
+}
+
+/// The fake result of `index` in `generation` on a minibatch of `samples`: a pure function of
+/// its arguments, so a repeated or reassigned index gets the same bits and the coordinator's
+/// duplicate cross-check stays quiet. Fitnesses are distinct and finite, in (−3, −2] like a
+/// 10-class cross-entropy, so the ranks (and the update's work) are those of a real
+/// generation.
+pub(crate) fn fake_pair(generation: u32, index: u32, samples: usize) -> PairResult {
+    let key = (u64::from(generation) << 32) | u64::from(index);
+    let fake = |salt: u64| {
+        let h = splitmix64(key ^ salt);
+        // 53 random bits → a uniform f64 in [0, 1).
+        let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+        Evaluation {
+            fitness: -2.0 - u,
+            correct: (h % (samples as u64 + 1)) as usize,
+            samples,
+        }
+    };
+    PairResult {
+        index,
+        plus: fake(0x0123_4567_89ab_cdef),
+        minus: fake(0xfedc_ba98_7654_3210),
+    }
+}
+
+/// SplitMix64's output function: a cheap, well-mixed hash of one word.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The handle of a compute thread. Dropping it lets the thread finish its current job, skip
 /// the queued ones and exit; it does not wait for it (that would block the executor).
 #[derive(Debug)]
@@ -77,13 +123,20 @@ pub(crate) struct ComputeThread {
 }
 
 impl ComputeThread {
-    /// Builds `threads` evaluators for the context's network and starts the thread.
+    /// Builds `threads` evaluators for the context's network (none for fake fitnesses) and
+    /// starts the thread.
     pub fn spawn(
         context: Arc<RunContext>,
         kernel: Kernel,
         threads: usize,
+        fitnesses: Fitnesses,
     ) -> Result<ComputeThread, WorkerError> {
-        let pool = EvalPool::new(&context.net, kernel, threads).map_err(WorkerError::Evaluators)?;
+        let pool = match fitnesses {
+            Fitnesses::Evaluated => Some(
+                EvalPool::new(&context.net, kernel, threads).map_err(WorkerError::Evaluators)?,
+            ),
+            Fitnesses::Fake => None,
+        };
         let (jobs, receiver) = mpsc::channel();
         let current = Arc::new(AtomicU64::new(NO_TICKET));
         let state = Arc::clone(&current);
@@ -154,9 +207,10 @@ fn stopped() -> WorkerError {
     WorkerError::Compute("the thread stopped (an earlier job failed)".into())
 }
 
+/// `pool` is `None` for fake fitnesses.
 fn compute_loop(
     context: &RunContext,
-    mut pool: EvalPool,
+    mut pool: Option<EvalPool>,
     kernel: Kernel,
     jobs: &mpsc::Receiver<Job>,
     current: &AtomicU64,
@@ -181,8 +235,16 @@ fn compute_loop(
             Job::Chunk { job, reply } => {
                 let outcome = if current.load(Ordering::SeqCst) != job.ticket {
                     ChunkOutcome::Skipped
+                } else if let Some(pool) = &mut pool {
+                    evaluate(context, pool, &job)
                 } else {
-                    evaluate(context, &mut pool, &job)
+                    let samples = job.batch.len();
+                    ChunkOutcome::Evaluated(
+                        job.indices
+                            .clone()
+                            .map(|i| fake_pair(job.generation, i, samples))
+                            .collect(),
+                    )
                 };
                 let failed = matches!(outcome, ChunkOutcome::Failed(_));
                 // The session may be gone; then nobody wants the result.
@@ -298,7 +360,13 @@ mod tests {
             },
         ] {
             let context = context(noise, dir.path());
-            let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 3).unwrap();
+            let compute = ComputeThread::spawn(
+                Arc::clone(&context),
+                Kernel::Portable,
+                3,
+                Fitnesses::Evaluated,
+            )
+            .unwrap();
             let (tx, mut rx) = tokio_mpsc::unbounded_channel();
             let job = job(&context, 5, 2, 3..17);
             compute.set_current(5);
@@ -334,7 +402,13 @@ mod tests {
     #[tokio::test]
     async fn jobs_of_a_stale_ticket_are_skipped_in_arrival_order() {
         let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
-        let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 2).unwrap();
+        let compute = ComputeThread::spawn(
+            Arc::clone(&context),
+            Kernel::Portable,
+            2,
+            Fitnesses::Evaluated,
+        )
+        .unwrap();
         let (tx, mut rx) = tokio_mpsc::unbounded_channel();
         compute.set_current(2);
         compute.submit(job(&context, 1, 0, 0..4), &tx).unwrap();
@@ -366,7 +440,13 @@ mod tests {
     #[tokio::test]
     async fn the_golden_proof_matches_the_golden_task() {
         let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
-        let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 2).unwrap();
+        let compute = ComputeThread::spawn(
+            Arc::clone(&context),
+            Kernel::Portable,
+            2,
+            Fitnesses::Evaluated,
+        )
+        .unwrap();
         let proof = compute.golden(3, 7).await.unwrap();
         let runs = golden_task(
             &context.net,
@@ -397,7 +477,13 @@ mod tests {
     #[tokio::test]
     async fn a_failing_job_is_reported_and_stops_the_thread() {
         let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
-        let compute = ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 1).unwrap();
+        let compute = ComputeThread::spawn(
+            Arc::clone(&context),
+            Kernel::Portable,
+            1,
+            Fitnesses::Evaluated,
+        )
+        .unwrap();
         let (tx, mut rx) = tokio_mpsc::unbounded_channel();
         let mut bad = job(&context, 1, 0, 0..1);
         bad.theta = Arc::new(vec![0.0; 3]);
@@ -410,5 +496,64 @@ mod tests {
         assert!(message.contains("panicked"), "{message}");
         let e = compute.golden(0, 0).await.unwrap_err();
         assert!(e.to_string().contains("the thread stopped"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn fake_fitnesses_answer_without_evaluating_and_repeat_bit_for_bit() {
+        let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
+        let compute =
+            ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 1, Fitnesses::Fake)
+                .unwrap();
+        // The golden proof is still the real one.
+        let proof = compute.golden(0, 0).await.unwrap();
+        let runs = golden_task(
+            &context.net,
+            &context.es,
+            context.run_seed,
+            &context.noise,
+            context.train(),
+            0,
+            0,
+            Kernel::Portable,
+        )
+        .unwrap();
+        assert_eq!(
+            proof.center,
+            GoldenEval::new(&runs[0].evaluation, &runs[0].logits)
+        );
+        // A θ no network could use: a chunk that evaluated would fail.
+        let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+        let mut fake = job(&context, 1, 6, 2..12);
+        fake.theta = Arc::new(vec![0.0; 3]);
+        compute.set_current(1);
+        compute.submit(fake, &tx).unwrap();
+        let done = rx.recv().await.unwrap();
+        let ChunkOutcome::Evaluated(pairs) = done.outcome else {
+            panic!("expected fake results, got {:?}", done.outcome);
+        };
+        let samples = context.es.batch_size;
+        assert_eq!(pairs.len(), 10);
+        let mut fitnesses = Vec::new();
+        for (pair, index) in pairs.iter().zip(2..) {
+            let again = fake_pair(6, index, samples);
+            assert_eq!(pair.index, index);
+            assert_eq!(pair.plus.fitness.to_bits(), again.plus.fitness.to_bits());
+            assert_eq!(pair.minus.fitness.to_bits(), again.minus.fitness.to_bits());
+            assert_eq!(
+                (pair.plus.correct, pair.minus.correct),
+                (again.plus.correct, again.minus.correct)
+            );
+            for e in [pair.plus, pair.minus] {
+                assert!(e.fitness > -3.0 && e.fitness <= -2.0, "{}", e.fitness);
+                assert!(e.correct <= samples && e.samples == samples);
+                fitnesses.push(e.fitness.to_bits());
+            }
+        }
+        // Distinct within and across generations: ranks never tie.
+        fitnesses.push(fake_pair(7, 2, samples).plus.fitness.to_bits());
+        let count = fitnesses.len();
+        fitnesses.sort_unstable();
+        fitnesses.dedup();
+        assert_eq!(fitnesses.len(), count);
     }
 }

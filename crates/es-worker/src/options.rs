@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use es_data::mnist::Mnist;
 use es_kernel::Kernel;
+use tokio::sync::Semaphore;
 
 /// Everything [`crate::run`] needs. Build it with [`WorkerOptions::new`] and override fields.
 /// Its `Debug` leaves out the token and the TLS key.
@@ -34,6 +35,15 @@ pub struct WorkerOptions {
     /// Interval of HTTP/2 keep-alive pings; a connection whose ping goes unanswered for
     /// twice as long is dead (a coordinator that vanished, a cut network) and is replaced.
     pub keepalive: Duration,
+    /// Load testing only: answer every assigned index with a fake fitness (a pure function
+    /// of generation and index) instead of evaluating it. The golden proof is still computed
+    /// honestly, so the worker joins like any other; its first result would then fail the
+    /// coordinator's audit, so a load test runs the coordinator with `--audit-every 0`.
+    pub fake_fitness: bool,
+    /// Shared by the connections of one process (a load test's many fake workers) so that at
+    /// most this many golden proofs are computed at once: each holds several copies of θ.
+    /// `None`: no limit.
+    pub proof_permits: Option<Arc<Semaphore>>,
 }
 
 impl WorkerOptions {
@@ -54,6 +64,8 @@ impl WorkerOptions {
                 .expect("the portable kernel is always supported"),
             reconnect: Backoff::default(),
             keepalive: Duration::from_secs(10),
+            fake_fitness: false,
+            proof_permits: None,
         }
     }
 }
@@ -71,6 +83,11 @@ impl std::fmt::Debug for WorkerOptions {
             .field("kernel", &self.kernel)
             .field("reconnect", &self.reconnect)
             .field("keepalive", &self.keepalive)
+            .field("fake_fitness", &self.fake_fitness)
+            .field(
+                "proof_permits",
+                &self.proof_permits.as_ref().map(|s| s.available_permits()),
+            )
             .finish()
     }
 }

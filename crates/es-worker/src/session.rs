@@ -25,7 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::compute::{ChunkDone, ChunkJob, ChunkOutcome, ComputeThread};
+use crate::compute::{ChunkDone, ChunkJob, ChunkOutcome, ComputeThread, Fitnesses};
 use crate::context::RunContext;
 use crate::error::WorkerError;
 use crate::options::{AUTHORIZATION_KEY, DataSource, WorkerOptions};
@@ -434,10 +434,17 @@ impl Worker {
         );
         self.prepare_run(&accepted.run_id, spec).await?;
         let cache = self.cache.as_mut().expect("prepared above");
+        let permit = match &self.options.proof_permits {
+            Some(permits) => Some(permits.acquire().await.map_err(|_| {
+                WorkerError::Compute("the golden-proof permits were closed".into())
+            })?),
+            None => None,
+        };
         let proof = cache
             .compute
             .golden(golden.generation, golden.index)
             .await?;
+        drop(permit);
         debug!(
             generation = golden.generation,
             index = golden.index,
@@ -514,10 +521,16 @@ impl Worker {
             "prepared the run"
         );
         let context = Arc::new(context);
+        let fitnesses = if self.options.fake_fitness {
+            Fitnesses::Fake
+        } else {
+            Fitnesses::Evaluated
+        };
         let compute = ComputeThread::spawn(
             Arc::clone(&context),
             self.options.kernel,
             self.options.threads,
+            fitnesses,
         )?;
         self.cache = Some(RunCache {
             run_id: run_id.to_owned(),

@@ -98,6 +98,22 @@ struct Cli {
         env = "UNDERFLOW_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Load testing only: answer every assigned index with a deterministic fake fitness (a
+    /// pure function of generation and index) instead of evaluating it. The golden proof is
+    /// still computed honestly; the coordinator must run with --audit-every 0, since its
+    /// audit would (rightly) quarantine a worker whose results are fake.
+    #[arg(help_heading = "Testing", long)]
+    fake_fitness: bool,
+    /// Load testing only: open this many worker connections from this one process, each
+    /// joining, proving and serving on its own (needs --fake-fitness).
+    #[arg(
+        help_heading = "Testing",
+        long,
+        default_value_t = 1,
+        requires = "fake_fitness",
+        value_name = "N"
+    )]
+    connections: usize,
 }
 
 impl Cli {
@@ -177,6 +193,7 @@ impl Cli {
             self.keepalive
         );
         options.keepalive = Duration::from_secs_f64(self.keepalive);
+        options.fake_fitness = self.fake_fitness;
         Ok(options)
     }
 }
@@ -214,7 +231,18 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let connections = cli.connections;
+    anyhow::ensure!(connections >= 1, "--connections 0: expected at least 1");
     let options = cli.options()?;
+    if options.fake_fitness {
+        tracing::warn!(
+            connections,
+            "fake fitnesses: this worker evaluates nothing (load testing only)"
+        );
+    }
+    if connections > 1 {
+        return many(options, connections).await;
+    }
     tracing::info!(
         endpoint = %options.endpoint,
         tls = options.tls.is_some(),
@@ -233,6 +261,60 @@ async fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(if e.is_refusal() { 2 } else { 1 }))
         }
     }
+}
+
+/// Runs `connections` workers of `options` in this process until all have ended (or
+/// SIGINT/SIGTERM): one copy of MNIST, one connection and one session each, named
+/// `NAME#i`. Golden proofs run at most one per core at once (each holds copies of θ).
+async fn many(mut options: WorkerOptions, connections: usize) -> anyhow::Result<ExitCode> {
+    if let DataSource::Dir { dir, mirrors } = &options.data {
+        anyhow::ensure!(
+            mirrors.is_empty(),
+            "--connections loads MNIST once, before connecting: --mirror is not supported with it"
+        );
+        let dir = dir.clone();
+        let data = tokio::task::spawn_blocking(move || mnist::load(&dir))
+            .await
+            .context("loading mnist")??;
+        options.data = DataSource::Loaded(std::sync::Arc::new(data));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    options.proof_permits = Some(std::sync::Arc::new(tokio::sync::Semaphore::new(cores)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..connections {
+        let mut options = options.clone();
+        options.name = format!("{}#{i}", options.name);
+        let mut stopped = stopped.clone();
+        tasks.spawn(es_worker::run(options, async move {
+            let _ = stopped.wait_for(|&stop| stop).await;
+        }));
+    }
+    tracing::info!(connections, endpoint = %options.endpoint, "started the connections");
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let (mut ended, mut failed, mut refused) = (0usize, 0usize, 0usize);
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("a connection's task panicked")? {
+            Ok(_) => ended += 1,
+            Err(e) => {
+                failed += 1;
+                refused += usize::from(e.is_refusal());
+                if failed <= 3 {
+                    tracing::error!(error = %e, "connection stopped");
+                }
+            }
+        }
+    }
+    signal.abort();
+    tracing::info!(ended, failed, "all connections ended");
+    if failed > 0 {
+        eprintln!("error: {failed} of {connections} connections failed ({refused} refused)");
+        return Ok(ExitCode::from(if refused == failed { 2 } else { 1 }));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How log lines are written.
