@@ -41,6 +41,9 @@ struct Cli {
     /// A ~20 s smoke run for CI: shorter rows, fewer rounds, a 2^24-value noise table.
     #[arg(long)]
     quick: bool,
+    /// Batch sizes of the forward rows (the other kernels run at the first).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    batches: Vec<usize>,
 }
 
 /// Run lengths of the full and the quick run.
@@ -89,8 +92,6 @@ impl Plan {
     }
 }
 
-/// The batch sizes of the forward rows.
-const BATCH_SIZES: [usize; 2] = [100, 1000];
 /// The populations of the update rows.
 const POPULATIONS: [usize; 2] = [256, 1000];
 /// OpenAI's noise seed, also the project's default.
@@ -98,6 +99,11 @@ const NOISE_SEED: u64 = 123;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    anyhow::ensure!(
+        !cli.batches.is_empty() && !cli.batches.contains(&0),
+        "--batches {:?}: expected batch sizes of at least 1",
+        cli.batches
+    );
     let plan = Plan::new(cli.quick);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let kernel = Kernel::detect().context("choosing the forward kernel (UNDERFLOW_KERNEL)")?;
@@ -123,10 +129,10 @@ fn main() -> anyhow::Result<()> {
     let train = &mnist.train;
 
     let mut rows = Vec::new();
-    let forward_rows = forward_section(&plan, kernel, trained.as_deref(), train)?;
-    let pair_forward_secs = forward_rows.pair_secs;
+    let forward_rows = forward_section(&plan, &cli.batches, kernel, trained.as_deref(), train)?;
+    let pair_forward = (forward_rows.pair_secs, forward_rows.pair_batch);
     rows.extend(forward_rows.rows);
-    rows.extend(noise_section(&plan, threads, pair_forward_secs, dim)?);
+    rows.extend(noise_section(&plan, threads, pair_forward, dim)?);
 
     let table = report::render_table(&rows);
     println!("{table}");
@@ -264,15 +270,19 @@ fn load_average() -> String {
 
 struct ForwardRows {
     rows: Vec<Row>,
-    /// Seconds of the two B = 100 `ftz` forward passes of one mirrored pair (detected kernel,
-    /// init parameters), to put the perturbation cost in proportion.
+    /// Seconds of the two `ftz` forward passes of one mirrored pair at the reference batch
+    /// (B = 100 when measured; detected kernel, init parameters), to put the perturbation
+    /// cost in proportion.
     pair_secs: f64,
+    /// The reference batch size of `pair_secs`.
+    pair_batch: usize,
 }
 
 /// Our forward pass in every mode, batch size and parameter set, the other kernels, and the
 /// GEMM reference.
 fn forward_section(
     plan: &Plan,
+    batch_sizes: &[usize],
     kernel: Kernel,
     trained: Option<&[f32]>,
     train: &es_data::mnist::Split,
@@ -289,7 +299,7 @@ fn forward_section(
             &init_seed
         }
     };
-    let batches: Vec<(usize, Batch)> = BATCH_SIZES
+    let batches: Vec<(usize, Batch)> = batch_sizes
         .iter()
         .map(|&b| {
             anyhow::ensure!(
@@ -332,8 +342,11 @@ fn forward_section(
         params.push(("trained", Some(t)));
     }
     let mut rows = Vec::new();
+    // The batch the other kernels and the perturbation row are compared at: B = 100 (the
+    // default minibatch) when it was asked for, else the first.
+    let reference = batches.iter().position(|(b, _)| *b == 100).unwrap_or(0);
     let mut pair_secs = f64::NAN;
-    let mut best_b100 = Vec::new();
+    let mut best_reference = Vec::new();
     for &(mode, config) in &modes {
         for (bi, (b, batch)) in batches.iter().enumerate() {
             for &(name, given) in &params {
@@ -341,8 +354,8 @@ fn forward_section(
                 let case = format!("{kernel} {mode} B={b} {name}");
                 progress(&format!("forward {case}"));
                 let ours = forward::bench_ours(kernel, config, theta, batch, plan.forward)?;
-                if mode == Arithmetic::Ftz && *b == 100 {
-                    best_b100.push((name, ours.samples_per_sec));
+                if mode == Arithmetic::Ftz && bi == reference {
+                    best_reference.push((name, ours.samples_per_sec));
                     if name == "init" {
                         pair_secs = 2.0 * *b as f64 / ours.samples_per_sec;
                     }
@@ -359,21 +372,23 @@ fn forward_section(
         ));
     }
 
-    // The other kernels at B = 100 in ftz mode: the SIMD speed-up.
-    let (b, batch) = &batches[0];
+    // The other kernels at the reference batch in ftz mode: the SIMD speed-up.
+    let (b, batch) = &batches[reference];
     for other in Kernel::supported().into_iter().filter(|&k| k != kernel) {
         for &(name, given) in &params {
             let theta = given.unwrap_or(&init_ftz);
             let case = format!("{other} ftz B={b} {name}");
             progress(&format!("forward {case}"));
             let ours = forward::bench_ours(other, &ftz, theta, batch, plan.forward)?;
-            let best = best_b100
+            let best = best_reference
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map(|(_, r)| *r)
-                .expect("the detected kernel ran every parameter set at B = 100 ftz");
+                .expect(
+                    "the detected kernel ran every parameter set at the reference batch in ftz",
+                );
             rows.push(
-                forward_row(case, &ours, gemm_rate[0])
+                forward_row(case, &ours, gemm_rate[reference])
                     .note(format!(
                         "{kernel} is {}× faster",
                         sig3(best / ours.samples_per_sec)
@@ -383,7 +398,11 @@ fn forward_section(
         }
     }
     rows.extend(gemm_rows);
-    Ok(ForwardRows { rows, pair_secs })
+    Ok(ForwardRows {
+        rows,
+        pair_secs,
+        pair_batch: *b,
+    })
 }
 
 fn forward_row(case: String, ours: &forward::Ours, gemm_rate: f64) -> Row {
@@ -411,7 +430,7 @@ fn forward_row(case: String, ours: &forward::Ours, gemm_rate: f64) -> Row {
 fn noise_section(
     plan: &Plan,
     threads: usize,
-    pair_forward_secs: f64,
+    (pair_forward_secs, pair_batch): (f64, usize),
     dim: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
@@ -468,9 +487,10 @@ fn noise_section(
         )
         .timed(&stats)
         .note(format!(
-            "{} ms per pair; 1 thread, table noise; {:.1}% of the pair's two B=100 ftz forwards",
+            "{} ms per pair; 1 thread, table noise; {:.1}% of the pair's two ftz forwards at B={}",
             sig3(ms_pair),
-            stats.median / pair_forward_secs * 100.0
+            stats.median / pair_forward_secs * 100.0,
+            pair_batch
         ))
         .metric("ms_per_pair", ms_pair),
     );

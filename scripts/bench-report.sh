@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The benchmark report: ONE table from one run of this script (about 5–8 minutes on 2 cores).
+#
+#  1. trained-like parameters: 100 generations of the default run (about 1 minute), cached
+#     in runs/bench-trained/ and reused afterwards (delete it to train again);
+#  2. es-bench: forward samples/s per core for ftz and seed at B = 32, 100, 1000 (init and
+#     trained parameters), matrixmultiply's sgemm on the same shapes, the other kernels,
+#     the update's GB/s against a plain parallel memory read;
+#  3. a whole generation at P = 256, B = 100: embedded (2 threads) and a coordinator with 2
+#     local worker processes of 1 thread;
+#  4. the coordinator at P = 10,000 with 1, 32, 256 and 1,000 fake workers (one `worker
+#     --fake-fitness --connections N` process, real gRPC on loopback, audits off since the
+#     fitnesses are fake): time per generation, its update, the coordinator's CPU time, and
+#     the overhead against the generation time 32 real workers of this machine (2 cores
+#     each) would need, derived from the embedded run's evaluations per second per core.
+#
+# Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOAD_GENERATIONS (6),
+# LOAD_POPULATION (10000), GENERATIONS (30, for step 3), REPORT_JSON (also keep the raw
+# numbers there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+export UNDERFLOW_DATA="${UNDERFLOW_DATA:-$root/../shared/data/mnist}"
+fake_workers="${FAKE_WORKERS:-1 32 256 1000}"
+load_generations="${LOAD_GENERATIONS:-6}"
+load_population="${LOAD_POPULATION:-10000}"
+generations="${GENERATIONS:-30}"
+
+cargo build --release --locked -p es-bench --bin coordinator --bin worker >&2
+bin="$root/target/release"
+out="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
+common=(--eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
+log() { echo "bench-report: $*" >&2; }
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+trained="runs/bench-trained"
+if [[ ! -f "$trained/theta.f32" ]]; then
+  log "training trained-like parameters (100 generations) into $trained"
+  rm -rf "$trained"
+  "$bin/coordinator" --generations 100 "${common[@]}" --run-dir "$trained" >/dev/null 2>"$out/trained.log"
+fi
+
+log "es-bench (kernels, gemm, update, memory)"
+"$bin/es-bench" --trained "$trained/theta.f32" --batches 32,100,1000 --json "$out/bench.json" \
+  >"$out/bench.txt"
+
+log "embedded generation, $generations generations"
+"$bin/coordinator" --generations "$generations" "${common[@]}" --run-dir "$out/embedded" \
+  >/dev/null 2>"$out/embedded.log"
+
+cluster() { # name workers population generations worker-args...
+  local name=$1 workers=$2 population=$3 gens=$4
+  shift 4
+  local port
+  port=$(free_port)
+  "$bin/coordinator" --workers "$workers" --listen "127.0.0.1:$port" \
+    --generations "$gens" --population "$population" "${common[@]}" \
+    --max-workers "$workers" --max-connections $((workers + 16)) --audit-every 0 \
+    --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
+  local coordinator=$!
+  "$@" --connect "127.0.0.1:$port" --data "$UNDERFLOW_DATA" 2>"$out/$name.workers.log" &
+  local workers_pid=$!
+  wait "$coordinator"
+  wait "$workers_pid"
+}
+
+log "2 local worker processes, $generations generations"
+port=$(free_port)
+# Audits stay on here: real workers pass them.
+"$bin/coordinator" --workers 2 --listen "127.0.0.1:$port" --generations "$generations" \
+  "${common[@]}" --run-dir "$out/local2" >/dev/null 2>"$out/local2.log" &
+coordinator=$!
+"$bin/worker" --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/local2.workers.log" &
+"$bin/worker" --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/local2.workers.log" &
+wait "$coordinator"
+wait
+
+for n in $fake_workers; do
+  log "coordinator with $n fake workers, P=$load_population, $load_generations generations"
+  cluster "fake$n" "$n" "$load_population" "$load_generations" \
+    "$bin/worker" --fake-fitness --connections "$n" --threads 1
+done
+
+python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" <<'PY'
+import json, os, statistics, sys
+
+out, trained, fakes, population, keep = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
+bench = json.load(open(f"{out}/bench.json"))
+rows = []  # (section, case, value, unit, ratio, note)
+
+def add(section, case, value, unit, ratio="", note=""):
+    rows.append((section, case, value, unit, ratio, note))
+
+def metrics(name):
+    return [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
+
+def gen_times(m):
+    # Generation times from wall-clock differences; the first generation (start-up) is dropped.
+    return [b["wall_secs"] - a["wall_secs"] for a, b in zip(m, m[1:])]
+
+def fmt(v, unit):
+    if isinstance(v, str):
+        return v
+    if unit in ("samples/s/core",):
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+header = bench["header"]
+b = {r["case"]: r for r in bench["rows"]}
+gemm = {int(c.split("B=")[1]): r["value"] for c, r in b.items() if c.startswith("matrixmultiply")}
+for case, r in b.items():
+    if r["section"] == "forward" and r.get("value") is not None:
+        batch = int(case.split("B=")[1].split()[0])
+        add("kernel", case, r["value"], r["unit"], f"{r['value'] / gemm[batch]:.2f}× sgemm",
+            f"L1/L2/L3 nonzero {r['metrics'].get('density_l1', 0):.0%}/{r['metrics'].get('density_l2', 0):.0%}/{r['metrics'].get('density_l3', 0):.0%}; batch acc {r['metrics'].get('batch_accuracy', 0):.0%}")
+for batch, v in sorted(gemm.items()):
+    add("gemm", f"matrixmultiply::sgemm B={batch}", v, "samples/s/core", "", "dense, 1 thread, FMA where the CPU has it")
+read = next(r for c, r in b.items() if r["section"] == "memory")
+add("memory", read["case"], read["value"], read["unit"], "", "plain parallel read-sum")
+for c, r in b.items():
+    if r["section"] == "update":
+        gbps = r["metrics"]["effective_gbps"]
+        add("update", c, gbps, "GB/s", f"{gbps / read['value']:.0%} of read bw", f"{r['value']:.1f} ms per update")
+
+emb = metrics("embedded")
+emb_gen = statistics.median(gen_times(emb))
+emb_eps = statistics.median(x["evals_per_sec"] for x in emb[1:])
+threads = emb[-1]["workers"]
+loc = metrics("local2")
+loc_gen = statistics.median(gen_times(loc))
+add("generation", f"embedded P=256 B=100, {threads} threads", emb_gen, "s/generation", "", f"{emb_eps:.0f} evaluations/s ({emb_eps / threads:.0f} per core)")
+add("generation", "2 local workers × 1 thread, P=256 B=100", loc_gen, "s/generation", f"{loc_gen / emb_gen:.2f}× embedded", "audits on")
+
+# 32 real workers of this machine's speed (2 cores each) at the load test's population.
+per_core = emb_eps / threads
+real32 = 2 * population / (32 * 2 * per_core)
+add("cluster", f"32 real workers × 2 cores, P={population:,} (derived)", real32, "s/generation", "", f"2P evaluations at {per_core:.0f} per core per s")
+for n in fakes:
+    m = metrics(f"fake{n}")[1:]
+    if not m:
+        add("cluster", f"{n} fake workers, P={population:,}", "no generation", "")
+        continue
+    gen = statistics.median(gen_times(metrics(f"fake{n}")))
+    upd = statistics.median(x["update_secs"] for x in m)
+    col = statistics.median(x["collect_secs"] for x in m)
+    cpu = statistics.median(x["cpu_secs"] for x in m)
+    sent = statistics.median(x["wire_bytes_sent"] for x in m)
+    add("cluster", f"coordinator, {n} fake workers, P={population:,}", gen, "s/generation",
+        f"{gen / real32:.0%} of 32 real",
+        f"collect {col:.3f} s, update {upd:.3f} s, coordinator CPU {cpu:.2f} s; sent {sent / 1e6:.0f} MB")
+
+print("# Underflow benchmark report")
+for k in ("cpu", "kernel", "threads", "load at start", "build", "trained"):
+    if k in header:
+        print(f"{k:<14} {header[k]}")
+print(f"trained run    {trained}: 100 generations of the default config")
+print()
+w = [10, 52, 12, 15, 20]
+print(f"{'section':<{w[0]}}{'case':<{w[1]}}{'value':>{w[2]}}  {'unit':<{w[3]}}{'vs':<{w[4]}}notes")
+print("-" * 170)
+for s, c, v, u, r, n in rows:
+    print(f"{s:<{w[0]}}{c:<{w[1]}}{fmt(v, u):>{w[2]}}  {u:<{w[3]}}{r:<{w[4]}}{n}")
+print()
+print("kernel/gemm: median of 7 timed rounds on one thread. generation: median over generations 2.. of the")
+print("run (wall clock). cluster: fake workers answer instantly, so the generation time is the coordinator's")
+print("own (broadcast of θ, chunking, collection, update) plus loopback latency; the fake workers' process")
+print("shares the same 2 cores. 'of 32 real' = that time over the derived generation time of 32 real workers.")
+if keep:
+    json.dump({"rows": rows, "header": header}, open(keep, "w"), indent=1)
+PY
