@@ -10,7 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::sparse::SparseRows;
+use crate::sparse::{BLOCK, SparseRows};
 
 mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -87,16 +87,19 @@ impl Kernel {
     /// The SIMD kernels pick per call between the per-sample form (each sample's own nonzero
     /// inputs: least work, but every weight row loaded once per sample) and the blocked form
     /// (each weight row loaded once for four samples, over the union of their nonzero
-    /// inputs). The blocked form is used while it does at most twice the multiply-adds.
-    /// Measured side by side on this project's machines (AVX-512, default network, B = 100,
-    /// samples/s against sgemm): per-sample everywhere 0.86× at init and 0.81× trained,
-    /// blocked everywhere 1.02× and 1.15×, this rule 1.09× and 1.10×. Both forms give the
-    /// same bits.
+    /// inputs). The blocked form is used whenever there is a whole block of samples: on an
+    /// Intel AVX-512 machine (default network, B = 100 ftz, trained parameters, the forms
+    /// alternated in one process) blocked everywhere gave 54.4k samples/s, the earlier rule
+    /// (blocked while it does at most twice the multiply-adds, which sent MNIST's sparse
+    /// layer 1 to the per-sample form) 45.0k, and per-sample everywhere 36.0k: the per-sample
+    /// form loses more to its weight loads than the union's `0 · w` terms cost. With fewer
+    /// samples than a block the padding rows would multiply the work for nothing. Both forms
+    /// give the same bits.
     ///
     /// # Panics
     /// If the shapes disagree, or the kernel is not supported by this CPU.
     pub fn accumulate(self, rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
-        let form = if rows.block_terms() <= 2 * rows.nonzeros() {
+        let form = if rows.samples() >= BLOCK {
             Form::Blocked
         } else {
             Form::PerSample

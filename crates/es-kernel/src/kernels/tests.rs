@@ -137,6 +137,56 @@ fn every_kernel_matches_the_definition_over_shapes_and_sparsity() {
 }
 
 #[test]
+fn every_kernel_matches_the_definition_on_wide_layers() {
+    // Widths of real layers (up to 784) and around powers of two, where the shape test above
+    // (widths up to 21) never goes; samples with long runs of zero inputs, including at the
+    // start.
+    let mut rng = TestRng::new(4);
+    let cases = [
+        (1, 63, 17),
+        (3, 64, 16),
+        (5, 65, 33),
+        (2, 127, 8),
+        (7, 128, 9),
+        (4, 129, 130),
+        (9, 200, 31),
+        (6, 257, 129),
+        (3, 784, 10),
+        (5, 300, 1),
+    ];
+    for kernel in Kernel::supported() {
+        for (samples, width, n_out) in cases {
+            for mode in [Arithmetic::Ftz, Arithmetic::Ieee] {
+                let (mut inputs, weights) = near_underflow_case(&mut rng, samples, width, n_out);
+                // Every other sample: no terms below 70, nor from 100 to 200.
+                for s in (0..samples).step_by(2) {
+                    let row = &mut inputs[s * width..(s + 1) * width];
+                    row[..width.min(70)].fill(0.0);
+                    row[width.min(100)..width.min(200)].fill(0.0);
+                }
+                let mut rows = SparseRows::new();
+                rows.fill_from_dense(&inputs, width);
+                let want =
+                    with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
+                for form in [Form::PerSample, Form::Blocked] {
+                    let mut out = vec![f32::NAN; samples * n_out];
+                    with_float_env(mode, || {
+                        kernel.accumulate_in(form, &rows, &weights, n_out, &mut out)
+                    });
+                    assert_same(
+                        &out,
+                        &want,
+                        &format!(
+                            "{kernel} {form:?} {mode} samples={samples} width={width} n_out={n_out}"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
     // Products and sums placed right at the threshold, including products whose exact value is
     // just below MIN_POSITIVE but rounds up to it: the reference flushes after rounding.
