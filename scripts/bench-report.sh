@@ -9,8 +9,10 @@
 #  3. a whole generation at P = 256, B = 100: embedded (2 threads) and a coordinator with 2
 #     local worker processes of 1 thread;
 #  4. the coordinator at P = 10,000 with 1, 32, 256 and 1,000 fake workers (one `worker
-#     --fake-fitness --connections N` process, real gRPC on loopback, audits off since the
-#     fitnesses are fake): time per generation, its update, the coordinator's CPU time, and
+#     --fake-fitness --connections N --threads 2` process, so chunks are sized as for real
+#     2-core workers; real gRPC on loopback; audits off since the fitnesses are fake, and the
+#     per-stream results rate limit raised): time per generation, its update, the
+#     coordinator's CPU time, and
 #     the overhead against the generation time 32 real workers of this machine (2 cores
 #     each) would need, derived from the embedded run's evaluations per second per core.
 #
@@ -26,7 +28,7 @@ load_generations="${LOAD_GENERATIONS:-6}"
 load_population="${LOAD_POPULATION:-10000}"
 generations="${GENERATIONS:-30}"
 
-cargo build --release --locked -p es-bench --bin coordinator --bin worker >&2
+cargo build --release --locked -p es-bench -p es-coordinator -p es-worker --bins >&2
 bin="$root/target/release"
 out="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
@@ -56,15 +58,20 @@ cluster() { # name workers population generations worker-args...
   shift 4
   local port
   port=$(free_port)
-  "$bin/coordinator" --workers "$workers" --listen "127.0.0.1:$port" \
+  # Fake workers answer at once, so one stream sends results far faster than a real worker
+  # could: the per-stream rate limit is raised for the test, as are the worker and
+  # connection caps. A run that loses its workers would wait for them for good: the
+  # time limit ends it.
+  timeout 600 "$bin/coordinator" --workers "$workers" --listen "127.0.0.1:$port" \
     --generations "$gens" --population "$population" "${common[@]}" \
     --max-workers "$workers" --max-connections $((workers + 16)) --audit-every 0 \
-    --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
+    --max-results-per-sec 1000000 --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
   local coordinator=$!
   "$@" --connect "127.0.0.1:$port" --data "$UNDERFLOW_DATA" 2>"$out/$name.workers.log" &
   local workers_pid=$!
-  wait "$coordinator"
-  wait "$workers_pid"
+  wait "$coordinator" || log "$name: the coordinator failed (see its log below)"
+  wait "$workers_pid" || log "$name: the fake workers failed"
+  tail -3 "$out/$name.log" >&2
 }
 
 log "2 local worker processes, $generations generations"
@@ -81,7 +88,7 @@ wait
 for n in $fake_workers; do
   log "coordinator with $n fake workers, P=$load_population, $load_generations generations"
   cluster "fake$n" "$n" "$load_population" "$load_generations" \
-    "$bin/worker" --fake-fitness --connections "$n" --threads 1
+    "$bin/worker" --fake-fitness --connections "$n" --threads 2
 done
 
 python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" <<'PY'
