@@ -437,6 +437,27 @@ mod tests {
         ));
     }
 
+    /// The golden proof of (`generation`, `index`) computed directly from the golden task.
+    fn expected_proof(context: &RunContext, generation: u32, index: u32) -> GoldenProof {
+        let [center, plus, minus] = golden_task(
+            &context.net,
+            &context.es,
+            context.run_seed,
+            &context.noise,
+            context.train(),
+            generation,
+            index,
+            Kernel::Portable,
+        )
+        .unwrap()
+        .map(|run| GoldenEval::new(&run.evaluation, &run.logits));
+        GoldenProof {
+            center,
+            plus,
+            minus,
+        }
+    }
+
     #[tokio::test]
     async fn the_golden_proof_matches_the_golden_task() {
         let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
@@ -448,29 +469,7 @@ mod tests {
         )
         .unwrap();
         let proof = compute.golden(3, 7).await.unwrap();
-        let runs = golden_task(
-            &context.net,
-            &context.es,
-            context.run_seed,
-            &context.noise,
-            context.train(),
-            3,
-            7,
-            Kernel::Portable,
-        )
-        .unwrap();
-        assert_eq!(
-            proof.center,
-            GoldenEval::new(&runs[0].evaluation, &runs[0].logits)
-        );
-        assert_eq!(
-            proof.plus,
-            GoldenEval::new(&runs[1].evaluation, &runs[1].logits)
-        );
-        assert_eq!(
-            proof.minus,
-            GoldenEval::new(&runs[2].evaluation, &runs[2].logits)
-        );
+        assert_eq!(proof, expected_proof(&context, 3, 7));
         assert_ne!(proof.plus, proof.center);
     }
 
@@ -505,21 +504,9 @@ mod tests {
             ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 1, Fitnesses::Fake)
                 .unwrap();
         // The golden proof is still the real one.
-        let proof = compute.golden(0, 0).await.unwrap();
-        let runs = golden_task(
-            &context.net,
-            &context.es,
-            context.run_seed,
-            &context.noise,
-            context.train(),
-            0,
-            0,
-            Kernel::Portable,
-        )
-        .unwrap();
         assert_eq!(
-            proof.center,
-            GoldenEval::new(&runs[0].evaluation, &runs[0].logits)
+            compute.golden(0, 0).await.unwrap(),
+            expected_proof(&context, 0, 0)
         );
         // A θ no network could use: a chunk that evaluated would fail.
         let (tx, mut rx) = tokio_mpsc::unbounded_channel();

@@ -80,6 +80,29 @@ fn dense_definition(inputs: &[f32], width: usize, weights: &[f32], n_out: usize)
     out
 }
 
+/// Runs `kernel` in both loop forms on NaN-filled outputs and checks each against `want`.
+fn assert_both_forms(
+    kernel: Kernel,
+    mode: Arithmetic,
+    rows: &SparseRows,
+    weights: &[f32],
+    n_out: usize,
+    want: &[f32],
+) {
+    let (samples, width) = (rows.samples(), rows.width());
+    for form in [Form::PerSample, Form::Blocked] {
+        let mut out = vec![f32::NAN; samples * n_out];
+        with_float_env(mode, || {
+            kernel.accumulate_in(form, rows, weights, n_out, &mut out)
+        });
+        assert_same(
+            &out,
+            want,
+            &format!("{kernel} {form:?} {mode} samples={samples} width={width} n_out={n_out}"),
+        );
+    }
+}
+
 /// Inputs and weights whose products straddle f32::MIN_POSITIVE, so flushing matters.
 fn near_underflow_case(
     rng: &mut TestRng,
@@ -117,20 +140,8 @@ fn every_kernel_matches_the_definition_over_shapes_and_sparsity() {
                 rows.fill_from_dense(&inputs, width);
                 let want =
                     with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
-                // Both loop forms, whichever the density would pick.
-                for form in [Form::PerSample, Form::Blocked] {
-                    let mut out = vec![f32::NAN; samples * n_out];
-                    with_float_env(mode, || {
-                        kernel.accumulate_in(form, &rows, &weights, n_out, &mut out)
-                    });
-                    assert_same(
-                        &out,
-                        &want,
-                        &format!(
-                            "{kernel} {form:?} {mode} samples={samples} width={width} n_out={n_out}"
-                        ),
-                    );
-                }
+                // Both loop forms, whichever the dispatch would pick.
+                assert_both_forms(kernel, mode, &rows, &weights, n_out, &want);
             }
         }
     }
@@ -168,19 +179,7 @@ fn every_kernel_matches_the_definition_on_wide_layers() {
                 rows.fill_from_dense(&inputs, width);
                 let want =
                     with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
-                for form in [Form::PerSample, Form::Blocked] {
-                    let mut out = vec![f32::NAN; samples * n_out];
-                    with_float_env(mode, || {
-                        kernel.accumulate_in(form, &rows, &weights, n_out, &mut out)
-                    });
-                    assert_same(
-                        &out,
-                        &want,
-                        &format!(
-                            "{kernel} {form:?} {mode} samples={samples} width={width} n_out={n_out}"
-                        ),
-                    );
-                }
+                assert_both_forms(kernel, mode, &rows, &weights, n_out, &want);
             }
         }
     }
