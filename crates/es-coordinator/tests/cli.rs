@@ -239,6 +239,39 @@ fn underflow_evaluates_and_exports_a_run() {
         let npy = std::fs::metadata(dir.join("logits.npy")).unwrap().len();
         assert!((400_000..400_256).contains(&npy), "{npy} bytes of logits");
     }
+    // The training split: all 60,000 images, an accuracy that agrees with its confusion matrix.
+    let out = underflow()
+        .arg("evaluate")
+        .arg(&run)
+        .args(["--split", "train", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["split"], "train");
+    assert_eq!(report["samples"], 60_000);
+    let confusion = report["confusion"].as_array().unwrap();
+    let rows: Vec<Vec<u64>> = confusion
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    let total: u64 = rows.iter().flatten().sum();
+    let correct: u64 = (0..10).map(|k| rows[k][k]).sum();
+    assert_eq!(total, 60_000);
+    assert_eq!(
+        report["accuracy"].as_f64().unwrap(),
+        correct as f64 / 60_000.0
+    );
     // Export, and read the tensors back: θ's bits in the documented names and shapes.
     let out = underflow()
         .arg("export")
