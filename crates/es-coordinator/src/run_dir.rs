@@ -5,12 +5,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::RunError;
 
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MetricsLine {
     pub generation: u32,
     /// Seconds since the run (or this resumption) started.
@@ -25,6 +25,9 @@ pub struct MetricsLine {
     pub grad_norm: f64,
     pub theta_norm: f64,
     pub lr: f32,
+    /// Seconds the update (and a due checkpoint, in the cluster) took.
+    #[serde(default)]
+    pub update_secs: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,7 +145,7 @@ impl RunDir {
 }
 
 /// Writes `dir/name` atomically: a temporary file, fsync, rename.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RunError> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RunError> {
     let target = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
@@ -200,6 +203,7 @@ mod tests {
             grad_norm: 0.1,
             theta_norm: 80.0,
             lr: 0.001,
+            update_secs: 0.01,
             test_accuracy: None,
             test_loss: None,
             wire_bytes_sent: None,
