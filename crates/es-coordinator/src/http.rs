@@ -329,7 +329,7 @@ pub fn prometheus_text(s: &Snapshot) -> String {
 mod tests {
     use super::*;
     use crate::monitor::RunInfo;
-    use crate::monitor::tests::line;
+    use crate::run_dir::tests::line;
 
     fn sample() -> Monitor {
         let monitor = Monitor::default();

@@ -267,32 +267,9 @@ fn eta(run: &RunInfo, generation: u32, history: &[MetricsLine]) -> Option<f64> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A metrics line for generation `generation` at `wall_secs`.
-    pub(crate) fn line(generation: u32, wall_secs: f64) -> MetricsLine {
-        MetricsLine {
-            generation,
-            wall_secs,
-            fitness_mean: -2.0 + f64::from(generation) * 0.01,
-            fitness_max: -1.5 + f64::from(generation) * 0.01,
-            batch_accuracy: 0.1 + f64::from(generation) * 0.001,
-            evals_per_sec: 100.0,
-            workers: 2,
-            grad_norm: 0.1,
-            theta_norm: 80.0,
-            lr: 0.01,
-            update_secs: 0.05,
-            test_accuracy: None,
-            test_loss: None,
-            wire_bytes_sent: None,
-            wire_bytes_received: None,
-            reassigned: None,
-            rejected_messages: None,
-            quarantined: None,
-        }
-    }
+    use crate::run_dir::tests::line;
 
     #[test]
     fn eta_follows_the_pace_and_the_time_limit() {

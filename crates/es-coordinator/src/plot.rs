@@ -239,7 +239,7 @@ impl Curves {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::tests::line;
+    use crate::run_dir::tests::line;
 
     #[test]
     fn writes_an_svg_and_a_png_with_the_curves() {

@@ -162,7 +162,7 @@ impl Drop for LogLine {
 mod tests {
     use super::*;
     use crate::monitor::RunInfo;
-    use crate::monitor::tests::line as metrics;
+    use crate::run_dir::tests::line as metrics;
 
     #[test]
     fn the_line_shows_pace_fitness_test_accuracy_and_eta() {

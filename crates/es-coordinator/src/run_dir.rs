@@ -171,8 +171,32 @@ pub fn read_theta(path: &Path, expected_len: usize) -> Result<Vec<f32>, RunError
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A metrics line for generation `generation` at `wall_secs`.
+    pub(crate) fn line(generation: u32, wall_secs: f64) -> MetricsLine {
+        MetricsLine {
+            generation,
+            wall_secs,
+            fitness_mean: -2.0 + f64::from(generation) * 0.01,
+            fitness_max: -1.5 + f64::from(generation) * 0.01,
+            batch_accuracy: 0.1 + f64::from(generation) * 0.001,
+            evals_per_sec: 100.0,
+            workers: 2,
+            grad_norm: 0.1,
+            theta_norm: 80.0,
+            lr: 0.01,
+            update_secs: 0.05,
+            test_accuracy: None,
+            test_loss: None,
+            wire_bytes_sent: None,
+            wire_bytes_received: None,
+            reassigned: None,
+            rejected_messages: None,
+            quarantined: None,
+        }
+    }
 
     #[test]
     fn theta_round_trips_and_metrics_append() {
@@ -192,26 +216,7 @@ mod tests {
             err.contains("12 bytes") && err.contains("expected 16"),
             "{err}"
         );
-        let line = MetricsLine {
-            generation: 0,
-            wall_secs: 1.0,
-            fitness_mean: -2.0,
-            fitness_max: -1.0,
-            batch_accuracy: 0.5,
-            evals_per_sec: 10.0,
-            workers: 2,
-            grad_norm: 0.1,
-            theta_norm: 80.0,
-            lr: 0.001,
-            update_secs: 0.01,
-            test_accuracy: None,
-            test_loss: None,
-            wire_bytes_sent: None,
-            wire_bytes_received: None,
-            reassigned: None,
-            rejected_messages: None,
-            quarantined: None,
-        };
+        let line = line(0, 1.0);
         run.append_metrics(&line).unwrap();
         run.append_metrics(&MetricsLine {
             generation: 1,
