@@ -40,7 +40,10 @@ fn help_lists_the_main_flags() {
         );
     }
     let monitoring = text.split("Monitoring:").nth(1).unwrap();
-    assert!(monitoring.contains("--http"), "{text}");
+    assert!(
+        monitoring.contains("--http") && monitoring.contains("--log-format"),
+        "{text}"
+    );
 }
 
 #[test]

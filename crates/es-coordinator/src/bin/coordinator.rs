@@ -203,10 +203,11 @@ struct Cli {
     /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
     #[arg(help_heading = "Data and machine", long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
-    /// Log lines as text (plain when stderr is not a terminal) or as JSON objects, one per
-    /// line. `RUST_LOG` sets the level (default: info).
+    /// Log lines as text (under a live progress line when stderr is a terminal; plain
+    /// otherwise) or as JSON objects, one per line. `RUST_LOG` sets the level (default:
+    /// info).
     #[arg(
-        help_heading = "Data and machine",
+        help_heading = "Monitoring",
         long,
         value_enum,
         default_value = "text",
