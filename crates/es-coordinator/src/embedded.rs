@@ -138,6 +138,7 @@ pub(crate) fn begin(
     data: &Mnist,
     resume: Option<Checkpoint>,
 ) -> Result<Begun, RunError> {
+    let mut earlier = Vec::new();
     let (run_id, state, run_dir) = match resume {
         None => {
             let run_dir = RunDir::create(&env.run_dir)?;
@@ -164,6 +165,8 @@ pub(crate) fn begin(
             let generation = checkpoint.state.generation;
             let (run_dir, dropped) = RunDir::resume(&env.run_dir, generation)?;
             run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
+            // The dashboard shows the whole run, not only this resumption.
+            earlier = crate::run_dir::read_metrics(&env.run_dir.join("metrics.jsonl"))?;
             tracing::info!(
                 run_id = checkpoint.run_id,
                 generation,
@@ -182,6 +185,7 @@ pub(crate) fn begin(
         time_limit_secs: config.time_limit_secs,
         first_generation: state.generation,
     });
+    env.monitor.preload(earlier);
     Ok(Begun {
         run_id,
         state,

@@ -143,6 +143,17 @@ impl Monitor {
         inner.started = Instant::now();
     }
 
+    /// A resumed run's earlier generations (its `metrics.jsonl`), so that its curves start
+    /// at the beginning. They add to no counter: counters are this process's.
+    pub fn preload(&self, lines: Vec<MetricsLine>) {
+        let mut inner = self.lock();
+        inner.last_test = lines.iter().rev().find_map(|l| {
+            let loss = l.test_loss.unwrap_or(f64::NAN);
+            l.test_accuracy.map(|a| (l.generation + 1, a, loss))
+        });
+        inner.history = lines;
+    }
+
     pub fn set_phase(&self, phase: Phase) {
         self.lock().phase = phase;
     }
@@ -246,8 +257,9 @@ impl Monitor {
 const ETA_WINDOW: usize = 20;
 
 /// Seconds to the end: the pace of the last generations times those left, capped by what
-/// remains of the time limit.
+/// remains of the time limit. Only this resumption's lines count: each restarts the clock.
 fn eta(run: &RunInfo, generation: u32, history: &[MetricsLine]) -> Option<f64> {
+    let history = &history[history.partition_point(|l| l.generation < run.first_generation)..];
     let last = history.last()?;
     let by_limit =
         (run.time_limit_secs > 0.0).then(|| (run.time_limit_secs - last.wall_secs).max(0.0));
@@ -293,6 +305,36 @@ mod tests {
         });
         let eta = monitor.snapshot(0).eta_secs.unwrap();
         assert!((eta - 3.0).abs() < 1e-9, "the limit ends it at 8 s: {eta}");
+    }
+
+    #[test]
+    fn a_resumed_run_shows_its_earlier_curve_and_times_only_itself() {
+        let monitor = Monitor::default();
+        monitor.start(RunInfo {
+            generations: 20,
+            first_generation: 10,
+            ..RunInfo::default()
+        });
+        let earlier: Vec<MetricsLine> = (0..10)
+            .map(|g| MetricsLine {
+                test_accuracy: (g == 4).then_some(0.5),
+                ..line(g, f64::from(g) * 100.0)
+            })
+            .collect();
+        monitor.preload(earlier);
+        let snap = monitor.snapshot(0);
+        assert_eq!((snap.history.len(), snap.generation), (10, 10));
+        assert_eq!(snap.last_test.map(|t| (t.0, t.1)), Some((5, 0.5)));
+        assert_eq!(
+            snap.eta_secs, None,
+            "the earlier clock says nothing of this one"
+        );
+        assert_eq!(snap.counters.evaluations, 0);
+        for g in 10..12 {
+            monitor.generation(&line(g, f64::from(g - 9)), 32);
+        }
+        let eta = monitor.snapshot(0).eta_secs.unwrap();
+        assert!((eta - 8.0).abs() < 1e-9, "8 generations at 1 s: {eta}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::RunError;
-use crate::run_dir::{MetricsLine, write_atomic};
+use crate::run_dir::{MetricsLine, read_metrics, write_atomic};
 
 /// DejaVu Sans (Bitstream Vera licence, `assets/DejaVuSans.LICENSE`).
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -26,18 +26,6 @@ pub const FITNESS_MEAN: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 pub const FITNESS_MAX: RGBColor = RGBColor(0xff, 0x7f, 0x0e);
 pub const BATCH_ACCURACY: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
 pub const TEST_ACCURACY: RGBColor = RGBColor(0xd6, 0x27, 0x28);
-
-/// Reads `metrics.jsonl`, skipping a line cut short by a crash.
-pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>, RunError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RunError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
-}
 
 /// Writes `curves.svg` and `curves.png` into `run_dir` from its `metrics.jsonl`; returns
 /// their paths.

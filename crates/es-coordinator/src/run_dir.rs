@@ -144,6 +144,18 @@ impl RunDir {
     }
 }
 
+/// Reads `metrics.jsonl`, skipping a line cut short by a crash.
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>, RunError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RunError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
 /// Writes `dir/name` atomically: a temporary file, fsync, rename.
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RunError> {
     let target = dir.join(name);
