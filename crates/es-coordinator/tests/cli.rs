@@ -20,9 +20,49 @@ fn help_lists_the_main_flags() {
         "--mode",
         "--run-dir",
         "--data",
+        "--http",
+        "--log-format",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
     }
+    // Grouped: every flag sits under one of these headings.
+    for heading in [
+        "Cluster:",
+        "Security:",
+        "Checkpoints and resuming:",
+        "Run settings:",
+        "Data and machine:",
+        "Monitoring:",
+    ] {
+        assert!(
+            text.contains(heading),
+            "{heading} missing from --help:\n{text}"
+        );
+    }
+    let monitoring = text.split("Monitoring:").nth(1).unwrap();
+    assert!(
+        monitoring.contains("--http") && monitoring.contains("--log-format"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_busy_http_port_is_reported_with_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = coordinator()
+        .args(["--http", &addr, "--generations", "1", "--mirror", "none"])
+        .args(["--data", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot serve: HTTP on {addr}"))
+            && err.contains("in use")
+            && err.contains("--http off"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -204,6 +244,11 @@ fn underflow_evaluates_and_exports_a_run() {
     }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    // The end of the run drew its curves.
+    for name in ["curves.svg", "curves.png"] {
+        let len = std::fs::metadata(run.join(name)).map_or(0, |m| m.len());
+        assert!(len > 1000, "{name}: {len} bytes");
+    }
     let underflow = || {
         let mut c = Command::new(env!("CARGO_BIN_EXE_underflow"));
         c.env("UNDERFLOW_DATA", data);
@@ -295,6 +340,16 @@ fn underflow_evaluates_and_exports_a_run() {
             .eq(theta.iter().map(|x| x.to_bits())),
         "the export holds θ bit for bit"
     );
+    // `underflow plot` draws them again on demand.
+    std::fs::remove_file(run.join("curves.png")).unwrap();
+    let out = underflow().arg("plot").arg(&run).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("curves.png"),
+        "{out:?}"
+    );
+    let png = std::fs::read(run.join("curves.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
     let missing = underflow()
         .args(["evaluate", "/nonexistent/run"])
         .output()

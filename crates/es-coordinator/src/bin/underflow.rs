@@ -1,6 +1,7 @@
 //! `underflow`: takes results out of a run. `evaluate` scores a run's final parameters or a
-//! checkpoint on the MNIST test set, or the training set (accuracy, per-class accuracy, confusion matrix, loss;
-//! optionally every image's logits as `.npy`); `export` writes θ as safetensors.
+//! checkpoint on the MNIST test set or the training set (accuracy, per-class accuracy,
+//! confusion matrix, loss; optionally every image's logits as `.npy`); `export` writes θ as
+//! safetensors; `plot` draws a run's training curves into `curves.svg` and `curves.png`.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use es_core::train::Dataset;
 use es_data::mnist;
 use es_kernel::{Arithmetic, Kernel};
 
-/// Evaluate and export the parameters of an Underflow run.
+/// Evaluate, export and plot the results of an Underflow run.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
@@ -56,6 +57,13 @@ enum Command {
         #[arg(long, short, value_name = "FILE.safetensors")]
         out: PathBuf,
     },
+    /// Draw the training curves (fitness and accuracy against generations and wall time)
+    /// from RUN_DIR/metrics.jsonl into RUN_DIR/curves.svg and RUN_DIR/curves.png; works on a
+    /// run that is still going.
+    Plot {
+        /// The run directory.
+        run: PathBuf,
+    },
 }
 
 /// The MNIST images `evaluate` scores.
@@ -92,6 +100,12 @@ fn main() -> anyhow::Result<()> {
             data,
             kernel,
         } => evaluate(run, mode, split, logits, json, data, kernel),
+        Command::Plot { run } => {
+            for path in es_coordinator::plot::write_curves(&run)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Export { run, out } => {
             let Parameters {
                 config,
