@@ -24,6 +24,7 @@ export COMPOSE_PROJECT_NAME="$project"
 export UNDERFLOW_MNIST="$mnist" UNDERFLOW_RUNS="$work/runs" UNDERFLOW_CONFIG="$work/run.toml"
 export UNDERFLOW_WORKERS=3 UNDERFLOW_UID="$(id -u)" UNDERFLOW_GID="$(id -g)"
 export UNDERFLOW_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+export UNDERFLOW_HTTP_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 dc() { "${compose[@]}" -f deploy/docker-compose.yml "$@"; }
 cleanup() {
   dc down -v --remove-orphans >/dev/null 2>&1 || true

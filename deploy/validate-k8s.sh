@@ -3,7 +3,7 @@
 # (kubernetes-validate from PyPI, installed into target/k8s-venv, strict: unknown fields
 # fail), then a structural check of what the cluster relies on (probes on the gRPC health
 # service, resources, the persistent run directory with --auto-resume, the token secret, the
-# Service name the workers dial).
+# Service name the workers dial, the metrics port served, published and annotated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/k8s-venv
@@ -37,6 +37,13 @@ mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
 claims = {t["metadata"]["name"] for t in coord["volumeClaimTemplates"]}
 assert any(run_dir.startswith(mounts[n] + "/") for n in claims), "the run directory is on the persistent volume"
 assert arg_value(c["args"], "--listen").endswith(f":{port}")
+ports = {p["name"]: p for p in service["spec"]["ports"]}
+http_port = int(arg_value(c["args"], "--http").rsplit(":", 1)[1])
+assert ports["http"]["port"] == http_port and ports["http"]["targetPort"] == "http", "the Service publishes --http"
+assert {"name": "http", "containerPort": http_port} in c["ports"], "the container names its --http port"
+notes = coord["template"]["metadata"]["annotations"]
+assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == str(http_port)
+assert notes["prometheus.io/path"] == "/metrics"
 for probe in ("readinessProbe", "livenessProbe"):
     assert c[probe]["grpc"]["port"] == port, f"{probe} asks the gRPC health service"
 assert c["readinessProbe"]["grpc"]["service"] == "underflow.es.v1.Coordinator"

@@ -9,7 +9,8 @@
 # settings), metrics.jsonl (the curve), summary.json (final accuracy and its unflushed
 # control), machine.txt (CPU, cores, commit, command), eval.json and eval-ieee.json
 # (`underflow evaluate`: per-class accuracy and confusion matrix, in the run's arithmetic and
-# with no flushing at all) and model.safetensors (the final θ: w1, b1, w2, b2, w3, b3).
+# with no flushing at all), eval-train.json (the same on the 60,000 training images) and
+# model.safetensors (the final θ: w1, b1, w2, b2, w3, b3).
 # Re-running the same command on the same commit reproduces θ bit for bit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ mkdir -p "$out"
 cp "$run/config.toml" "$run/metrics.jsonl" "$run/summary.json" "$out/"
 ./target/release/underflow evaluate "$run" --json > "$out/eval.json"
 ./target/release/underflow evaluate "$run" --mode ieee --json > "$out/eval-ieee.json"
+./target/release/underflow evaluate "$run" --split train --json > "$out/eval-train.json"
 ./target/release/underflow export "$run" --out "$out/model.safetensors" >&2
 {
   echo "command: scripts/experiment.sh $name $*"
@@ -41,6 +43,8 @@ python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
 s = json.load(open(f"{out}/summary.json"))
+train = json.load(open(f"{out}/eval-train.json"))["accuracy"]
 print(f"{out}: {s['generations']} generations in {s['wall_secs']:.0f} s, test accuracy "
-      f"{s['test_accuracy']:.4f} ({s['mode']}); unflushed control {s['test_accuracy_unflushed']:.4f}")
+      f"{s['test_accuracy']:.4f} ({s['mode']}), train {train:.4f}; unflushed control "
+      f"{s['test_accuracy_unflushed']:.4f}")
 PY

@@ -79,6 +79,7 @@ pub fn environment(scratch: &Scratch, run: &str, threads: usize) -> Environment 
         run_dir: scratch.path().join(run),
         threads,
         kernel: Kernel::detect().expect("a usable kernel"),
+        monitor: Default::default(),
     }
 }
 

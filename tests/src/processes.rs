@@ -73,12 +73,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `coordinator` with `args`, its log (stderr) going to `log`.
+/// Starts `coordinator` with `args`, its log (stderr) going to `log`. Its HTTP port is off
+/// unless `args` asks for one (`--http`): tests do not compete for the default port.
 pub fn coordinator(args: &[String], cache: &Path, log: &Path) -> Process {
     let mut command = Command::new(binary("coordinator"));
     command
         .args(args)
-        .args(["--mirror", "none", "--threads", "1"]);
+        .args(["--mirror", "none", "--threads", "1"])
+        .env("UNDERFLOW_HTTP", "off");
     spawn(command, cache, log)
 }
 

@@ -104,7 +104,11 @@ async fn workers_with_other_data_versions_or_runs_are_refused_with_reasons() {
     };
     let r = refusal(join(&mut client, old).await);
     assert_eq!(r.reason(), RefusalReason::VersionMismatch);
-    assert!(r.message.contains("protocol version 0"), "{}", r.message);
+    assert!(
+        r.message.contains("protocol version 0") && r.message.contains("same release"),
+        "{}",
+        r.message
+    );
 
     let stale = pb::JoinRequest {
         run_id: "an-old-run".into(),

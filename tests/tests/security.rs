@@ -176,7 +176,10 @@ async fn only_the_right_token_joins_or_streams() {
         matches!(&e, WorkerError::Rejected { status, .. } if status.code() == tonic::Code::Unauthenticated),
         "{e}"
     );
-    assert!(e.to_string().contains("wrong token"), "{e}");
+    assert!(
+        e.to_string().contains("wrong token") && e.to_string().contains("--token-file"),
+        "{e}"
+    );
 
     let _ = c.stop.send(());
     c.handle.await.unwrap().unwrap();

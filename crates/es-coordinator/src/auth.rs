@@ -139,7 +139,8 @@ impl Interceptor for RequireToken {
             Some(_) => (
                 "wrong",
                 "wrong token: the `authorization` metadata does not hold the cluster's shared \
-                 token",
+                 token; give the worker the coordinator's token (worker --token, --token-file or \
+                 UNDERFLOW_TOKEN)",
             ),
         };
         tracing::warn!(?peer, credential, "refused an unauthenticated call");

@@ -34,6 +34,7 @@ use crate::checkpoint::{Checkpoint, Checkpointer};
 use crate::config::RunConfig;
 use crate::embedded::{self, Environment, RunSummary};
 use crate::limits::{Incoming, TokenBucket, inbound_message_limit};
+use crate::monitor::{Monitor, Phase};
 use crate::run_dir::RunDir;
 use crate::scheduler::{GenerationWork, Submitted, WorkerId, same_result};
 
@@ -201,6 +202,8 @@ struct Shared {
     referee: Arc<Mutex<Referee>>,
     /// Signalled when a worker is proven or lost and when a generation completes.
     changed: Notify,
+    /// What people watching the run see (dashboard, `/metrics`, progress line).
+    monitor: Monitor,
 }
 
 impl Shared {
@@ -208,6 +211,16 @@ impl Shared {
         self.state
             .lock()
             .expect("no handler panics while holding the state")
+    }
+
+    /// Shows the workers now in the run, with what each has contributed.
+    fn publish_workers(&self, state: &State) {
+        self.monitor.workers(
+            state
+                .workers
+                .iter()
+                .map(|(id, w)| (*id, w.name.clone(), w.threads, w.accepted)),
+        );
     }
 }
 
@@ -572,6 +585,8 @@ async fn serve_worker(
         );
         announce(&mut state, worker);
         tracing::info!(worker_id = worker, %name, threads, workers = state.workers.len(), "worker proven");
+        shared.monitor.worker_joined();
+        shared.publish_workers(&state);
     }
     shared.changed.notify_waiters();
 
@@ -635,11 +650,14 @@ async fn serve_worker(
     };
     {
         let mut state = shared.lock();
-        let (name, accepted) = state
-            .workers
-            .remove(&worker)
-            .map(|s| (s.name, s.accepted))
-            .unwrap_or_default();
+        let removed = state.workers.remove(&worker);
+        // A worker still listed when its stream ends is lost to a running generation loop;
+        // the end of the run, and quarantine, take workers off the list themselves.
+        if removed.is_some() && state.finished.is_none() {
+            shared.monitor.worker_lost();
+        }
+        shared.publish_workers(&state);
+        let (name, accepted) = removed.map(|s| (s.name, s.accepted)).unwrap_or_default();
         let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker));
         assign_all(&mut state, &shared.options);
         tracing::info!(worker_id = worker, %name, reason = %end, released, pairs_accepted = accepted, workers = state.workers.len(), "worker left");
@@ -1003,7 +1021,7 @@ pub async fn run_from(
             .await
             .expect("noise set-up does not panic")?
     };
-    let begun = embedded::begin(&config, &env, &net, &es, &data, resume)?;
+    let begun = embedded::begin("cluster", &config, &env, &net, &es, &data, resume)?;
     let spec = es_proto::RunSpec {
         run_seed: config.seed,
         net: net.clone(),
@@ -1063,6 +1081,7 @@ pub async fn run_from(
         state: Mutex::new(State::default()),
         referee: Arc::new(Mutex::new(referee)),
         changed: Notify::new(),
+        monitor: env.monitor.clone(),
     });
 
     let addr = listener.local_addr().map_err(|source| RunError::Io {
@@ -1201,6 +1220,7 @@ async fn train(
     let checkpointer = Arc::new(checkpointer);
 
     // Wait for the workers.
+    shared.monitor.set_phase(Phase::WaitingForWorkers);
     let mut last_log = Instant::now();
     loop {
         let notified = shared.changed.notified();
@@ -1343,9 +1363,9 @@ async fn train(
             .expect("the update does not panic")
         };
         es_state = state_back;
-        let update_secs = update_started.elapsed().as_secs_f64();
         let update: UpdateStats = update?;
-        let report = generation_report(t, &results, update);
+        let mut report = generation_report(t, &results, update);
+        report.update_secs = update_started.elapsed().as_secs_f64();
         let done = es_state.generation;
         let evaluate = config.eval_every > 0 && done.is_multiple_of(config.eval_every);
         let test_eval = if evaluate {
@@ -1366,11 +1386,12 @@ async fn train(
         line.rejected_messages = Some(wire.2);
         line.quarantined = Some(wire.3);
         line.collect_secs = Some(eval_secs);
-        line.update_secs = Some(update_secs);
         line.cpu_secs = cpu_started
             .zip(process_cpu_secs())
             .map(|(start, end)| end - start);
         run_dir.append_metrics(&line)?;
+        shared.monitor.generation(&line, report.evaluations as u64);
+        shared.publish_workers(&shared.lock());
         if reassigned > 0 {
             tracing::info!(
                 generation = t,
@@ -1438,6 +1459,7 @@ fn generation_report(t: u32, results: &[PairResult], update: UpdateStats) -> Gen
         batch_accuracy: all.iter().map(|e| e.accuracy()).sum::<f64>() / n,
         evaluations: all.len(),
         update,
+        update_secs: 0.0,
     }
 }
 
@@ -1477,6 +1499,7 @@ async fn finish(
     interrupted: bool,
     checkpointer: &Checkpointer,
 ) -> Result<RunSummary, RunError> {
+    env.monitor.set_phase(Phase::Finished);
     if interrupted && checkpointer.enabled() {
         let (checkpointer, state) = (checkpointer.clone(), es_state.clone());
         tokio::task::spawn_blocking(move || checkpointer.save(&state))
@@ -1515,6 +1538,7 @@ async fn finish(
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     run_dir.write_file("summary.json", json.as_bytes())?;
+    embedded::write_plots(run_dir.path());
     tracing::info!(generations, test_accuracy = summary.test_accuracy, run_dir = %run_dir.path().display(), interrupted, "run finished");
     Ok(summary)
 }

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::RunError;
 use crate::checkpoint::{Checkpoint, Checkpointer};
 use crate::config::{NoiseKind, RunConfig};
+use crate::monitor::{Monitor, Phase, RunInfo};
 use crate::run_dir::{MetricsLine, RunDir};
 
 /// Where a run reads and writes, and how much of the machine it uses.
@@ -29,6 +30,9 @@ pub struct Environment {
     pub run_dir: PathBuf,
     pub threads: usize,
     pub kernel: Kernel,
+    /// Where the run reports its progress as it goes (the progress line, the dashboard,
+    /// `/metrics`); a default one is read by nobody.
+    pub monitor: Monitor,
 }
 
 /// Loads MNIST from `env.data_dir`, downloading missing files with progress in the log.
@@ -124,8 +128,9 @@ pub(crate) struct Begun {
 }
 
 /// Starts `config` afresh, or continues `resume` after checking that it is the same run on the
-/// same data.
+/// same data; tells the monitor what the run is (`mode`: embedded or cluster).
 pub(crate) fn begin(
+    mode: &str,
     config: &RunConfig,
     env: &Environment,
     net: &NetConfig,
@@ -133,6 +138,7 @@ pub(crate) fn begin(
     data: &Mnist,
     resume: Option<Checkpoint>,
 ) -> Result<Begun, RunError> {
+    let mut earlier = Vec::new();
     let (run_id, state, run_dir) = match resume {
         None => {
             let run_dir = RunDir::create(&env.run_dir)?;
@@ -159,6 +165,8 @@ pub(crate) fn begin(
             let generation = checkpoint.state.generation;
             let (run_dir, dropped) = RunDir::resume(&env.run_dir, generation)?;
             run_dir.write_file("config.toml", config.to_toml().as_bytes())?;
+            // The dashboard shows the whole run, not only this resumption.
+            earlier = crate::run_dir::read_metrics(&env.run_dir.join("metrics.jsonl"))?;
             tracing::info!(
                 run_id = checkpoint.run_id,
                 generation,
@@ -169,6 +177,15 @@ pub(crate) fn begin(
         }
     };
     let checkpointer = Checkpointer::new(&env.run_dir, &run_id, config, data.digest);
+    env.monitor.start(RunInfo {
+        run_id: run_id.clone(),
+        mode: mode.into(),
+        config_toml: config.to_toml(),
+        generations: config.generations,
+        time_limit_secs: config.time_limit_secs,
+        first_generation: state.generation,
+    });
+    env.monitor.preload(earlier);
     Ok(Begun {
         run_id,
         state,
@@ -209,7 +226,7 @@ pub fn run_from(
         mut run_dir,
         checkpointer,
         ..
-    } = begin(config, env, &net, &es, &data, resume)?;
+    } = begin("embedded", config, env, &net, &es, &data, resume)?;
     let train = Dataset {
         images: &data.train.images,
         labels: &data.train.labels,
@@ -241,6 +258,7 @@ pub fn run_from(
     let mut last_log = Instant::now();
     let mut last_test: Option<Evaluation> = None;
     let mut interrupted = false;
+    let mut pairs_done = 0u64;
     while trainer.state().generation < config.generations {
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
@@ -273,6 +291,15 @@ pub fn run_from(
         }
         let line = metrics_line(&report, started, gen_secs, env.threads, test_eval);
         run_dir.append_metrics(&line)?;
+        pairs_done += report.evaluations as u64 / 2;
+        // The embedded run's one "worker" is this machine's evaluator pool.
+        env.monitor.workers([(
+            0,
+            "in-process (this machine)".to_string(),
+            env.threads as u32,
+            pairs_done,
+        )]);
+        env.monitor.generation(&line, report.evaluations as u64);
         if checkpointer.due(done) {
             checkpointer.save(trainer.state())?;
         }
@@ -289,6 +316,7 @@ pub fn run_from(
             );
         }
     }
+    env.monitor.set_phase(Phase::Finished);
     if interrupted && checkpointer.enabled() {
         checkpointer.save(trainer.state())?;
     }
@@ -308,6 +336,7 @@ pub fn run_from(
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     run_dir.write_file("summary.json", json.as_bytes())?;
+    write_plots(&env.run_dir);
     tracing::info!(
         generations = summary.generations,
         test_accuracy = summary.test_accuracy,
@@ -316,6 +345,17 @@ pub fn run_from(
         "run finished"
     );
     Ok(summary)
+}
+
+/// Draws `curves.svg` and `curves.png` into the run directory. A plot that fails is logged,
+/// never fatal: the run's results are already written.
+pub(crate) fn write_plots(run_dir: &std::path::Path) {
+    match crate::plot::write_curves(run_dir) {
+        Ok([svg, png]) => {
+            tracing::info!(svg = %svg.display(), png = %png.display(), "plotted the curves")
+        }
+        Err(error) => tracing::warn!(%error, "no plot of the curves"),
+    }
 }
 
 /// Evaluates `theta` on `data` in another arithmetic (e.g. the unflushed control).
@@ -353,6 +393,7 @@ pub(crate) fn metrics_line(
         grad_norm: report.update.grad_norm,
         theta_norm: report.update.theta_norm,
         lr: report.update.lr,
+        update_secs: report.update_secs,
         test_accuracy: test.map(|e| e.accuracy()),
         test_loss: test.map(|e| -e.fitness),
         wire_bytes_sent: None,
@@ -361,7 +402,6 @@ pub(crate) fn metrics_line(
         rejected_messages: None,
         quarantined: None,
         collect_secs: None,
-        update_secs: None,
         cpu_secs: None,
     }
 }

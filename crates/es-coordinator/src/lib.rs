@@ -8,7 +8,12 @@
 //! - [`config`]: the run's configuration (defaults, TOML file, CLI overrides).
 //! - [`embedded`]: the training loop on this machine, writing the run directory.
 //! - [`export`]: parameters out of a run: detailed evaluation, safetensors, `.npy` logits.
+//! - [`http`]: the HTTP port: live dashboard, its JSON, and Prometheus `/metrics`.
 //! - [`limits`]: what one client may cost: connections, message rates and sizes.
+//! - [`monitor`]: the live record of a run that the dashboard, `/metrics` and the progress
+//!   line read.
+//! - [`plot`]: `curves.svg` and `curves.png` from `metrics.jsonl` (no system libraries).
+//! - [`progress`]: the live progress line on a terminal, kept intact by the log writer.
 //! - [`run_dir`]: `config.toml`, `metrics.jsonl`, `theta.f32`, `summary.json`.
 //! - [`scheduler`]: one generation's leases and results (synchronous; the server locks it).
 
@@ -20,7 +25,11 @@ pub mod cluster;
 pub mod config;
 pub mod embedded;
 pub mod export;
+pub mod http;
 pub mod limits;
+pub mod monitor;
+pub mod plot;
+pub mod progress;
 pub mod run_dir;
 pub mod scheduler;
 
@@ -56,6 +65,8 @@ pub enum RunError {
     /// The coordinator would serve unauthenticated on an address other machines reach.
     #[error("{0}")]
     Exposed(String),
+    #[error("cannot plot: {0}")]
+    Plot(String),
     #[error("cannot serve: {0}")]
     Serve(String),
     #[error("i/o error on {path}: {source}")]

@@ -5,12 +5,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::RunError;
 
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MetricsLine {
     pub generation: u32,
     /// Seconds since the run (or this resumption) started.
@@ -25,6 +25,9 @@ pub struct MetricsLine {
     pub grad_norm: f64,
     pub theta_norm: f64,
     pub lr: f32,
+    /// Seconds the update (and a due checkpoint, in the cluster) took.
+    #[serde(default)]
+    pub update_secs: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,9 +54,6 @@ pub struct MetricsLine {
     /// (cluster only): broadcast, the workers' evaluation, bookkeeping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collect_secs: Option<f64>,
-    /// Seconds of the update (ranks, weighted noise sum, Adam, a due checkpoint; cluster only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub update_secs: Option<f64>,
     /// CPU seconds the coordinator process used during the generation, all its threads
     /// (cluster only, where the OS reports it): its own cost apart from the workers' time.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,8 +152,20 @@ impl RunDir {
     }
 }
 
+/// Reads `metrics.jsonl`, skipping a line cut short by a crash.
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>, RunError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RunError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
 /// Writes `dir/name` atomically: a temporary file, fsync, rename.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RunError> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), RunError> {
     let target = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
@@ -179,8 +191,34 @@ pub fn read_theta(path: &Path, expected_len: usize) -> Result<Vec<f32>, RunError
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A metrics line for generation `generation` at `wall_secs`.
+    pub(crate) fn line(generation: u32, wall_secs: f64) -> MetricsLine {
+        MetricsLine {
+            generation,
+            wall_secs,
+            fitness_mean: -2.0 + f64::from(generation) * 0.01,
+            fitness_max: -1.5 + f64::from(generation) * 0.01,
+            batch_accuracy: 0.1 + f64::from(generation) * 0.001,
+            evals_per_sec: 100.0,
+            workers: 2,
+            grad_norm: 0.1,
+            theta_norm: 80.0,
+            lr: 0.01,
+            update_secs: 0.05,
+            test_accuracy: None,
+            test_loss: None,
+            wire_bytes_sent: None,
+            wire_bytes_received: None,
+            reassigned: None,
+            rejected_messages: None,
+            quarantined: None,
+            collect_secs: None,
+            cpu_secs: None,
+        }
+    }
 
     #[test]
     fn theta_round_trips_and_metrics_append() {
@@ -200,28 +238,7 @@ mod tests {
             err.contains("12 bytes") && err.contains("expected 16"),
             "{err}"
         );
-        let line = MetricsLine {
-            generation: 0,
-            wall_secs: 1.0,
-            fitness_mean: -2.0,
-            fitness_max: -1.0,
-            batch_accuracy: 0.5,
-            evals_per_sec: 10.0,
-            workers: 2,
-            grad_norm: 0.1,
-            theta_norm: 80.0,
-            lr: 0.001,
-            test_accuracy: None,
-            test_loss: None,
-            wire_bytes_sent: None,
-            wire_bytes_received: None,
-            reassigned: None,
-            rejected_messages: None,
-            quarantined: None,
-            collect_secs: None,
-            update_secs: None,
-            cpu_secs: None,
-        };
+        let line = line(0, 1.0);
         run.append_metrics(&line).unwrap();
         run.append_metrics(&MetricsLine {
             generation: 1,

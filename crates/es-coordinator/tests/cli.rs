@@ -20,9 +20,49 @@ fn help_lists_the_main_flags() {
         "--mode",
         "--run-dir",
         "--data",
+        "--http",
+        "--log-format",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
     }
+    // Grouped: every flag sits under one of these headings.
+    for heading in [
+        "Cluster:",
+        "Security:",
+        "Checkpoints and resuming:",
+        "Run settings:",
+        "Data and machine:",
+        "Monitoring:",
+    ] {
+        assert!(
+            text.contains(heading),
+            "{heading} missing from --help:\n{text}"
+        );
+    }
+    let monitoring = text.split("Monitoring:").nth(1).unwrap();
+    assert!(
+        monitoring.contains("--http") && monitoring.contains("--log-format"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_busy_http_port_is_reported_with_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = coordinator()
+        .args(["--http", &addr, "--generations", "1", "--mirror", "none"])
+        .args(["--data", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot serve: HTTP on {addr}"))
+            && err.contains("in use")
+            && err.contains("--http off"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -204,6 +244,11 @@ fn underflow_evaluates_and_exports_a_run() {
     }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    // The end of the run drew its curves.
+    for name in ["curves.svg", "curves.png"] {
+        let len = std::fs::metadata(run.join(name)).map_or(0, |m| m.len());
+        assert!(len > 1000, "{name}: {len} bytes");
+    }
     let underflow = || {
         let mut c = Command::new(env!("CARGO_BIN_EXE_underflow"));
         c.env("UNDERFLOW_DATA", data);
@@ -239,6 +284,39 @@ fn underflow_evaluates_and_exports_a_run() {
         let npy = std::fs::metadata(dir.join("logits.npy")).unwrap().len();
         assert!((400_000..400_256).contains(&npy), "{npy} bytes of logits");
     }
+    // The training split: all 60,000 images, an accuracy that agrees with its confusion matrix.
+    let out = underflow()
+        .arg("evaluate")
+        .arg(&run)
+        .args(["--split", "train", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["split"], "train");
+    assert_eq!(report["samples"], 60_000);
+    let confusion = report["confusion"].as_array().unwrap();
+    let rows: Vec<Vec<u64>> = confusion
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    let total: u64 = rows.iter().flatten().sum();
+    let correct: u64 = (0..10).map(|k| rows[k][k]).sum();
+    assert_eq!(total, 60_000);
+    assert_eq!(
+        report["accuracy"].as_f64().unwrap(),
+        correct as f64 / 60_000.0
+    );
     // Export, and read the tensors back: θ's bits in the documented names and shapes.
     let out = underflow()
         .arg("export")
@@ -262,6 +340,16 @@ fn underflow_evaluates_and_exports_a_run() {
             .eq(theta.iter().map(|x| x.to_bits())),
         "the export holds θ bit for bit"
     );
+    // `underflow plot` draws them again on demand.
+    std::fs::remove_file(run.join("curves.png")).unwrap();
+    let out = underflow().arg("plot").arg(&run).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("curves.png"),
+        "{out:?}"
+    );
+    let png = std::fs::read(run.join("curves.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
     let missing = underflow()
         .args(["evaluate", "/nonexistent/run"])
         .output()

@@ -773,6 +773,8 @@ pub struct GenerationReport {
     pub batch_accuracy: f64,
     pub evaluations: usize,
     pub update: UpdateStats,
+    /// Wall-clock seconds the update took (for monitoring only; no result depends on it).
+    pub update_secs: f64,
 }
 
 /// The single-process trainer: a run's state, its noise and a pool of evaluators on all
@@ -873,6 +875,7 @@ impl Trainer {
             0..self.es.population as u32,
         )?;
         let pairs: Vec<PairFitness> = results.iter().map(PairResult::fitness).collect();
+        let update_started = std::time::Instant::now();
         let update = apply_update(
             &mut self.state,
             &self.net,
@@ -897,6 +900,7 @@ impl Trainer {
             batch_accuracy,
             evaluations: n,
             update,
+            update_secs: update_started.elapsed().as_secs_f64(),
         })
     }
 

@@ -108,22 +108,24 @@ pub struct NetConfig {
 
 impl Default for NetConfig {
     /// The seed's 784-512-512-10 network with `s = 2^125`, in `ftz` mode, with an init that
-    /// starts alive and logits at a temperature of 16. Calibrated by experiment on this
+    /// starts alive and logits at a temperature of 128. Calibrated by experiment on this
     /// project's 2-core machines (DESIGN.md §1; the runs are in the issue notes):
     /// - W2 and W3 ×8: with the seed's own init every layer-2 product in `ftz` mode is about
     ///   `2^-126 · 0.06` and flushes, so layer 2 is dead and all fitnesses tie;
     /// - W1 ×2: with the plain He init about 70% of layer-1 outputs (|x·W1 + b1| < 0.5) flush
     ///   at init; doubling W1 keeps more of them alive, and learned faster;
-    /// - output exponent 4 (logits divided by 16): the alive init starts with a cross-entropy
-    ///   in the hundreds, and ES then spent its generations shrinking θ, which drove
-    ///   activations into the flushed range and accuracy down.
+    /// - output exponent 7 (logits divided by 128): with 0 the alive init starts with a
+    ///   cross-entropy in the hundreds, and ES then spent its generations shrinking θ, which
+    ///   drove activations into the flushed range; 4 was still overconfident (a few badly
+    ///   wrong images dominated each minibatch's loss) and learned half as fast as 7, while
+    ///   10 was too soft to start (docs/RESULTS.md, "Exploration at equal generations").
     fn default() -> Self {
         NetConfig {
             inputs: 784,
             hidden: vec![512, 512],
             outputs: 10,
             scale_exponents: vec![125, 125],
-            output_exponent: 4,
+            output_exponent: 7,
             init_multipliers: vec![2.0, 8.0, 8.0],
             arithmetic: Arithmetic::Ftz,
         }

@@ -89,7 +89,7 @@ pub enum WorkerError {
     },
     /// The coordinator stayed unreachable for longer than the reconnect policy allows.
     #[error(
-        "gave up reconnecting to {endpoint} after {attempts} failed attempts over {:.1} s: expected it back within {:.1} s; last error: {last_error}",
+        "gave up reconnecting to {endpoint} after {attempts} failed attempts over {:.1} s: expected it back within {:.1} s; last error: {last_error}. Is the coordinator running, and does --connect name its --listen address (and port) as reachable from here?",
         .elapsed.as_secs_f64(),
         .limit.as_secs_f64()
     )]

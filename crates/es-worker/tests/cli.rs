@@ -52,3 +52,24 @@ fn a_missing_connect_flag_is_a_usage_error() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("--connect"), "{stderr}");
 }
+
+#[test]
+fn an_unreachable_coordinator_is_named_with_what_to_check() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/mnist");
+    let output = worker()
+        .args(["--connect", &addr, "--give-up-after", "1", "--data", data])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("gave up reconnecting to http://{addr}"))
+            && stderr.contains("Is the coordinator running")
+            && stderr.contains("--connect"),
+        "{stderr}"
+    );
+}

@@ -2,6 +2,7 @@
 //! with in-process workers on all cores (the embedded default); with `--workers N`, as the
 //! gRPC coordinator of N remote `worker` processes.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -14,6 +15,9 @@ use es_coordinator::checkpoint::{self, Checkpoint};
 use es_coordinator::cluster::{self, ClusterOptions};
 use es_coordinator::config::{NoiseKind, RunConfig};
 use es_coordinator::embedded::{self, Environment};
+use es_coordinator::http;
+use es_coordinator::monitor::Monitor;
+use es_coordinator::progress::{LogWriter, Progress};
 use es_data::{mnist, noise_file};
 use es_kernel::Kernel;
 
@@ -199,16 +203,28 @@ struct Cli {
     /// Force a kernel: portable, avx2 or avx512 (default: the fastest this CPU runs).
     #[arg(help_heading = "Data and machine", long, env = es_kernel::kernels::KERNEL_ENV)]
     kernel: Option<String>,
-    /// Log lines as text (plain when stderr is not a terminal) or as JSON objects, one per
-    /// line. `RUST_LOG` sets the level (default: info).
+    /// Log lines as text (under a live progress line when stderr is a terminal; plain
+    /// otherwise) or as JSON objects, one per line. `RUST_LOG` sets the level (default:
+    /// info).
     #[arg(
-        help_heading = "Data and machine",
+        help_heading = "Monitoring",
         long,
         value_enum,
         default_value = "text",
         env = "UNDERFLOW_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Serve the live dashboard (/) and Prometheus metrics (/metrics) on this address, or
+    /// `off`. Default: 127.0.0.1:9464, skipped with a warning if that port is taken; a
+    /// port given here that is taken is an error. Read-only and unauthenticated: bind
+    /// beyond loopback only on a network you trust.
+    #[arg(
+        help_heading = "Monitoring",
+        long,
+        env = "UNDERFLOW_HTTP",
+        value_name = "ADDR|off"
+    )]
+    http: Option<String>,
 }
 
 /// Flags that define a run's arithmetic: a resumed run keeps its checkpoint's.
@@ -310,10 +326,47 @@ impl Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     if let Some(address) = &cli.probe {
+        init_logging(cli.log_format, LogWriter::default());
         return probe(address);
     }
+    let monitor = Monitor::default();
+    // The live line only where a person watches text logs; elsewhere the log lines alone.
+    let progress = (matches!(cli.log_format, LogFormat::Text) && std::io::stderr().is_terminal())
+        .then(|| Progress::start(monitor.clone()));
+    init_logging(
+        cli.log_format,
+        progress
+            .as_ref()
+            .map_or_else(LogWriter::default, Progress::log_writer),
+    );
+    let result = train(&cli, monitor);
+    if let Some(progress) = progress {
+        progress.finish();
+    }
+    let summary = result?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// Binds the HTTP port `--http` asks for: `None` when it is off, or when the default port
+/// is taken (a run must not fail for want of its dashboard).
+fn bind_http(cli: &Cli) -> anyhow::Result<Option<std::net::TcpListener>> {
+    match cli.http.as_deref() {
+        Some("off") => Ok(None),
+        Some(addr) => Ok(Some(http::bind(addr)?)),
+        None => match http::bind(http::DEFAULT_ADDR) {
+            Ok(listener) => Ok(Some(listener)),
+            Err(error) => {
+                tracing::warn!(%error, "no dashboard for this run");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Runs the coordinator the flags describe, in the embedded or the cluster mode.
+fn train(cli: &Cli, monitor: Monitor) -> anyhow::Result<embedded::RunSummary> {
     let (config, resume, run_dir) = match &cli.resume {
         Some(_) => {
             let (config, checkpoint, run_dir) = cli.resumed()?;
@@ -364,29 +417,35 @@ fn main() -> anyhow::Result<()> {
         run_dir,
         threads,
         kernel,
+        monitor,
     };
+    let http = bind_http(cli)?;
     if let Some(workers) = cli.workers {
-        return run_cluster(config, env, workers, &cli, resume);
+        return run_cluster(config, env, workers, cli, resume, http);
+    }
+    if let Some(listener) = http {
+        let addr = listener.local_addr()?;
+        http::spawn_thread(listener, env.monitor.clone())?;
+        http::announce(addr);
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
-    let summary = embedded::run_from(&config, &env, resume, &stop)?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
-    Ok(())
+    Ok(embedded::run_from(&config, &env, resume, &stop)?)
 }
 
-/// Cluster mode: a tokio runtime around `cluster::run`; SIGINT and SIGTERM stop it between
-/// generations.
+/// Cluster mode: a tokio runtime around `cluster::run` (and the HTTP port, when there is
+/// one); SIGINT and SIGTERM stop it between generations.
 fn run_cluster(
     config: RunConfig,
     env: Environment,
     workers: usize,
     cli: &Cli,
     resume: Option<Checkpoint>,
-) -> anyhow::Result<()> {
+    http: Option<std::net::TcpListener>,
+) -> anyhow::Result<embedded::RunSummary> {
     let seconds = |flag: &str, value: f64| {
         anyhow::ensure!(
             value.is_finite() && value > 0.0,
@@ -430,6 +489,16 @@ fn run_cluster(
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
+        if let Some(listener) = http {
+            let addr = listener.local_addr()?;
+            let monitor = env.monitor.clone();
+            tokio::spawn(async move {
+                if let Err(error) = http::serve(listener, monitor, std::future::pending()).await {
+                    tracing::error!(%error, "the HTTP server stopped");
+                }
+            });
+            http::announce(addr);
+        }
         let listener = tokio::net::TcpListener::bind(&cli.listen)
             .await
             .with_context(|| format!("cannot listen on {}: is another coordinator running there? choose another address with --listen", cli.listen))?;
@@ -442,10 +511,7 @@ fn run_cluster(
             }
             tracing::info!("stopping on signal");
         });
-        let summary =
-            cluster::run_from(config, env, options, listener, shutdown, resume).await?;
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-        Ok(())
+        Ok(cluster::run_from(config, env, options, listener, shutdown, resume).await?)
     })
 }
 
@@ -496,15 +562,15 @@ enum LogFormat {
     Json,
 }
 
-/// Logs to stderr (stdout is for results) at `RUST_LOG`'s level, default info.
-fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
+/// Logs to stderr (stdout is for results) at `RUST_LOG`'s level, default info, through
+/// `writer` (which keeps a progress line intact).
+fn init_logging(format: LogFormat, writer: LogWriter) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

@@ -1,6 +1,7 @@
 //! `underflow`: takes results out of a run. `evaluate` scores a run's final parameters or a
-//! checkpoint on the MNIST test set (accuracy, per-class accuracy, confusion matrix, loss;
-//! optionally every image's logits as `.npy`); `export` writes θ as safetensors.
+//! checkpoint on the MNIST test set or the training set (accuracy, per-class accuracy,
+//! confusion matrix, loss; optionally every image's logits as `.npy`); `export` writes θ as
+//! safetensors; `plot` draws a run's training curves into `curves.svg` and `curves.png`.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use es_core::train::Dataset;
 use es_data::mnist;
 use es_kernel::{Arithmetic, Kernel};
 
-/// Evaluate and export the parameters of an Underflow run.
+/// Evaluate, export and plot the results of an Underflow run.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
@@ -21,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Score parameters on the 10,000 MNIST test images.
+    /// Score parameters on the 10,000 MNIST test images (or the 60,000 training images).
     Evaluate {
         /// A run directory (its theta.f32, else its newest checkpoint), a checkpoint file
         /// (.ckpt) or a theta.f32 beside its config.toml.
@@ -30,7 +31,11 @@ enum Command {
         /// all: the control that shows what the underflow contributes).
         #[arg(long)]
         mode: Option<String>,
-        /// Also write every image's logits here as a NumPy .npy array [10000, 10].
+        /// Which images: test (the 10,000 held-out ones) or train (the 60,000 ES trained
+        /// on, for the train accuracy beside the test accuracy).
+        #[arg(long, value_enum, default_value = "test")]
+        split: Split,
+        /// Also write every image's logits here as a NumPy .npy array [images, 10].
         #[arg(long, value_name = "FILE.npy")]
         logits: Option<PathBuf>,
         /// Print the report as JSON instead of a table.
@@ -52,6 +57,29 @@ enum Command {
         #[arg(long, short, value_name = "FILE.safetensors")]
         out: PathBuf,
     },
+    /// Draw the training curves (fitness and accuracy against generations and wall time)
+    /// from RUN_DIR/metrics.jsonl into RUN_DIR/curves.svg and RUN_DIR/curves.png; works on a
+    /// run that is still going.
+    Plot {
+        /// The run directory.
+        run: PathBuf,
+    },
+}
+
+/// The MNIST images `evaluate` scores.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Split {
+    Test,
+    Train,
+}
+
+impl Split {
+    fn name(self) -> &'static str {
+        match self {
+            Split::Test => "test",
+            Split::Train => "train",
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,11 +94,18 @@ fn main() -> anyhow::Result<()> {
         Command::Evaluate {
             run,
             mode,
+            split,
             logits,
             json,
             data,
             kernel,
-        } => evaluate(run, mode, logits, json, data, kernel),
+        } => evaluate(run, mode, split, logits, json, data, kernel),
+        Command::Plot { run } => {
+            for path in es_coordinator::plot::write_curves(&run)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Export { run, out } => {
             let Parameters {
                 config,
@@ -96,6 +131,7 @@ fn main() -> anyhow::Result<()> {
 fn evaluate(
     run: PathBuf,
     mode: Option<String>,
+    split: Split,
     logits: Option<PathBuf>,
     json: bool,
     data: Option<PathBuf>,
@@ -112,11 +148,15 @@ fn evaluate(
     };
     let data_dir = data.unwrap_or_else(mnist::default_data_dir);
     let mnist = mnist::load(&data_dir)?;
-    let test = Dataset {
-        images: &mnist.test.images,
-        labels: &mnist.test.labels,
+    let images = match split {
+        Split::Test => &mnist.test,
+        Split::Train => &mnist.train,
     };
-    let report = export::evaluate(&net, kernel, &params.theta, test)?;
+    let data = Dataset {
+        images: &images.images,
+        labels: &images.labels,
+    };
+    let report = export::evaluate(&net, kernel, &params.theta, data)?;
     if let Some(path) = &logits {
         let bytes = export::npy_f32(&[report.samples, net.outputs], &report.logits);
         std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
@@ -127,6 +167,7 @@ fn evaluate(
             "source": params.source,
             "generation": params.generation,
             "mode": net.arithmetic.name(),
+            "split": split.name(),
             "samples": report.samples,
             "accuracy": report.accuracy(),
             "loss": report.loss,
@@ -137,13 +178,14 @@ fn evaluate(
         return Ok(());
     }
     println!(
-        "{} ({} arithmetic{}): test accuracy {:.4}, loss {:.4} on {} images",
+        "{} ({} arithmetic{}): {} accuracy {:.4}, loss {:.4} on {} images",
         params.source.display(),
         net.arithmetic.name(),
         params
             .generation
             .map(|g| format!(", generation {g}"))
             .unwrap_or_default(),
+        split.name(),
         report.accuracy(),
         report.loss,
         report.samples

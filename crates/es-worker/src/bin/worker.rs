@@ -91,7 +91,7 @@ struct Cli {
     /// Log lines as text (plain when stderr is not a terminal) or as JSON objects, one per
     /// line. `RUST_LOG` sets the level (default: info).
     #[arg(
-        help_heading = "Evaluation",
+        help_heading = "Logging",
         long,
         value_enum,
         default_value = "text",
