@@ -7,6 +7,16 @@ fn coordinator() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coordinator"))
 }
 
+/// The output of a command that must succeed; its stderr is the failure message.
+fn succeeded(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn help_lists_the_main_flags() {
     let out = coordinator().arg("--help").output().unwrap();
@@ -230,11 +240,7 @@ fn underflow_evaluates_and_exports_a_run() {
         .env("UNDERFLOW_CACHE", dir.join("cache"))
         .output()
         .unwrap();
-    assert!(
-        trained.status.success(),
-        "{}",
-        String::from_utf8_lossy(&trained.stderr)
-    );
+    let trained = succeeded(trained);
     // --log-format json: every log line is a JSON object with a message.
     let log = String::from_utf8_lossy(&trained.stderr);
     assert!(log.lines().count() >= 2, "{log}");
@@ -265,12 +271,7 @@ fn underflow_evaluates_and_exports_a_run() {
             c.args(["--mode", mode]);
         }
         c.arg("--logits").arg(dir.join("logits.npy"));
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeeded(c.output().unwrap());
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["accuracy"], summary[key], "{mode:?}");
         assert_eq!(report["samples"], 10_000);
@@ -291,11 +292,7 @@ fn underflow_evaluates_and_exports_a_run() {
         .args(["--split", "train", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["split"], "train");
     assert_eq!(report["samples"], 60_000);
@@ -325,11 +322,7 @@ fn underflow_evaluates_and_exports_a_run() {
         .arg(dir.join("model.safetensors"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(out);
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let net = es_kernel::NetConfig::default();
     let back = es_coordinator::export::from_safetensors(&net, &bytes).unwrap();
