@@ -24,13 +24,16 @@ started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 run="runs/experiments/$name"
 out="docs/results/$name"
 rm -rf "$run"
-mkdir -p "$out"
-./target/release/coordinator --run-dir "$run" "$@"
+mkdir -p "$out" "$run/bin"
+# The run and its evaluations use copies of the binaries: the tree may be rebuilt meanwhile.
+cp target/release/coordinator target/release/underflow "$run/bin/"
+bin="$run/bin"
+"$bin/coordinator" --run-dir "$run" "$@"
 cp "$run/config.toml" "$run/metrics.jsonl" "$run/summary.json" "$out/"
-./target/release/underflow evaluate "$run" --json > "$out/eval.json"
-./target/release/underflow evaluate "$run" --mode ieee --json > "$out/eval-ieee.json"
-./target/release/underflow evaluate "$run" --split train --json > "$out/eval-train.json"
-./target/release/underflow export "$run" --out "$out/model.safetensors" >&2
+"$bin/underflow" evaluate "$run" --json > "$out/eval.json"
+"$bin/underflow" evaluate "$run" --mode ieee --json > "$out/eval-ieee.json"
+"$bin/underflow" evaluate "$run" --split train --json > "$out/eval-train.json"
+"$bin/underflow" export "$run" --out "$out/model.safetensors" >&2
 {
   echo "command: scripts/experiment.sh $name $*"
   echo "commit: $commit"

@@ -32,6 +32,7 @@ struct TestWorker {
 /// in-process worker per entry of `workers`; returns the final θ's bytes and how each worker
 /// ended.
 async fn cluster_run(
+    config: &RunConfig,
     scratch: &Scratch,
     name: &str,
     workers: &[TestWorker],
@@ -47,7 +48,7 @@ async fn cluster_run(
         ..ClusterOptions::default()
     };
     let coordinator = tokio::spawn(cluster::run(
-        config(),
+        config.clone(),
         env,
         options,
         listener,
@@ -82,7 +83,12 @@ async fn cluster_run(
 
 /// [`cluster_run`] with real workers of `worker_threads` threads each, audits on; every
 /// worker must see the run finish.
-async fn cluster_theta(scratch: &Scratch, name: &str, worker_threads: &[usize]) -> Vec<u8> {
+async fn cluster_theta(
+    config: &RunConfig,
+    scratch: &Scratch,
+    name: &str,
+    worker_threads: &[usize],
+) -> Vec<u8> {
     let workers: Vec<TestWorker> = worker_threads
         .iter()
         .map(|&threads| TestWorker {
@@ -90,35 +96,37 @@ async fn cluster_theta(scratch: &Scratch, name: &str, worker_threads: &[usize]) 
             fake: false,
         })
         .collect();
-    let (theta, exits) = cluster_run(scratch, name, &workers, 1).await;
+    let (theta, exits) = cluster_run(config, scratch, name, &workers, 1).await;
     for exit in exits {
         assert_eq!(exit.unwrap(), WorkerExit::Finished);
     }
     theta
 }
 
-fn embedded_theta(scratch: &Scratch) -> Vec<u8> {
-    let env = environment(scratch, "embedded", 2);
-    let embedded_dir = env.run_dir.clone();
-    embedded::run(&config(), &env, &AtomicBool::new(false)).unwrap();
-    std::fs::read(embedded_dir.join("theta.f32")).unwrap()
+/// The embedded run of `config` in the background: θ's bytes.
+async fn embedded_theta(config: &RunConfig, scratch: &Arc<Scratch>) -> Vec<u8> {
+    let (config, scratch) = (config.clone(), Arc::clone(scratch));
+    tokio::task::spawn_blocking(move || {
+        let env = environment(&scratch, "embedded", 2);
+        let embedded_dir = env.run_dir.clone();
+        embedded::run(&config, &env, &AtomicBool::new(false)).unwrap();
+        std::fs::read(embedded_dir.join("theta.f32")).unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
     let scratch = Arc::new(Scratch::new("cluster-determinism"));
-    let embedded = {
-        let scratch = Arc::clone(&scratch);
-        tokio::task::spawn_blocking(move || embedded_theta(&scratch))
-            .await
-            .unwrap()
-    };
-    let one = cluster_theta(&scratch, "one", &[2]).await;
+    let config = config();
+    let embedded = embedded_theta(&config, &scratch).await;
+    let one = cluster_theta(&config, &scratch, "one", &[2]).await;
     assert!(
         one == embedded,
         "θ with 1 worker differs from the embedded run"
     );
-    let three = cluster_theta(&scratch, "three", &[1, 2, 1]).await;
+    let three = cluster_theta(&config, &scratch, "three", &[1, 2, 1]).await;
     assert!(
         three == embedded,
         "θ with 3 workers differs from the embedded run"
@@ -126,21 +134,36 @@ async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_layer_populations_theta_is_bit_identical_embedded_and_with_two_workers() {
+    let scratch = Arc::new(Scratch::new("cluster-layer-populations"));
+    // Chunks mix pairs of every layer, so workers start some from θ's prefix and some not.
+    let config = RunConfig {
+        layer_populations: vec![7, 5, 4],
+        ..config()
+    };
+    let embedded = embedded_theta(&config, &scratch).await;
+    let plain_scratch = Arc::new(Scratch::new("cluster-lp-plain"));
+    let plain = embedded_theta(&self::config(), &plain_scratch).await;
+    assert!(embedded != plain, "layer populations changed nothing");
+    let two = cluster_theta(&config, &scratch, "two", &[1, 2]).await;
+    assert!(
+        two == embedded,
+        "θ with layer populations and 2 workers differs from the embedded run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_workers_drive_a_run_only_with_audits_off() {
     let scratch = Arc::new(Scratch::new("cluster-fake"));
-    let embedded = {
-        let scratch = Arc::clone(&scratch);
-        tokio::task::spawn_blocking(move || embedded_theta(&scratch))
-            .await
-            .unwrap()
-    };
+    let config = config();
+    let embedded = embedded_theta(&config, &scratch).await;
     let fake = TestWorker {
         threads: 1,
         fake: true,
     };
     // Audits off (the load test): fake workers prove the golden task, join and finish the
     // run; θ follows their fake fitnesses, so it is not the embedded run's.
-    let (theta, exits) = cluster_run(&scratch, "fake-only", &[fake, fake, fake], 0).await;
+    let (theta, exits) = cluster_run(&config, &scratch, "fake-only", &[fake, fake, fake], 0).await;
     for exit in exits {
         assert_eq!(exit.unwrap(), WorkerExit::Finished);
     }
@@ -153,7 +176,7 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
         threads: 1,
         fake: false,
     };
-    let (theta, exits) = cluster_run(&scratch, "fake-audited", &[fake, real], 1).await;
+    let (theta, exits) = cluster_run(&config, &scratch, "fake-audited", &[fake, real], 1).await;
     let mut exits = exits.into_iter();
     let e = exits.next().unwrap().unwrap_err();
     assert!(e.is_refusal(), "{e}");

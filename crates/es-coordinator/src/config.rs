@@ -43,6 +43,9 @@ pub struct RunConfig {
     pub sigma_multipliers: Vec<f32>,
     /// Per-layer multipliers of Adam's step (empty: all 1).
     pub lr_multipliers: Vec<f32>,
+    /// Mirrored pairs per layer, summing to `population` (empty: every pair perturbs every
+    /// layer; see `EsConfig::layer_populations`).
+    pub layer_populations: Vec<usize>,
     pub mode: String,
     pub hidden: Vec<usize>,
     pub scale_exponents: Vec<i32>,
@@ -78,6 +81,7 @@ impl Default for RunConfig {
             l2: es.l2,
             sigma_multipliers: es.sigma_multipliers,
             lr_multipliers: es.lr_multipliers,
+            layer_populations: es.layer_populations,
             mode: net.arithmetic.name().into(),
             hidden: net.hidden,
             scale_exponents: net.scale_exponents,
@@ -174,6 +178,7 @@ impl RunConfig {
             l2: self.l2,
             sigma_multipliers: self.sigma_multipliers.clone(),
             lr_multipliers: self.lr_multipliers.clone(),
+            layer_populations: self.layer_populations.clone(),
             ..EsConfig::default()
         };
         es.validate_for(&self.net()?)?;

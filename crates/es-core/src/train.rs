@@ -12,7 +12,9 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use es_kernel::{Batch, ConfigError, Evaluation, Forward, Kernel, NetConfig, ParamLayout};
+use es_kernel::{
+    Batch, ConfigError, Evaluation, Forward, Kernel, NetConfig, ParamLayout, Prefix, layer_range,
+};
 
 use crate::init::{init_params, init_std};
 use crate::noise::{NoiseError, NoiseKey, NoiseSource};
@@ -42,6 +44,14 @@ pub struct EsConfig {
     /// Per-layer multipliers of Adam's step (empty: all 1). Adam's step is about `lr` per
     /// parameter whatever the layer's scale, so layers with larger weights may want more.
     pub lr_multipliers: Vec<f32>,
+    /// Mirrored pairs per layer, summing to `population` (empty: every pair perturbs every
+    /// layer). With `[P_1, …, P_L]` the first `P_1` pairs perturb only layer 1's weights and
+    /// bias, the next `P_2` only layer 2's, and so on; each layer's gradient comes from its
+    /// own pairs, ranked among themselves. A pair that leaves the first layers alone starts
+    /// its forward pass from θ's activations there, so pairs of the small top layer cost a
+    /// fraction of a full evaluation, and its gradient is not drowned in the noise of the
+    /// 400,000 parameters of layer 1.
+    pub layer_populations: Vec<usize>,
 }
 
 impl Default for EsConfig {
@@ -60,6 +70,7 @@ impl Default for EsConfig {
             adam: AdamConfig::default(),
             sigma_multipliers: Vec::new(),
             lr_multipliers: Vec::new(),
+            layer_populations: Vec::new(),
         }
     }
 }
@@ -107,6 +118,16 @@ pub enum TrainError {
     },
     #[error("parameter vector has {got} values: expected {expected}")]
     ThetaLength { got: usize, expected: usize },
+    #[error("{got} layer populations for {layers} layers: expected one per layer (or none)")]
+    LayerPopulationCount { got: usize, layers: usize },
+    #[error(
+        "layer populations {populations:?} sum to {sum}: expected the population, {population}"
+    )]
+    LayerPopulationSum {
+        populations: Vec<usize>,
+        sum: usize,
+        population: usize,
+    },
 }
 
 impl EsConfig {
@@ -136,6 +157,13 @@ impl EsConfig {
                 });
             }
         }
+        let populations = &self.layer_populations;
+        if !populations.is_empty() && populations.len() != net.layers() {
+            return Err(TrainError::LayerPopulationCount {
+                got: populations.len(),
+                layers: net.layers(),
+            });
+        }
         Ok(())
     }
 
@@ -145,6 +173,22 @@ impl EsConfig {
         }
         if self.batch_size == 0 {
             return Err(TrainError::BatchSize(self.batch_size));
+        }
+        if !self.layer_populations.is_empty() {
+            // Each term is at most `population` once the sum matches, so the sum cannot
+            // overflow unless it is already wrong.
+            let sum = self
+                .layer_populations
+                .iter()
+                .try_fold(0usize, |a, &p| a.checked_add(p))
+                .unwrap_or(usize::MAX);
+            if sum != self.population {
+                return Err(TrainError::LayerPopulationSum {
+                    populations: self.layer_populations.clone(),
+                    sum,
+                    population: self.population,
+                });
+            }
         }
         let checks = [
             ("sigma", self.sigma, self.sigma > 0.0, "> 0"),
@@ -179,6 +223,70 @@ impl EsConfig {
     pub fn lr_at(&self, t: u32) -> f32 {
         self.lr_schedule.value(self.lr, t as u64)
     }
+
+    /// How generation `t` perturbs θ: each layer's σ, and which layers each pair moves.
+    pub fn perturbation(&self, net: &NetConfig, t: u32) -> Perturbation {
+        Perturbation {
+            layer_sigmas: self.layer_sigmas(net, t),
+            layer_populations: self.layer_populations.clone(),
+        }
+    }
+
+    /// How the update splits θ and the pairs: each segment's gradient is the weighted sum of
+    /// its own pairs' noise over its own parameters, divided by twice its pair count.
+    pub fn segments(&self, layout: &ParamLayout) -> Vec<Segment> {
+        if self.layer_populations.is_empty() {
+            return vec![Segment {
+                params: 0..layout.len(),
+                pairs: 0..self.population,
+            }];
+        }
+        let mut first = 0;
+        self.layer_populations
+            .iter()
+            .enumerate()
+            .map(|(l, &p)| {
+                let segment = Segment {
+                    params: layer_range(layout, l),
+                    pairs: first..first + p,
+                };
+                first += p;
+                segment
+            })
+            .collect()
+    }
+}
+
+/// How one generation perturbs θ ([`EsConfig::perturbation`]): what an evaluator needs beyond
+/// θ, the noise and the batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Perturbation {
+    /// σ of each layer ([`EsConfig::layer_sigmas`]).
+    pub layer_sigmas: Vec<f32>,
+    /// [`EsConfig::layer_populations`].
+    pub layer_populations: Vec<usize>,
+}
+
+impl Perturbation {
+    /// The layers pair `index` perturbs: all of them without layer populations (or past
+    /// them), else the one layer whose pairs hold it.
+    pub fn layers_of(&self, index: u32) -> Range<usize> {
+        let mut end = 0usize;
+        for (l, &p) in self.layer_populations.iter().enumerate() {
+            end += p;
+            if (index as usize) < end {
+                return l..l + 1;
+            }
+        }
+        0..self.layer_sigmas.len()
+    }
+}
+
+/// A range of θ and the range of pairs whose noise moves it (see [`EsConfig::segments`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub params: Range<usize>,
+    pub pairs: Range<usize>,
 }
 
 fn multiplier(list: &[f32], l: usize) -> f32 {
@@ -260,9 +368,13 @@ impl PairResult {
 #[derive(Clone, Debug)]
 pub struct Evaluator {
     forward: Forward,
+    layout: ParamLayout,
+    /// θ + σε and θ − σε in the perturbed layers' ranges; other ranges are stale.
     plus: Vec<f32>,
     minus: Vec<f32>,
     noise_scratch: Vec<f32>,
+    /// Stands in for a prefix when a pass starts at layer 1.
+    empty_prefix: Prefix,
 }
 
 impl Evaluator {
@@ -270,10 +382,12 @@ impl Evaluator {
         let forward = Forward::new(net, kernel)?;
         let dim = forward.layout().len();
         Ok(Evaluator {
+            layout: forward.layout().clone(),
             forward,
             plus: vec![0.0; dim],
             minus: vec![0.0; dim],
             noise_scratch: Vec::new(),
+            empty_prefix: Prefix::new(),
         })
     }
 
@@ -281,34 +395,66 @@ impl Evaluator {
         &mut self.forward
     }
 
-    /// Fitness of `θ + σε_i` and `θ − σε_i` on `batch`, with `σ` per layer.
+    /// Fitness of `θ + σε_i` and `θ − σε_i` on `batch`, with `σ` per layer, where `ε_i` is
+    /// zero outside the layers pair `i` perturbs ([`Perturbation::layers_of`]).
+    ///
+    /// `prefix`, if given, must be θ's prefix on `batch` ([`Forward::prefix`]): a pair that
+    /// leaves the first layers alone then starts after them. The fitnesses are the same bits
+    /// either way.
     pub fn evaluate_pair(
         &mut self,
         theta: &[f32],
         noise: &NoiseSource,
         key: NoiseKey,
-        layer_sigmas: &[f32],
+        perturbation: &Perturbation,
+        prefix: Option<&Prefix>,
         batch: &Batch,
     ) -> Result<PairResult, NoiseError> {
-        let layout = self.forward.layout().clone();
-        let dim = layout.len();
+        let perturbed = perturbation.layers_of(key.index);
+        let dim = self.layout.len();
         assert_eq!(theta.len(), dim, "parameter vector length");
         if matches!(noise, NoiseSource::Stream) && self.noise_scratch.len() < dim {
             self.noise_scratch.resize(dim, 0.0);
         }
         let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
-        for (layer, &sigma) in layout.layers().iter().zip(layer_sigmas) {
-            let range = layer.weights.start..layer.bias.end;
+        for l in perturbed.clone() {
+            let range = layer_range(&self.layout, l);
             perturb(
                 &theta[range.clone()],
                 &eps[range.clone()],
-                sigma,
+                perturbation.layer_sigmas[l],
                 &mut self.plus[range.clone()],
                 &mut self.minus[range],
             );
         }
-        let plus = self.forward.evaluate(&self.plus, batch);
-        let minus = self.forward.evaluate(&self.minus, batch);
+        let (start, prefix) = match prefix {
+            Some(prefix) if perturbed.start > 0 => (perturbed.start, prefix),
+            _ => (0, &self.empty_prefix),
+        };
+        let layout = &self.layout;
+        let (plus_buffer, minus_buffer) = (&self.plus[..], &self.minus[..]);
+        let plus_params = |l: usize| {
+            let source = if perturbed.contains(&l) {
+                plus_buffer
+            } else {
+                theta
+            };
+            &source[layer_range(layout, l)]
+        };
+        let minus_params = |l: usize| {
+            let source = if perturbed.contains(&l) {
+                minus_buffer
+            } else {
+                theta
+            };
+            &source[layer_range(layout, l)]
+        };
+        let plus = self
+            .forward
+            .evaluate_from(&plus_params, start, prefix, batch);
+        let minus = self
+            .forward
+            .evaluate_from(&minus_params, start, prefix, batch);
         Ok(PairResult {
             index: key.index,
             plus,
@@ -343,13 +489,13 @@ pub fn evaluate_index(
     let net = evaluator.forward.config().clone();
     train.validate(&net)?;
     let batch = generation_batch(net.inputs, es.batch_size, run_seed, train, generation);
-    let sigmas = es.layer_sigmas(&net, generation);
+    let perturbation = es.perturbation(&net, generation);
     let key = NoiseKey {
         run_seed,
         generation,
         index,
     };
-    Ok(evaluator.evaluate_pair(theta, noise, key, &sigmas, &batch)?)
+    Ok(evaluator.evaluate_pair(theta, noise, key, &perturbation, None, &batch)?)
 }
 
 /// Generation `generation`'s minibatch of `train`, drawn from `run_seed`.
@@ -414,10 +560,18 @@ pub fn golden_task(
     };
     let Evaluator {
         forward,
+        layout,
         plus,
         minus,
         ..
     } = &mut evaluator;
+    // The evaluator wrote only the perturbed layers; the others are θ's.
+    let perturbed = es.perturbation(net, generation).layers_of(index);
+    for l in (0..net.layers()).filter(|l| !perturbed.contains(l)) {
+        let range = layer_range(layout, l);
+        plus[range.clone()].copy_from_slice(&theta[range.clone()]);
+        minus[range.clone()].copy_from_slice(&theta[range]);
+    }
     let center = run(&theta, forward);
     let plus = run(plus, forward);
     let minus = run(minus, forward);
@@ -428,6 +582,8 @@ pub fn golden_task(
 #[derive(Debug)]
 pub struct EvalPool {
     evaluators: Vec<Evaluator>,
+    /// θ's prefix on the batch of the last call that needed one.
+    prefix: Prefix,
 }
 
 impl EvalPool {
@@ -435,7 +591,10 @@ impl EvalPool {
         let evaluators = (0..threads.max(1))
             .map(|_| Evaluator::new(net.clone(), kernel))
             .collect::<Result<_, _>>()?;
-        Ok(EvalPool { evaluators })
+        Ok(EvalPool {
+            evaluators,
+            prefix: Prefix::new(),
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -443,6 +602,8 @@ impl EvalPool {
     }
 
     /// Evaluates perturbations `indices` of generation `generation`; results in index order.
+    /// Pairs that leave layer 1 alone ([`Perturbation::layers_of`]) start from θ's
+    /// activations, computed once here.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &mut self,
@@ -450,10 +611,18 @@ impl EvalPool {
         noise: &NoiseSource,
         run_seed: u64,
         generation: u32,
-        layer_sigmas: &[f32],
+        perturbation: &Perturbation,
         batch: &Batch,
         indices: Range<u32>,
     ) -> Result<Vec<PairResult>, NoiseError> {
+        let prefix = if indices.clone().any(|i| perturbation.layers_of(i).start > 0) {
+            self.evaluators[0]
+                .forward
+                .prefix(theta, batch, &mut self.prefix);
+            Some(&self.prefix)
+        } else {
+            None
+        };
         let next = AtomicUsize::new(indices.start as usize);
         let end = indices.end as usize;
         let results = Mutex::new(Vec::with_capacity(indices.len()));
@@ -473,7 +642,9 @@ impl EvalPool {
                             generation,
                             index: i as u32,
                         };
-                        match evaluator.evaluate_pair(theta, noise, key, layer_sigmas, batch) {
+                        let evaluated =
+                            evaluator.evaluate_pair(theta, noise, key, perturbation, prefix, batch);
+                        match evaluated {
                             Ok(r) => local.push(r),
                             Err(e) => {
                                 *failure.lock().expect("no panics while locked") = Some(e);
@@ -604,7 +775,17 @@ pub fn apply_update(
         });
     }
     noise.check_dim(dim)?;
-    let weights = rank_weights(pairs)?;
+    es.validate_for(net)?;
+    let layout = ParamLayout::new(net);
+    let segments = es.segments(&layout);
+    // Each segment's pairs are ranked among themselves: perturbing different layers moves
+    // the loss by different amounts, and one layer's pairs must not outrank another's.
+    let mut weights = Vec::with_capacity(pairs.len());
+    for segment in &segments {
+        if !segment.pairs.is_empty() {
+            weights.extend(rank_weights(&pairs[segment.pairs.clone()])?);
+        }
+    }
     let t = state.generation;
     let keys = |i: usize| NoiseKey {
         run_seed,
@@ -618,10 +799,15 @@ pub fn apply_update(
             let windows: Vec<&[f32]> = (0..pairs.len())
                 .map(|i| noise.perturbation(keys(i), dim, &mut []))
                 .collect::<Result<_, _>>()?;
-            for_blocks(&mut g, threads, |start, g| {
-                let slices: Vec<&[f32]> = windows.iter().map(|w| &w[start..]).collect();
-                accumulate_weighted(g, &weights, &slices);
-            });
+            for segment in &segments {
+                let (params, pairs) = (segment.params.clone(), segment.pairs.clone());
+                for_blocks(&mut g[params.clone()], threads, |start, g| {
+                    let at = params.start + start;
+                    let slices: Vec<&[f32]> =
+                        windows[pairs.clone()].iter().map(|w| &w[at..]).collect();
+                    accumulate_weighted(g, &weights[pairs.clone()], &slices);
+                });
+            }
         }
         NoiseSource::Stream => {
             // Regenerate ε in groups (in parallel), then add each group in index order.
@@ -643,19 +829,29 @@ pub fn apply_update(
                         .into_iter()
                         .try_for_each(|h| h.join().expect("noise generation does not panic"))
                 })?;
-                let w = &weights[first..first + count];
-                for_blocks(&mut g, threads, |start, g| {
-                    let slices: Vec<&[f32]> =
-                        buffers[..count].iter().map(|b| &b[start..]).collect();
-                    accumulate_weighted(g, w, &slices);
-                });
+                for segment in &segments {
+                    // The pairs of this group that move this segment, in index order.
+                    let from = segment.pairs.start.max(first);
+                    let to = segment.pairs.end.min(first + count);
+                    if from >= to {
+                        continue;
+                    }
+                    let params = segment.params.clone();
+                    let w = &weights[from..to];
+                    let group_buffers = &buffers[from - first..to - first];
+                    for_blocks(&mut g[params.clone()], threads, |start, g| {
+                        let at = params.start + start;
+                        let slices: Vec<&[f32]> = group_buffers.iter().map(|b| &b[at..]).collect();
+                        accumulate_weighted(g, w, &slices);
+                    });
+                }
             }
         }
     }
-    let two_p = (2 * pairs.len()) as f32;
     let lr = es.lr_at(t);
     let step = state.adam.begin_step(lr, es.l2);
-    let steps: Vec<(usize, AdamStep)> = ParamLayout::new(net)
+    // Per layer: its share of θ, its step and the divisor 2P of the pairs that moved it.
+    let steps: Vec<(usize, AdamStep, f32)> = layout
         .layers()
         .iter()
         .enumerate()
@@ -664,10 +860,16 @@ pub fn apply_update(
                 step_size: step.step_size * es.lr_multiplier(l),
                 ..step
             };
-            (layer.bias.end - layer.weights.start, scaled)
+            let pairs_of_layer = if es.layer_populations.is_empty() {
+                pairs.len()
+            } else {
+                es.layer_populations[l]
+            };
+            let two_p = (2 * pairs_of_layer.max(1)) as f32;
+            (layer.bias.end - layer.weights.start, scaled, two_p)
         })
         .collect();
-    let grad_sq = adam_blocks(state, &mut g, two_p, &steps, threads);
+    let grad_sq = adam_blocks(state, &mut g, &steps, threads);
     state.generation += 1;
     let theta_norm = state
         .theta
@@ -705,12 +907,12 @@ fn for_blocks(g: &mut [f32], threads: usize, f: impl Fn(usize, &mut [f32]) + Syn
     });
 }
 
-/// `g /= 2P`, then Adam on every block; returns ‖g‖² summed in block order.
+/// `g /= 2P` (each layer's own P), then Adam on every block; returns ‖g‖² summed in block
+/// order.
 fn adam_blocks(
     state: &mut EsState,
     g: &mut [f32],
-    two_p: f32,
-    steps: &[(usize, AdamStep)],
+    steps: &[(usize, AdamStep, f32)],
     threads: usize,
 ) -> f64 {
     // Cut θ, m, v and g into per-layer segments (each with its own step), then into blocks.
@@ -721,7 +923,7 @@ fn adam_blocks(
         &mut state.adam.v[..],
         g,
     );
-    for (len, step) in steps {
+    for (len, step, two_p) in steps {
         let (t_seg, t_rest) = theta.split_at_mut(*len);
         let (m_seg, m_rest) = m.split_at_mut(*len);
         let (v_seg, v_rest) = v.split_at_mut(*len);
@@ -732,7 +934,7 @@ fn adam_blocks(
             .zip(m_seg.chunks_mut(UPDATE_BLOCK))
             .zip(v_seg.chunks_mut(UPDATE_BLOCK))
             .zip(g_seg.chunks_mut(UPDATE_BLOCK))
-            .map(move |(((t, m), v), g)| (step, t, m, v, g));
+            .map(move |(((t, m), v), g)| (step, *two_p, t, m, v, g));
         blocks.extend(segment);
     }
     let blocks: Vec<_> = blocks.into_iter().enumerate().collect();
@@ -743,7 +945,7 @@ fn adam_blocks(
             scope.spawn(|| {
                 loop {
                     let next = queue.lock().expect("no panics while locked").next();
-                    let Some((b, (step, theta, m, v, g))) = next else {
+                    let Some((b, (step, two_p, theta, m, v, g))) = next else {
                         break;
                     };
                     let mut sq = 0.0f64;
@@ -864,13 +1066,13 @@ impl Trainer {
             &mut self.indices,
         );
         self.batch.fill(train.images, train.labels, &self.indices);
-        let sigmas = self.es.layer_sigmas(&self.net, t);
+        let perturbation = self.es.perturbation(&self.net, t);
         let results = self.pool.evaluate(
             &self.state.theta,
             &self.noise,
             self.run_seed,
             t,
-            &sigmas,
+            &perturbation,
             &self.batch,
             0..self.es.population as u32,
         )?;
@@ -949,6 +1151,16 @@ mod tests {
         (net, es, images, labels)
     }
 
+    /// `small()` with pairs of their own for each layer: 10, 8 and 6 of the 24.
+    fn small_layered() -> (NetConfig, EsConfig, Vec<u8>, Vec<u8>) {
+        let (net, es, images, labels) = small();
+        let es = EsConfig {
+            layer_populations: vec![10, 8, 6],
+            ..es
+        };
+        (net, es, images, labels)
+    }
+
     fn table_for(net: &NetConfig) -> NoiseSource {
         let dim = ParamLayout::new(net).len();
         NoiseSource::Table(Arc::new(NoiseTable::generate(11, dim * 8)))
@@ -956,7 +1168,17 @@ mod tests {
 
     #[test]
     fn training_is_independent_of_thread_count_and_learns() {
-        let (net, es, images, labels) = small();
+        training_is_independent_of_thread_count_and_learns_with(small());
+    }
+
+    #[test]
+    fn training_with_layer_populations_is_independent_of_thread_count_and_learns() {
+        training_is_independent_of_thread_count_and_learns_with(small_layered());
+    }
+
+    fn training_is_independent_of_thread_count_and_learns_with(
+        (net, es, images, labels): (NetConfig, EsConfig, Vec<u8>, Vec<u8>),
+    ) {
         let data = Dataset {
             images: &images,
             labels: &labels,
@@ -1001,7 +1223,17 @@ mod tests {
 
     #[test]
     fn stream_noise_is_thread_independent_too() {
-        let (net, es, images, labels) = small();
+        for (net, es, images, labels) in [small(), small_layered()] {
+            stream_noise_is_thread_independent_with(net, es, images, labels);
+        }
+    }
+
+    fn stream_noise_is_thread_independent_with(
+        net: NetConfig,
+        es: EsConfig,
+        images: Vec<u8>,
+        labels: Vec<u8>,
+    ) {
         let data = Dataset {
             images: &images,
             labels: &labels,
@@ -1049,6 +1281,123 @@ mod tests {
                 .contains("23 fitness pairs for population 24"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn layer_populations_must_match_the_layers_and_the_population() {
+        let (net, es, ..) = small();
+        let with = |layer_populations: Vec<usize>| {
+            EsConfig {
+                layer_populations,
+                ..es.clone()
+            }
+            .validate_for(&net)
+        };
+        with(vec![10, 8, 6]).unwrap();
+        with(Vec::new()).unwrap();
+        assert_eq!(
+            with(vec![12, 12]).unwrap_err().to_string(),
+            "2 layer populations for 3 layers: expected one per layer (or none)"
+        );
+        assert_eq!(
+            with(vec![10, 8, 5]).unwrap_err().to_string(),
+            "layer populations [10, 8, 5] sum to 23: expected the population, 24"
+        );
+        assert!(matches!(
+            with(vec![usize::MAX, 8, 6]),
+            Err(TrainError::LayerPopulationSum { .. })
+        ));
+    }
+
+    #[test]
+    fn each_pair_moves_its_own_layer_and_the_prefix_changes_no_bit() {
+        let (net, es, images, labels) = small_layered();
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let noise = table_for(&net);
+        let theta = init_params(&net, 3);
+        let perturbation = es.perturbation(&net, 2);
+        let layers: Vec<_> = (0..24).map(|i| perturbation.layers_of(i)).collect();
+        assert_eq!(
+            (layers[0].clone(), layers[9].clone(), layers[10].clone()),
+            (0..1, 0..1, 1..2)
+        );
+        assert_eq!((layers[17].clone(), layers[18].clone()), (1..2, 2..3));
+        let batch = generation_batch(net.inputs, es.batch_size, 3, data, 2);
+        // The pool starts pairs of layers 2 and 3 from θ's prefix.
+        let mut pool = EvalPool::new(&net, Kernel::Portable, 2).unwrap();
+        let pooled = pool
+            .evaluate(&theta, &noise, 3, 2, &perturbation, &batch, 0..24)
+            .unwrap();
+        let mut evaluator = Evaluator::new(net.clone(), Kernel::Portable).unwrap();
+        let mut forward = Forward::new(net.clone(), Kernel::Portable).unwrap();
+        let layout = ParamLayout::new(&net);
+        for (got, layers) in pooled.iter().zip(layers) {
+            let key = NoiseKey {
+                run_seed: 3,
+                generation: 2,
+                index: got.index,
+            };
+            let alone = evaluator
+                .evaluate_pair(&theta, &noise, key, &perturbation, None, &batch)
+                .unwrap();
+            assert_eq!(alone, *got, "pair {} without the prefix", got.index);
+            // θ ± σε on the pair's layer, θ elsewhere, through the plain forward pass.
+            let eps = noise.perturbation(key, layout.len(), &mut []).unwrap();
+            let (mut plus, mut minus) = (theta.clone(), theta.clone());
+            for l in layers {
+                let r = layer_range(&layout, l);
+                let sigma = perturbation.layer_sigmas[l];
+                perturb(
+                    &theta[r.clone()],
+                    &eps[r.clone()],
+                    sigma,
+                    &mut plus[r.clone()],
+                    &mut minus[r],
+                );
+            }
+            assert_eq!(
+                forward.evaluate(&plus, &batch),
+                got.plus,
+                "pair {}",
+                got.index
+            );
+            assert_eq!(
+                forward.evaluate(&minus, &batch),
+                got.minus,
+                "pair {}",
+                got.index
+            );
+        }
+    }
+
+    #[test]
+    fn a_layer_whose_own_pairs_tie_does_not_move() {
+        let (net, es, ..) = small_layered();
+        let mut state = EsState::new(&net, &es, 1);
+        let before = state.theta.clone();
+        // Pairs 10..18 perturb layer 2 only: they tie, and the other layers' pairs do not.
+        let pairs: Vec<PairFitness> = (0..24)
+            .map(|i| match i {
+                10..18 => PairFitness {
+                    plus: -1.0,
+                    minus: -1.0,
+                },
+                _ => PairFitness {
+                    plus: -(i as f64),
+                    minus: -0.5 * i as f64,
+                },
+            })
+            .collect();
+        apply_update(&mut state, &net, &es, &table_for(&net), 1, &pairs, 2).unwrap();
+        let layout = ParamLayout::new(&net);
+        for l in 0..net.layers() {
+            let r = layer_range(&layout, l);
+            let moved = state.theta[r.clone()] != before[r];
+            assert_eq!(moved, l != 1, "layer {} moved: {moved}", l + 1);
+        }
     }
 
     #[test]
@@ -1104,7 +1453,7 @@ mod tests {
         };
         let theta = init_params(&net, 3);
         let pair = evaluator
-            .evaluate_pair(&theta, &noise, key, &es.layer_sigmas(&net, 2), &batch)
+            .evaluate_pair(&theta, &noise, key, &es.perturbation(&net, 2), None, &batch)
             .unwrap();
         assert_eq!(pair.plus, plus.evaluation);
         assert_eq!(pair.minus, minus.evaluation);

@@ -144,7 +144,9 @@ impl Forward {
         assert_eq!(params.len(), self.layout.len(), "parameter vector length");
         assert_eq!(batch.inputs, self.config.inputs, "batch width");
         let mode = self.config.arithmetic;
-        with_float_env(mode, || self.run_layers(params, batch));
+        with_float_env(mode, || {
+            self.run_layers(Params::Whole(params), 0, &batch.rows, None)
+        });
         &self.act
     }
 
@@ -156,22 +158,91 @@ impl Forward {
         Evaluation::from_logits(logits, batch.labels(), classes)
     }
 
-    /// Every layer, run inside the float environment. Not inlined: see `float_env`.
+    /// Runs `params` on `batch` and keeps what every layer after the first was given, so that
+    /// networks equal to `params` up to some layer can start there ([`Forward::evaluate_from`]).
+    pub fn prefix(&mut self, params: &[f32], batch: &Batch, prefix: &mut Prefix) {
+        assert_eq!(params.len(), self.layout.len(), "parameter vector length");
+        assert_eq!(batch.inputs, self.config.inputs, "batch width");
+        prefix
+            .inputs
+            .resize_with(self.layout.layers().len() - 1, SparseRows::new);
+        prefix.samples = batch.len();
+        let mode = self.config.arithmetic;
+        with_float_env(mode, || {
+            self.run_layers(Params::Whole(params), 0, &batch.rows, Some(prefix))
+        });
+    }
+
+    /// Fitness and accuracy on `batch` of the network whose layer `l` has the parameters
+    /// `layer_params(l)` (its weights, then its bias: `layout().layers()[l]`'s range of θ),
+    /// starting at layer `start` from the inputs `prefix` kept for that layer.
+    ///
+    /// Layers before `start` are not run: the result is bit for bit that of [`Forward::evaluate`]
+    /// on the vector whose layers before `start` are those `prefix` was made from and whose
+    /// other layers are `layer_params`'s, since the kept inputs are the very values that
+    /// forward pass would compute. `start` 0 runs every layer from the batch.
+    ///
+    /// # Panics
+    /// If `start` is not a layer, a layer's parameters have the wrong length, or `prefix` was
+    /// not made on a batch of this batch's size (when `start` > 0).
+    pub fn evaluate_from<'p>(
+        &mut self,
+        layer_params: &dyn Fn(usize) -> &'p [f32],
+        start: usize,
+        prefix: &Prefix,
+        batch: &Batch,
+    ) -> Evaluation {
+        let layers = self.layout.layers().len();
+        assert!(start < layers, "start layer {start} of {layers}");
+        assert_eq!(batch.inputs, self.config.inputs, "batch width");
+        let input = if start == 0 {
+            &batch.rows
+        } else {
+            assert_eq!(prefix.samples, batch.len(), "prefix made on another batch");
+            &prefix.inputs[start - 1]
+        };
+        let mode = self.config.arithmetic;
+        with_float_env(mode, || {
+            self.run_layers(Params::Layers(layer_params), start, input, None)
+        });
+        Evaluation::from_logits(&self.act, batch.labels(), self.config.outputs)
+    }
+
+    /// Layers `start..` from `input` (layer `start`'s nonzero inputs), run inside the float
+    /// environment; keeps each later layer's input in `save`. Not inlined: see `float_env`.
     #[inline(never)]
-    fn run_layers(&mut self, params: &[f32], batch: &Batch) {
-        let samples = batch.len();
+    fn run_layers<'p>(
+        &mut self,
+        params: Params<'_, 'p>,
+        start: usize,
+        input: &SparseRows,
+        mut save: Option<&mut Prefix>,
+    ) {
+        let samples = input.samples();
         let mode = self.config.arithmetic;
         let layers = self.layout.layers();
-        for (l, layer) in layers.iter().enumerate() {
-            let rows = if l == 0 {
-                &batch.rows
+        for (l, layer) in layers.iter().enumerate().skip(start) {
+            let rows = if l == start {
+                input
             } else {
                 self.rows.fill_from_dense(&self.act, layer.fan_in);
+                if let Some(prefix) = save.as_deref_mut() {
+                    prefix.inputs[l - 1].clone_from(&self.rows);
+                }
                 &self.rows
             };
             self.density[l] = rows.nonzeros() as f64 / (samples * layer.fan_in).max(1) as f64;
-            let weights = &params[layer.weights.clone()];
-            let bias = &params[layer.bias.clone()];
+            let params = match params {
+                Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
+                Params::Layers(layer_params) => layer_params(l),
+            };
+            let n_weights = layer.fan_in * layer.fan_out;
+            assert_eq!(
+                params.len(),
+                n_weights + layer.fan_out,
+                "layer {l} parameter count"
+            );
+            let (weights, bias) = params.split_at(n_weights);
             let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
             self.scaled_bias.clear();
             self.scaled_bias
@@ -187,5 +258,36 @@ impl Forward {
                 }
             }
         }
+    }
+}
+
+/// Where [`Forward::run_layers`] finds each layer's weights and bias.
+#[derive(Clone, Copy)]
+enum Params<'f, 'p> {
+    /// One whole parameter vector in the layout's order.
+    Whole(&'p [f32]),
+    /// Layer `l`'s weights then bias, from anywhere.
+    Layers(&'f dyn Fn(usize) -> &'p [f32]),
+}
+
+/// Layer `l`'s weights and bias as one range of θ.
+pub fn layer_range(layout: &ParamLayout, l: usize) -> std::ops::Range<usize> {
+    let layer = &layout.layers()[l];
+    layer.weights.start..layer.bias.end
+}
+
+/// What each layer after the first is given when one parameter vector runs on one batch
+/// (made by [`Forward::prefix`]). A generation evaluates hundreds of networks that differ from
+/// θ only from some layer on; they all start from θ's prefix instead of recomputing it.
+#[derive(Clone, Debug, Default)]
+pub struct Prefix {
+    /// `inputs[l - 1]`: the nonzero inputs of layer `l`.
+    inputs: Vec<SparseRows>,
+    samples: usize,
+}
+
+impl Prefix {
+    pub fn new() -> Prefix {
+        Prefix::default()
     }
 }

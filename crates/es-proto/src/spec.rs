@@ -184,6 +184,7 @@ impl From<&EsConfig> for pb::EsSpec {
             sigma: Some(es.sigma),
             sigma_schedule: Some(es.sigma_schedule.into()),
             sigma_multipliers: es.sigma_multipliers.clone(),
+            layer_populations: es.layer_populations.iter().map(|&p| p as u64).collect(),
         }
     }
 }
@@ -210,6 +211,11 @@ impl TryFrom<pb::EsSpec> for EsConfig {
                 })?
                 .try_into()?,
             sigma_multipliers: m.sigma_multipliers,
+            layer_populations: m
+                .layer_populations
+                .into_iter()
+                .map(|p| to_usize("es.layer_populations", p))
+                .collect::<Result<_, _>>()?,
             ..EsConfig::default()
         };
         es.validate().map_err(|source| ConversionError::Es {
@@ -368,6 +374,7 @@ mod tests {
                     over: 5000,
                 },
                 sigma_multipliers: vec![1.0, 0.5, 2.0],
+                layer_populations: vec![100, 150, 50],
                 ..EsConfig::default()
             },
             noise: NoiseSpec::Table {
@@ -401,6 +408,7 @@ mod tests {
         for net in [NetConfig::seed(), small] {
             let es = EsConfig {
                 sigma_multipliers: Vec::new(),
+                layer_populations: Vec::new(),
                 ..spec.es.clone()
             };
             let s = RunSpec {
@@ -671,13 +679,17 @@ mod tests {
 
     #[test]
     fn bad_hyperparameters_are_refused() {
-        let cases: [Breaker<pb::EsSpec>; 6] = [
+        let cases: [Breaker<pb::EsSpec>; 9] = [
             |es| es.population = 0,
             |es| es.population = 1 << 24 | 1,
             |es| es.batch_size = 0,
             |es| es.sigma = Some(0.0),
             |es| es.sigma = Some(f32::NAN),
             |es| es.sigma_multipliers = vec![1.0, 1.0],
+            // Layer populations: one per layer, summing to the population.
+            |es| es.layer_populations = vec![100, 200],
+            |es| es.layer_populations = vec![100, 100, 99],
+            |es| es.layer_populations = vec![u64::MAX, 2, 1],
         ];
         for break_it in cases {
             let mut m = wire();

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 
-use es_core::train::{EvalPool, PairResult, golden_task};
+use es_core::train::{EvalPool, PairResult, Perturbation, golden_task};
 use es_kernel::{Batch, Evaluation, Kernel};
 use es_proto::{GoldenEval, GoldenProof};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
@@ -37,7 +37,7 @@ pub(crate) struct ChunkJob {
     pub generation: u32,
     pub theta: Arc<Vec<f32>>,
     pub batch: Arc<Batch>,
-    pub sigmas: Arc<Vec<f32>>,
+    pub perturbation: Arc<Perturbation>,
     pub indices: Range<u32>,
 }
 
@@ -295,7 +295,7 @@ fn evaluate(context: &RunContext, pool: &mut EvalPool, job: &ChunkJob) -> ChunkO
             &context.noise,
             context.run_seed,
             job.generation,
-            &job.sigmas,
+            &job.perturbation,
             &job.batch,
             job.indices.clone(),
         )
@@ -344,7 +344,7 @@ mod tests {
             generation,
             theta: Arc::new(theta),
             batch: Arc::new(context.minibatch(generation)),
-            sigmas: Arc::new(context.layer_sigmas(generation)),
+            perturbation: Arc::new(context.perturbation(generation)),
             indices,
         }
     }
@@ -383,7 +383,7 @@ mod tests {
                     &context.noise,
                     context.run_seed,
                     2,
-                    &job.sigmas,
+                    &job.perturbation,
                     &job.batch,
                     3..17,
                 )

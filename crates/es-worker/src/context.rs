@@ -1,12 +1,12 @@
 //! The worker's view of a run: the `RunSpec` the coordinator sent, turned into the core's
 //! types with the noise source built (the table mapped from the host's cache file), and what
-//! each generation derives from it (minibatch, layer sigmas).
+//! each generation derives from it (minibatch, perturbation).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use es_core::noise::NoiseSource;
-use es_core::train::{Dataset, EsConfig, minibatch_indices};
+use es_core::train::{Dataset, EsConfig, Perturbation, minibatch_indices};
 use es_data::mnist::Mnist;
 use es_kernel::{Batch, NetConfig, ParamLayout};
 use es_proto::{NoiseSpec, RunSpec};
@@ -84,8 +84,8 @@ impl RunContext {
     }
 
     /// The per-layer σ of generation `t`.
-    pub fn layer_sigmas(&self, t: u32) -> Vec<f32> {
-        self.es.layer_sigmas(&self.net, t)
+    pub fn perturbation(&self, t: u32) -> Perturbation {
+        self.es.perturbation(&self.net, t)
     }
 }
 
@@ -187,7 +187,7 @@ pub(crate) mod tests {
         );
         assert_eq!(batch.pixels(), expected.pixels());
         assert_eq!(batch.labels(), expected.labels());
-        assert_eq!(context.layer_sigmas(4), spec.es.layer_sigmas(&spec.net, 4));
+        assert_eq!(context.perturbation(4), spec.es.perturbation(&spec.net, 4));
     }
 
     #[test]

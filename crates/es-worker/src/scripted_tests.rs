@@ -268,7 +268,7 @@ fn expected_pairs(
         &coord.noise(),
         coord.spec.run_seed,
         t,
-        &es.layer_sigmas(net, t),
+        &es.perturbation(net, t),
         &batch,
         indices,
     )

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use es_core::train::Perturbation;
 use es_data::mnist::{self, Mnist};
 use es_proto::pb::coordinator_client::CoordinatorClient;
 use es_proto::pb::{self, RefusalReason};
@@ -551,7 +552,7 @@ struct Current {
     digest: Digest,
     theta: Option<Arc<Vec<f32>>>,
     batch: Arc<es_kernel::Batch>,
-    sigmas: Arc<Vec<f32>>,
+    perturbation: Arc<Perturbation>,
     /// Assigned chunks waiting for θ (after a `ThetaRequest`).
     waiting: Vec<Range<u32>>,
 }
@@ -665,7 +666,7 @@ impl Serving<'_> {
                 digest,
                 theta: None,
                 batch: Arc::new(context.minibatch(t)),
-                sigmas: Arc::new(context.layer_sigmas(t)),
+                perturbation: Arc::new(context.perturbation(t)),
                 waiting: Vec::new(),
             });
         }
@@ -747,7 +748,7 @@ impl Serving<'_> {
             generation: current.generation,
             theta: Arc::clone(current.theta.as_ref().expect("θ is present")),
             batch: Arc::clone(&current.batch),
-            sigmas: Arc::clone(&current.sigmas),
+            perturbation: Arc::clone(&current.perturbation),
             indices,
         };
         self.cache.compute.submit(job, &self.done)

@@ -163,6 +163,11 @@ struct Cli {
     /// Per-layer multipliers of Adam's step, comma-separated.
     #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     lr_multipliers: Option<Vec<f32>>,
+    /// Mirrored pairs per layer, comma-separated, summing to the population: the first pairs
+    /// perturb only layer 1, the next only layer 2, and so on (default: every pair perturbs
+    /// every layer).
+    #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
+    layer_populations: Option<Vec<usize>>,
     /// Per-hidden-layer scale exponents, comma-separated (e.g. 125,125).
     #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     scale_exponents: Option<Vec<i32>>,
@@ -243,6 +248,7 @@ const RUN_SETTINGS: &[&str] = &[
     "init_multipliers",
     "sigma_multipliers",
     "lr_multipliers",
+    "layer_populations",
     "scale_exponents",
     "output_exponent",
     "noise",
@@ -271,7 +277,8 @@ impl Cli {
              sigma_schedule => sigma_schedule, lr => lr, lr_schedule => lr_schedule, l2 => l2,
              mode => mode, init_multipliers => init_multipliers,
              scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
-             lr_multipliers => lr_multipliers, noise_table_len => noise_table_len);
+             lr_multipliers => lr_multipliers, layer_populations => layer_populations,
+             noise_table_len => noise_table_len);
         self.set_operational(&mut c);
         if let Some(noise) = self.noise {
             c.noise = match noise {

@@ -336,3 +336,49 @@ fn kernel_names_and_env_switch() {
     }
     assert!(Kernel::supported().contains(&Kernel::detect().unwrap_or(Kernel::Portable)));
 }
+
+#[test]
+fn a_pass_started_from_a_prefix_matches_the_reference_in_every_mode_and_kernel() {
+    use crate::forward::{Prefix, layer_range};
+    use crate::loss::Evaluation;
+    let mut rng = TestRng::new(4);
+    for mode in [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee] {
+        let config = small_config(mode);
+        let layout = ParamLayout::new(&config);
+        for kernel in Kernel::supported() {
+            let mut forward = Forward::new(config.clone(), kernel).unwrap();
+            let mut prefix = Prefix::new();
+            for samples in [1, 4, 17] {
+                let pixels = rng.pixels(samples * config.inputs, 0.8);
+                let labels: Vec<u8> = (0..samples).map(|i| (i % 10) as u8).collect();
+                let batch = Batch::from_images(config.inputs, &pixels, &labels);
+                let (theta, other) = (
+                    random_params(&config, &mut rng),
+                    random_params(&config, &mut rng),
+                );
+                forward.prefix(&theta, &batch, &mut prefix);
+                for start in 0..config.layers() {
+                    // θ's layers before `start`, the other vector's from it on.
+                    let source = |l: usize| if l < start { &theta } else { &other };
+                    let mut mixed = theta.clone();
+                    for l in start..config.layers() {
+                        let range = layer_range(&layout, l);
+                        mixed[range.clone()].copy_from_slice(&other[range]);
+                    }
+                    let mut want = vec![f32::NAN; samples * config.outputs];
+                    reference::forward(&config, &mixed, &pixels, &mut want);
+                    let want = Evaluation::from_logits(&want, &labels, config.outputs);
+                    let got = forward.evaluate_from(
+                        &|l| &source(l)[layer_range(&layout, l)],
+                        start,
+                        &prefix,
+                        &batch,
+                    );
+                    let what = format!("{kernel} {mode} samples={samples} start={start}");
+                    assert_eq!(got, want, "{what}");
+                    assert_eq!(forward.evaluate(&mixed, &batch), want, "{what}: whole");
+                }
+            }
+        }
+    }
+}
