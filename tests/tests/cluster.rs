@@ -134,11 +134,13 @@ async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_layer_populations_theta_is_bit_identical_embedded_and_with_two_workers() {
+async fn with_layer_populations_and_neuron_groups_theta_is_bit_identical_with_two_workers() {
     let scratch = Arc::new(Scratch::new("cluster-layer-populations"));
-    // Chunks mix pairs of every layer, so workers start some from θ's prefix and some not.
+    // Chunks mix pairs of neuron groups of layers 1 and 2 (run from θ's prefix) and of the
+    // whole layer 3.
     let config = RunConfig {
-        layer_populations: vec![7, 5, 4],
+        layer_populations: vec![8, 6, 2],
+        neuron_groups: vec![4, 3, 1],
         ..config()
     };
     let embedded = embedded_theta(&config, &scratch).await;

@@ -46,6 +46,9 @@ pub struct RunConfig {
     /// Mirrored pairs per layer, summing to `population` (empty: every pair perturbs every
     /// layer; see `EsConfig::layer_populations`).
     pub layer_populations: Vec<usize>,
+    /// Per layer, the groups its neurons are split into (empty: all 1; needs layer
+    /// populations; see `EsConfig::neuron_groups`).
+    pub neuron_groups: Vec<usize>,
     pub mode: String,
     pub hidden: Vec<usize>,
     pub scale_exponents: Vec<i32>,
@@ -82,6 +85,7 @@ impl Default for RunConfig {
             sigma_multipliers: es.sigma_multipliers,
             lr_multipliers: es.lr_multipliers,
             layer_populations: es.layer_populations,
+            neuron_groups: es.neuron_groups,
             mode: net.arithmetic.name().into(),
             hidden: net.hidden,
             scale_exponents: net.scale_exponents,
@@ -179,6 +183,7 @@ impl RunConfig {
             sigma_multipliers: self.sigma_multipliers.clone(),
             lr_multipliers: self.lr_multipliers.clone(),
             layer_populations: self.layer_populations.clone(),
+            neuron_groups: self.neuron_groups.clone(),
             ..EsConfig::default()
         };
         es.validate_for(&self.net()?)?;

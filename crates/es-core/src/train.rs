@@ -12,8 +12,10 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use es_kernel::config::LayerLayout;
 use es_kernel::{
-    Batch, ConfigError, Evaluation, Forward, Kernel, NetConfig, ParamLayout, Prefix, layer_range,
+    Batch, ConfigError, Evaluation, Forward, Kernel, NetConfig, NeuronGroup, ParamLayout, Prefix,
+    layer_range,
 };
 
 use crate::init::{init_params, init_std};
@@ -52,6 +54,12 @@ pub struct EsConfig {
     /// fraction of a full evaluation, and its gradient is not drowned in the noise of the
     /// 400,000 parameters of layer 1.
     pub layer_populations: Vec<usize>,
+    /// Per layer, the groups its neurons are split into (empty: all 1; needs layer
+    /// populations). With `G_l` groups, layer `l`'s pairs are split into `G_l` equal runs in
+    /// index order, and the pairs of run `g` perturb only the incoming weights and biases of
+    /// the `g`-th of `G_l` equal ranges of the layer's neurons. Such a pair costs the group's
+    /// share of its layer plus the layers after it: the other neurons' outputs are θ's.
+    pub neuron_groups: Vec<usize>,
 }
 
 impl Default for EsConfig {
@@ -71,6 +79,7 @@ impl Default for EsConfig {
             sigma_multipliers: Vec::new(),
             lr_multipliers: Vec::new(),
             layer_populations: Vec::new(),
+            neuron_groups: Vec::new(),
         }
     }
 }
@@ -128,6 +137,22 @@ pub enum TrainError {
         sum: usize,
         population: usize,
     },
+    #[error(
+        "neuron groups {groups:?} need layer populations: expected one population per layer too"
+    )]
+    NeuronGroupsWithoutLayerPopulations { groups: Vec<usize> },
+    #[error("{got} neuron groups for {layers} layers: expected one per layer (or none)")]
+    NeuronGroupCount { got: usize, layers: usize },
+    #[error(
+        "layer {layer} has {groups} neuron groups: expected 1 to its {neurons} neurons, \
+         dividing its {pairs} pairs"
+    )]
+    NeuronGroups {
+        layer: usize,
+        groups: usize,
+        neurons: usize,
+        pairs: usize,
+    },
 }
 
 impl EsConfig {
@@ -163,6 +188,32 @@ impl EsConfig {
                 got: populations.len(),
                 layers: net.layers(),
             });
+        }
+        let groups = &self.neuron_groups;
+        if !groups.is_empty() {
+            if populations.is_empty() {
+                return Err(TrainError::NeuronGroupsWithoutLayerPopulations {
+                    groups: groups.clone(),
+                });
+            }
+            if groups.len() != net.layers() {
+                return Err(TrainError::NeuronGroupCount {
+                    got: groups.len(),
+                    layers: net.layers(),
+                });
+            }
+            let widths = net.widths();
+            for (l, (&g, &pairs)) in groups.iter().zip(populations).enumerate() {
+                let neurons = widths[l + 1];
+                if g == 0 || g > neurons || pairs % g != 0 {
+                    return Err(TrainError::NeuronGroups {
+                        layer: l + 1,
+                        groups: g,
+                        neurons,
+                        pairs,
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -224,37 +275,100 @@ impl EsConfig {
         self.lr_schedule.value(self.lr, t as u64)
     }
 
-    /// How generation `t` perturbs θ: each layer's σ, and which layers each pair moves.
+    /// How generation `t` perturbs θ: each layer's σ, and which parameters each pair moves.
     pub fn perturbation(&self, net: &NetConfig, t: u32) -> Perturbation {
         Perturbation {
             layer_sigmas: self.layer_sigmas(net, t),
             layer_populations: self.layer_populations.clone(),
+            neuron_groups: self.neuron_groups.clone(),
+            layer_widths: net.widths()[1..].to_vec(),
         }
     }
 
-    /// How the update splits θ and the pairs: each segment's gradient is the weighted sum of
-    /// its own pairs' noise over its own parameters, divided by twice its pair count.
-    pub fn segments(&self, layout: &ParamLayout) -> Vec<Segment> {
+    /// The pairs of each layer ([`EsConfig::layer_populations`]), or one range of all pairs
+    /// when every pair perturbs every layer: the fitnesses ranked together.
+    pub fn layer_pairs(&self) -> Vec<Range<usize>> {
         if self.layer_populations.is_empty() {
-            return vec![Segment {
-                params: 0..layout.len(),
-                pairs: 0..self.population,
-            }];
+            return std::iter::once(0..self.population).collect();
         }
         let mut first = 0;
         self.layer_populations
             .iter()
-            .enumerate()
-            .map(|(l, &p)| {
-                let segment = Segment {
-                    params: layer_range(layout, l),
-                    pairs: first..first + p,
-                };
+            .map(|&p| {
                 first += p;
-                segment
+                first - p..first
             })
             .collect()
     }
+
+    /// Layer `l`'s neuron groups (1 without [`EsConfig::neuron_groups`]).
+    fn groups(&self, l: usize) -> usize {
+        self.neuron_groups.get(l).copied().unwrap_or(1)
+    }
+
+    /// Pairs moving each parameter of layer `l` (every pair without layer populations).
+    fn pairs_per_parameter(&self, l: usize) -> usize {
+        match self.layer_populations.get(l) {
+            Some(&p) => p / self.groups(l),
+            None => self.population,
+        }
+    }
+
+    /// How the update splits θ and the pairs: each segment's gradient is the weighted sum of
+    /// its own pairs' noise over its own parameters.
+    pub fn segments(&self, layout: &ParamLayout) -> Vec<Segment> {
+        if self.layer_populations.is_empty() {
+            return vec![Segment {
+                params: std::iter::once(0..layout.len()).collect(),
+                pairs: 0..self.population,
+            }];
+        }
+        let mut segments = Vec::new();
+        for (l, (layer, pairs)) in layout.layers().iter().zip(self.layer_pairs()).enumerate() {
+            let groups = self.groups(l);
+            let per_group = pairs.len() / groups;
+            for g in 0..groups {
+                let params = if groups == 1 {
+                    vec![layer_range(layout, l)]
+                } else {
+                    group_ranges(layer, group_neurons(layer.fan_out, groups, g)).collect()
+                };
+                let first = pairs.start + g * per_group;
+                segments.push(Segment {
+                    params,
+                    pairs: first..first + per_group,
+                });
+            }
+        }
+        segments
+    }
+}
+
+/// Neurons of group `g` of `groups` in a layer of `width`: equal ranges in order.
+fn group_neurons(width: usize, groups: usize, g: usize) -> Range<usize> {
+    width * g / groups..width * (g + 1) / groups
+}
+
+/// The ranges of θ holding `neurons`' incoming weights (one per input) and their biases.
+fn group_ranges(layer: &LayerLayout, neurons: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let row = move |start: usize| start + neurons.start..start + neurons.end;
+    (0..layer.fan_in)
+        .map(move |k| row(layer.weights.start + k * layer.fan_out))
+        .chain(std::iter::once(row(layer.bias.start)))
+}
+
+/// The ranges of θ that `scope` perturbs, with their layers.
+fn scope_ranges(layout: &ParamLayout, scope: &PairScope) -> Vec<(usize, Range<usize>)> {
+    scope
+        .layers
+        .clone()
+        .flat_map(|l| match &scope.neurons {
+            None => vec![(l, layer_range(layout, l))],
+            Some(neurons) => group_ranges(&layout.layers()[l], neurons.clone())
+                .map(|r| (l, r))
+                .collect(),
+        })
+        .collect()
 }
 
 /// How one generation perturbs θ ([`EsConfig::perturbation`]): what an evaluator needs beyond
@@ -265,27 +379,95 @@ pub struct Perturbation {
     pub layer_sigmas: Vec<f32>,
     /// [`EsConfig::layer_populations`].
     pub layer_populations: Vec<usize>,
+    /// [`EsConfig::neuron_groups`].
+    pub neuron_groups: Vec<usize>,
+    /// Neurons (outputs) of each layer.
+    pub layer_widths: Vec<usize>,
+}
+
+/// What one pair perturbs ([`Perturbation::scope`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairScope {
+    pub layers: Range<usize>,
+    /// Only these neurons' incoming weights and biases of its one layer (`None`: all).
+    pub neurons: Option<Range<usize>>,
 }
 
 impl Perturbation {
-    /// The layers pair `index` perturbs: all of them without layer populations (or past
-    /// them), else the one layer whose pairs hold it.
-    pub fn layers_of(&self, index: u32) -> Range<usize> {
-        let mut end = 0usize;
-        for (l, &p) in self.layer_populations.iter().enumerate() {
-            end += p;
-            if (index as usize) < end {
-                return l..l + 1;
+    /// What pair `index` perturbs: every layer without layer populations (or past them),
+    /// else the one layer whose pairs hold it, and of that layer the neurons of its group.
+    pub fn scope(&self, index: u32) -> PairScope {
+        let mut first = 0usize;
+        for (l, &pairs) in self.layer_populations.iter().enumerate() {
+            if (index as usize) < first + pairs {
+                let groups = self.neuron_groups.get(l).copied().unwrap_or(1);
+                let neurons = (groups > 1).then(|| {
+                    let g = (index as usize - first) / (pairs / groups);
+                    group_neurons(self.layer_widths[l], groups, g)
+                });
+                return PairScope {
+                    layers: l..l + 1,
+                    neurons,
+                };
             }
+            first += pairs;
         }
-        0..self.layer_sigmas.len()
+        PairScope {
+            layers: 0..self.layer_sigmas.len(),
+            neurons: None,
+        }
+    }
+
+    /// Whether pair `index` can start from θ's [`Prefix`] instead of the first layer.
+    fn uses_prefix(&self, index: u32) -> bool {
+        let scope = self.scope(index);
+        scope.layers.start > 0 || scope.neurons.is_some()
     }
 }
 
-/// A range of θ and the range of pairs whose noise moves it (see [`EsConfig::segments`]).
+/// Layer `l`'s parameters: `buffer`'s where the layer is `perturbed`, else `theta`'s.
+fn layer_of<'a>(
+    layout: &ParamLayout,
+    perturbed: &Range<usize>,
+    buffer: &'a [f32],
+    theta: &'a [f32],
+    l: usize,
+) -> &'a [f32] {
+    let source = if perturbed.contains(&l) {
+        buffer
+    } else {
+        theta
+    };
+    &source[layer_range(layout, l)]
+}
+
+/// `θ + σε` and `θ − σε` of pair `index` as whole parameter vectors: what
+/// [`Evaluator::evaluate_pair`] evaluates, written out.
+pub fn pair_vectors(
+    theta: &[f32],
+    eps: &[f32],
+    perturbation: &Perturbation,
+    layout: &ParamLayout,
+    index: u32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut plus, mut minus) = (theta.to_vec(), theta.to_vec());
+    for (l, r) in scope_ranges(layout, &perturbation.scope(index)) {
+        let sigma = perturbation.layer_sigmas[l];
+        perturb(
+            &theta[r.clone()],
+            &eps[r.clone()],
+            sigma,
+            &mut plus[r.clone()],
+            &mut minus[r],
+        );
+    }
+    (plus, minus)
+}
+
+/// Ranges of θ and the range of pairs whose noise moves them (see [`EsConfig::segments`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segment {
-    pub params: Range<usize>,
+    pub params: Vec<Range<usize>>,
     pub pairs: Range<usize>,
 }
 
@@ -373,8 +555,8 @@ pub struct Evaluator {
     plus: Vec<f32>,
     minus: Vec<f32>,
     noise_scratch: Vec<f32>,
-    /// Stands in for a prefix when a pass starts at layer 1.
-    empty_prefix: Prefix,
+    /// θ's prefix when a pair that needs one comes without it.
+    own_prefix: Prefix,
 }
 
 impl Evaluator {
@@ -387,7 +569,7 @@ impl Evaluator {
             plus: vec![0.0; dim],
             minus: vec![0.0; dim],
             noise_scratch: Vec::new(),
-            empty_prefix: Prefix::new(),
+            own_prefix: Prefix::new(),
         })
     }
 
@@ -396,11 +578,12 @@ impl Evaluator {
     }
 
     /// Fitness of `θ + σε_i` and `θ − σε_i` on `batch`, with `σ` per layer, where `ε_i` is
-    /// zero outside the layers pair `i` perturbs ([`Perturbation::layers_of`]).
+    /// zero outside what pair `i` perturbs ([`Perturbation::scope`]): the fitnesses of
+    /// [`pair_vectors`].
     ///
     /// `prefix`, if given, must be θ's prefix on `batch` ([`Forward::prefix`]): a pair that
-    /// leaves the first layers alone then starts after them. The fitnesses are the same bits
-    /// either way.
+    /// leaves the first layers alone then starts after them, and a pair of a neuron group runs
+    /// only the group's neurons of its layer. The fitnesses are the same bits either way.
     pub fn evaluate_pair(
         &mut self,
         theta: &[f32],
@@ -410,51 +593,76 @@ impl Evaluator {
         prefix: Option<&Prefix>,
         batch: &Batch,
     ) -> Result<PairResult, NoiseError> {
-        let perturbed = perturbation.layers_of(key.index);
+        let scope = perturbation.scope(key.index);
         let dim = self.layout.len();
         assert_eq!(theta.len(), dim, "parameter vector length");
         if matches!(noise, NoiseSource::Stream) && self.noise_scratch.len() < dim {
             self.noise_scratch.resize(dim, 0.0);
         }
         let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
-        for l in perturbed.clone() {
-            let range = layer_range(&self.layout, l);
-            perturb(
-                &theta[range.clone()],
-                &eps[range.clone()],
-                perturbation.layer_sigmas[l],
-                &mut self.plus[range.clone()],
-                &mut self.minus[range],
-            );
-        }
-        let (start, prefix) = match prefix {
-            Some(prefix) if perturbed.start > 0 => (perturbed.start, prefix),
-            _ => (0, &self.empty_prefix),
+        let prefix = match prefix {
+            _ if !perturbation.uses_prefix(key.index) => None,
+            Some(prefix) => Some(prefix),
+            None => {
+                self.forward.prefix(theta, batch, &mut self.own_prefix);
+                Some(&self.own_prefix)
+            }
         };
-        let layout = &self.layout;
-        let (plus_buffer, minus_buffer) = (&self.plus[..], &self.minus[..]);
-        let plus_params = |l: usize| {
-            let source = if perturbed.contains(&l) {
-                plus_buffer
-            } else {
-                theta
-            };
-            &source[layer_range(layout, l)]
+        let (plus, minus) = match (&scope.neurons, prefix) {
+            (Some(neurons), Some(prefix)) => {
+                // The group's weights and biases, packed `fan_in × width` then `width`.
+                let l = scope.layers.start;
+                let sigma = perturbation.layer_sigmas[l];
+                let layer = &self.layout.layers()[l];
+                let mut packed = 0;
+                for r in group_ranges(layer, neurons.clone()) {
+                    let to = packed..packed + r.len();
+                    perturb(
+                        &theta[r.clone()],
+                        &eps[r],
+                        sigma,
+                        &mut self.plus[to.clone()],
+                        &mut self.minus[to.clone()],
+                    );
+                    packed = to.end;
+                }
+                let weights = layer.fan_in * neurons.len();
+                let forward = &mut self.forward;
+                let mut run = |params: &[f32]| {
+                    let group = NeuronGroup {
+                        layer: l,
+                        neurons: neurons.clone(),
+                        weights: &params[..weights],
+                        bias: &params[weights..packed],
+                    };
+                    forward.evaluate_group(theta, group, prefix, batch)
+                };
+                (run(&self.plus), run(&self.minus))
+            }
+            _ => {
+                let perturbed = scope.layers;
+                for l in perturbed.clone() {
+                    let range = layer_range(&self.layout, l);
+                    perturb(
+                        &theta[range.clone()],
+                        &eps[range.clone()],
+                        perturbation.layer_sigmas[l],
+                        &mut self.plus[range.clone()],
+                        &mut self.minus[range],
+                    );
+                }
+                let start = if prefix.is_some() { perturbed.start } else { 0 };
+                let prefix = prefix.unwrap_or(&self.own_prefix);
+                let layout = &self.layout;
+                let (plus_buffer, minus_buffer) = (&self.plus[..], &self.minus[..]);
+                let forward = &mut self.forward;
+                let mut run = |buffer: &[f32]| {
+                    let params = |l| layer_of(layout, &perturbed, buffer, theta, l);
+                    forward.evaluate_from(&params, start, prefix, batch)
+                };
+                (run(plus_buffer), run(minus_buffer))
+            }
         };
-        let minus_params = |l: usize| {
-            let source = if perturbed.contains(&l) {
-                minus_buffer
-            } else {
-                theta
-            };
-            &source[layer_range(layout, l)]
-        };
-        let plus = self
-            .forward
-            .evaluate_from(&plus_params, start, prefix, batch);
-        let minus = self
-            .forward
-            .evaluate_from(&minus_params, start, prefix, batch);
         Ok(PairResult {
             index: key.index,
             plus,
@@ -539,42 +747,31 @@ pub fn golden_task(
     es.validate_for(net)?;
     train.validate(net)?;
     let theta = init_params(net, run_seed);
-    let mut evaluator = Evaluator::new(net.clone(), kernel)?;
-    // Materialise θ₀ ± σε exactly as a worker's evaluation does, then keep the logits of each.
-    evaluate_index(
-        &mut evaluator,
-        es,
+    let layout = ParamLayout::new(net);
+    let key = NoiseKey {
         run_seed,
-        noise,
-        train,
-        &theta,
         generation,
         index,
-    )?;
+    };
+    let mut scratch = Vec::new();
+    if matches!(noise, NoiseSource::Stream) {
+        scratch.resize(layout.len(), 0.0);
+    }
+    let eps = noise.perturbation(key, layout.len(), &mut scratch)?;
+    // θ₀ ± σε written out, with the same operations as a worker's evaluation.
+    let perturbation = es.perturbation(net, generation);
+    let (plus, minus) = pair_vectors(&theta, eps, &perturbation, &layout, index);
     let batch = generation_batch(net.inputs, es.batch_size, run_seed, train, generation);
     let classes = net.outputs;
+    let forward = &mut Forward::new(net.clone(), kernel)?;
     let run = |params: &[f32], forward: &mut Forward| {
         let logits = forward.logits(params, &batch).to_vec();
         let evaluation = Evaluation::from_logits(&logits, batch.labels(), classes);
         GoldenRun { evaluation, logits }
     };
-    let Evaluator {
-        forward,
-        layout,
-        plus,
-        minus,
-        ..
-    } = &mut evaluator;
-    // The evaluator wrote only the perturbed layers; the others are θ's.
-    let perturbed = es.perturbation(net, generation).layers_of(index);
-    for l in (0..net.layers()).filter(|l| !perturbed.contains(l)) {
-        let range = layer_range(layout, l);
-        plus[range.clone()].copy_from_slice(&theta[range.clone()]);
-        minus[range.clone()].copy_from_slice(&theta[range]);
-    }
     let center = run(&theta, forward);
-    let plus = run(plus, forward);
-    let minus = run(minus, forward);
+    let plus = run(&plus, forward);
+    let minus = run(&minus, forward);
     Ok([center, plus, minus])
 }
 
@@ -615,7 +812,7 @@ impl EvalPool {
         batch: &Batch,
         indices: Range<u32>,
     ) -> Result<Vec<PairResult>, NoiseError> {
-        let prefix = if indices.clone().any(|i| perturbation.layers_of(i).start > 0) {
+        let prefix = if indices.clone().any(|i| perturbation.uses_prefix(i)) {
             self.evaluators[0]
                 .forward
                 .prefix(theta, batch, &mut self.prefix);
@@ -778,12 +975,12 @@ pub fn apply_update(
     es.validate_for(net)?;
     let layout = ParamLayout::new(net);
     let segments = es.segments(&layout);
-    // Each segment's pairs are ranked among themselves: perturbing different layers moves
-    // the loss by different amounts, and one layer's pairs must not outrank another's.
+    // Each layer's pairs are ranked among themselves: perturbing different layers moves the
+    // loss by different amounts, and one layer's pairs must not outrank another's.
     let mut weights = Vec::with_capacity(pairs.len());
-    for segment in &segments {
-        if !segment.pairs.is_empty() {
-            weights.extend(rank_weights(&pairs[segment.pairs.clone()])?);
+    for layer_pairs in es.layer_pairs() {
+        if !layer_pairs.is_empty() {
+            weights.extend(rank_weights(&pairs[layer_pairs])?);
         }
     }
     let t = state.generation;
@@ -799,20 +996,20 @@ pub fn apply_update(
             let windows: Vec<&[f32]> = (0..pairs.len())
                 .map(|i| noise.perturbation(keys(i), dim, &mut []))
                 .collect::<Result<_, _>>()?;
-            for segment in &segments {
-                let (params, pairs) = (segment.params.clone(), segment.pairs.clone());
-                for_blocks(&mut g[params.clone()], threads, |start, g| {
-                    let at = params.start + start;
-                    let slices: Vec<&[f32]> =
-                        windows[pairs.clone()].iter().map(|w| &w[at..]).collect();
-                    accumulate_weighted(g, &weights[pairs.clone()], &slices);
-                });
-            }
+            for_pieces(&mut pieces(&mut g, &segments), threads, |piece| {
+                let pairs = piece.pairs.clone();
+                let slices: Vec<&[f32]> = windows[pairs.clone()]
+                    .iter()
+                    .map(|w| &w[piece.at..])
+                    .collect();
+                accumulate_weighted(piece.g, &weights[pairs], &slices);
+            });
         }
         NoiseSource::Stream => {
             // Regenerate ε in groups (in parallel), then add each group in index order.
             let group = threads.max(1) * 2;
             let mut buffers = vec![vec![0.0f32; dim]; group];
+            let mut pieces = pieces(&mut g, &segments);
             for first in (0..pairs.len()).step_by(group) {
                 let count = group.min(pairs.len() - first);
                 std::thread::scope(|scope| {
@@ -829,22 +1026,19 @@ pub fn apply_update(
                         .into_iter()
                         .try_for_each(|h| h.join().expect("noise generation does not panic"))
                 })?;
-                for segment in &segments {
-                    // The pairs of this group that move this segment, in index order.
-                    let from = segment.pairs.start.max(first);
-                    let to = segment.pairs.end.min(first + count);
-                    if from >= to {
-                        continue;
+                let buffers = &buffers;
+                for_pieces(&mut pieces, threads, |piece| {
+                    // The pairs of this group that move this piece, in index order.
+                    let from = piece.pairs.start.max(first);
+                    let to = piece.pairs.end.min(first + count);
+                    if from < to {
+                        let slices: Vec<&[f32]> = buffers[from - first..to - first]
+                            .iter()
+                            .map(|b| &b[piece.at..])
+                            .collect();
+                        accumulate_weighted(piece.g, &weights[from..to], &slices);
                     }
-                    let params = segment.params.clone();
-                    let w = &weights[from..to];
-                    let group_buffers = &buffers[from - first..to - first];
-                    for_blocks(&mut g[params.clone()], threads, |start, g| {
-                        let at = params.start + start;
-                        let slices: Vec<&[f32]> = group_buffers.iter().map(|b| &b[at..]).collect();
-                        accumulate_weighted(g, w, &slices);
-                    });
-                }
+                });
             }
         }
     }
@@ -860,12 +1054,7 @@ pub fn apply_update(
                 step_size: step.step_size * es.lr_multiplier(l),
                 ..step
             };
-            let pairs_of_layer = if es.layer_populations.is_empty() {
-                pairs.len()
-            } else {
-                es.layer_populations[l]
-            };
-            let two_p = (2 * pairs_of_layer.max(1)) as f32;
+            let two_p = (2 * es.pairs_per_parameter(l).max(1)) as f32;
             (layer.bias.end - layer.weights.start, scaled, two_p)
         })
         .collect();
@@ -884,21 +1073,51 @@ pub fn apply_update(
     })
 }
 
-/// Runs `f(start, block)` over `UPDATE_BLOCK`-sized blocks of `g` on `threads` threads.
-fn for_blocks(g: &mut [f32], threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let blocks: Vec<(usize, &mut [f32])> = g
-        .chunks_mut(UPDATE_BLOCK)
-        .enumerate()
-        .map(|(b, chunk)| (b * UPDATE_BLOCK, chunk))
+/// A piece of the gradient: `g` is θ's range starting at `at`, the weighted sum of the noise
+/// of `pairs`.
+struct Piece<'g> {
+    at: usize,
+    g: &'g mut [f32],
+    pairs: Range<usize>,
+}
+
+/// `g` cut into the segments' ranges (those with pairs), each in pieces of at most
+/// `UPDATE_BLOCK`, in θ's order.
+fn pieces<'g>(mut g: &'g mut [f32], segments: &[Segment]) -> Vec<Piece<'g>> {
+    let mut ranges: Vec<(Range<usize>, Range<usize>)> = segments
+        .iter()
+        .filter(|s| !s.pairs.is_empty())
+        .flat_map(|s| s.params.iter().map(|r| (r.clone(), s.pairs.clone())))
         .collect();
-    let queue = Mutex::new(blocks.into_iter());
+    ranges.sort_by_key(|(r, _)| r.start);
+    let mut pieces = Vec::new();
+    let mut offset = 0;
+    for (range, pairs) in ranges {
+        let rest = std::mem::take(&mut g);
+        let (_, rest) = rest.split_at_mut(range.start - offset);
+        let (this, rest) = rest.split_at_mut(range.len());
+        (g, offset) = (rest, range.end);
+        for (c, chunk) in this.chunks_mut(UPDATE_BLOCK).enumerate() {
+            pieces.push(Piece {
+                at: range.start + c * UPDATE_BLOCK,
+                g: chunk,
+                pairs: pairs.clone(),
+            });
+        }
+    }
+    pieces
+}
+
+/// Runs `f` on every piece on `threads` threads.
+fn for_pieces(pieces: &mut [Piece<'_>], threads: usize, f: impl Fn(&mut Piece<'_>) + Sync) {
+    let queue = Mutex::new(pieces.iter_mut());
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 loop {
                     let next = queue.lock().expect("no panics while locked").next();
                     match next {
-                        Some((start, block)) => f(start, block),
+                        Some(piece) => f(piece),
                         None => break,
                     }
                 }
@@ -1176,6 +1395,11 @@ mod tests {
         training_is_independent_of_thread_count_and_learns_with(small_layered());
     }
 
+    #[test]
+    fn training_with_neuron_groups_is_independent_of_thread_count_and_learns() {
+        training_is_independent_of_thread_count_and_learns_with(small_grouped());
+    }
+
     fn training_is_independent_of_thread_count_and_learns_with(
         (net, es, images, labels): (NetConfig, EsConfig, Vec<u8>, Vec<u8>),
     ) {
@@ -1223,7 +1447,7 @@ mod tests {
 
     #[test]
     fn stream_noise_is_thread_independent_too() {
-        for (net, es, images, labels) in [small(), small_layered()] {
+        for (net, es, images, labels) in [small(), small_layered(), small_grouped()] {
             stream_noise_is_thread_independent_with(net, es, images, labels);
         }
     }
@@ -1309,67 +1533,164 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn each_pair_moves_its_own_layer_and_the_prefix_changes_no_bit() {
-        let (net, es, images, labels) = small_layered();
-        let data = Dataset {
-            images: &images,
-            labels: &labels,
+    /// `small()` with 12, 8 and 4 pairs per layer and neuron groups: 3 groups of 8 neurons (4
+    /// pairs each) in layer 1, 4 of 6 neurons (2 pairs each) in layer 2, and 2 of 1 neuron (2
+    /// pairs each) in layer 3.
+    fn small_grouped() -> (NetConfig, EsConfig, Vec<u8>, Vec<u8>) {
+        let (net, es, images, labels) = small();
+        let es = EsConfig {
+            layer_populations: vec![12, 8, 4],
+            neuron_groups: vec![3, 4, 2],
+            ..es
         };
-        let noise = table_for(&net);
-        let theta = init_params(&net, 3);
-        let perturbation = es.perturbation(&net, 2);
-        let layers: Vec<_> = (0..24).map(|i| perturbation.layers_of(i)).collect();
-        assert_eq!(
-            (layers[0].clone(), layers[9].clone(), layers[10].clone()),
-            (0..1, 0..1, 1..2)
-        );
-        assert_eq!((layers[17].clone(), layers[18].clone()), (1..2, 2..3));
-        let batch = generation_batch(net.inputs, es.batch_size, 3, data, 2);
-        // The pool starts pairs of layers 2 and 3 from θ's prefix.
-        let mut pool = EvalPool::new(&net, Kernel::Portable, 2).unwrap();
-        let pooled = pool
-            .evaluate(&theta, &noise, 3, 2, &perturbation, &batch, 0..24)
-            .unwrap();
-        let mut evaluator = Evaluator::new(net.clone(), Kernel::Portable).unwrap();
-        let mut forward = Forward::new(net.clone(), Kernel::Portable).unwrap();
-        let layout = ParamLayout::new(&net);
-        for (got, layers) in pooled.iter().zip(layers) {
-            let key = NoiseKey {
-                run_seed: 3,
-                generation: 2,
-                index: got.index,
+        (net, es, images, labels)
+    }
+
+    #[test]
+    fn pairs_are_assigned_to_layers_and_neuron_groups_in_index_order() {
+        let (net, es, ..) = small_layered();
+        let scope = |es: &EsConfig, i| es.perturbation(&net, 0).scope(i);
+        let layer = |layers, neurons| PairScope { layers, neurons };
+        assert_eq!(scope(&es, 0), layer(0..1, None));
+        assert_eq!(scope(&es, 9), layer(0..1, None));
+        assert_eq!(scope(&es, 10), layer(1..2, None));
+        assert_eq!(scope(&es, 17), layer(1..2, None));
+        assert_eq!(scope(&es, 18), layer(2..3, None));
+        assert_eq!(scope(&small().1, 18), layer(0..3, None));
+        let (_, es, ..) = small_grouped();
+        assert_eq!(scope(&es, 0), layer(0..1, Some(0..8)));
+        assert_eq!(scope(&es, 5), layer(0..1, Some(8..16)));
+        assert_eq!(scope(&es, 11), layer(0..1, Some(16..24)));
+        assert_eq!(scope(&es, 12), layer(1..2, Some(0..6)));
+        assert_eq!(scope(&es, 19), layer(1..2, Some(18..24)));
+        assert_eq!(scope(&es, 21), layer(2..3, Some(0..1)));
+        assert_eq!(scope(&es, 22), layer(2..3, Some(1..2)));
+    }
+
+    #[test]
+    fn each_pair_moves_its_own_parameters_and_the_prefix_changes_no_bit() {
+        for (net, es, images, labels) in [small_layered(), small_grouped()] {
+            let data = Dataset {
+                images: &images,
+                labels: &labels,
             };
-            let alone = evaluator
-                .evaluate_pair(&theta, &noise, key, &perturbation, None, &batch)
+            let noise = table_for(&net);
+            let theta = init_params(&net, 3);
+            let perturbation = es.perturbation(&net, 2);
+            let batch = generation_batch(net.inputs, es.batch_size, 3, data, 2);
+            // The pool starts pairs past layer 1, and groups, from θ's prefix.
+            let mut pool = EvalPool::new(&net, Kernel::Portable, 2).unwrap();
+            let pooled = pool
+                .evaluate(&theta, &noise, 3, 2, &perturbation, &batch, 0..24)
                 .unwrap();
-            assert_eq!(alone, *got, "pair {} without the prefix", got.index);
-            // θ ± σε on the pair's layer, θ elsewhere, through the plain forward pass.
-            let eps = noise.perturbation(key, layout.len(), &mut []).unwrap();
-            let (mut plus, mut minus) = (theta.clone(), theta.clone());
-            for l in layers {
-                let r = layer_range(&layout, l);
-                let sigma = perturbation.layer_sigmas[l];
-                perturb(
-                    &theta[r.clone()],
-                    &eps[r.clone()],
-                    sigma,
-                    &mut plus[r.clone()],
-                    &mut minus[r],
+            let mut evaluator = Evaluator::new(net.clone(), Kernel::Portable).unwrap();
+            let mut forward = Forward::new(net.clone(), Kernel::Portable).unwrap();
+            let layout = ParamLayout::new(&net);
+            for got in &pooled {
+                let i = got.index;
+                let key = NoiseKey {
+                    run_seed: 3,
+                    generation: 2,
+                    index: i,
+                };
+                let alone = evaluator
+                    .evaluate_pair(&theta, &noise, key, &perturbation, None, &batch)
+                    .unwrap();
+                assert_eq!(alone, *got, "pair {i} without the prefix");
+                // θ ± σε on the pair's parameters, θ elsewhere, written out parameter by
+                // parameter and run through the plain forward pass.
+                let scope = perturbation.scope(i);
+                let eps = noise.perturbation(key, layout.len(), &mut []).unwrap();
+                let (mut plus, mut minus) = (theta.clone(), theta.clone());
+                for l in scope.layers.clone() {
+                    let layer = &layout.layers()[l];
+                    let neurons = scope.neurons.clone().unwrap_or(0..layer.fan_out);
+                    let sigma = perturbation.layer_sigmas[l];
+                    let weights = (0..layer.fan_in).flat_map(|k| {
+                        neurons
+                            .clone()
+                            .map(move |j| layer.weights.start + k * layer.fan_out + j)
+                    });
+                    let biases = neurons.clone().map(|j| layer.bias.start + j);
+                    for p in weights.chain(biases) {
+                        let step = sigma * eps[p];
+                        (plus[p], minus[p]) = (theta[p] + step, theta[p] - step);
+                    }
+                }
+                let changed = plus.iter().zip(&theta).filter(|(a, b)| a != b).count();
+                assert!(changed > 0, "pair {i} perturbs nothing");
+                assert_eq!(
+                    pair_vectors(&theta, eps, &perturbation, &layout, i),
+                    (plus.clone(), minus.clone()),
+                    "pair {i}: pair_vectors"
                 );
+                assert_eq!(forward.evaluate(&plus, &batch), got.plus, "pair {i}");
+                assert_eq!(forward.evaluate(&minus, &batch), got.minus, "pair {i}");
             }
-            assert_eq!(
-                forward.evaluate(&plus, &batch),
-                got.plus,
-                "pair {}",
-                got.index
+        }
+    }
+
+    #[test]
+    fn neuron_groups_must_fit_their_layers_and_pairs() {
+        let (net, es, ..) = small_grouped();
+        let with = |layer_populations: Vec<usize>, neuron_groups: Vec<usize>| {
+            EsConfig {
+                layer_populations,
+                neuron_groups,
+                ..es.clone()
+            }
+            .validate_for(&net)
+        };
+        with(vec![12, 8, 4], vec![3, 4, 2]).unwrap();
+        with(vec![12, 8, 4], vec![1, 1, 1]).unwrap();
+        assert_eq!(
+            with(Vec::new(), vec![3, 4, 2]).unwrap_err().to_string(),
+            "neuron groups [3, 4, 2] need layer populations: expected one population per layer too"
+        );
+        assert_eq!(
+            with(vec![12, 8, 4], vec![3, 4]).unwrap_err().to_string(),
+            "2 neuron groups for 3 layers: expected one per layer (or none)"
+        );
+        for (groups, layer) in [(vec![5, 4, 2], 1), (vec![3, 0, 2], 2), (vec![3, 4, 4], 3)] {
+            let e = with(vec![12, 8, 4], groups).unwrap_err();
+            assert!(
+                matches!(e, TrainError::NeuronGroups { layer: l, .. } if l == layer),
+                "{e}"
             );
-            assert_eq!(
-                forward.evaluate(&minus, &batch),
-                got.minus,
-                "pair {}",
-                got.index
-            );
+        }
+        assert_eq!(
+            with(vec![12, 8, 4], vec![3, 4, 4]).unwrap_err().to_string(),
+            "layer 3 has 4 neuron groups: expected 1 to its 2 neurons, dividing its 4 pairs"
+        );
+    }
+
+    #[test]
+    fn a_neuron_group_whose_own_pairs_tie_does_not_move() {
+        let (net, es, ..) = small_grouped();
+        let mut state = EsState::new(&net, &es, 1);
+        let before = state.theta.clone();
+        // Pairs 12 and 13 perturb neurons 0..6 of layer 2 only: they tie, the others do not.
+        let pairs: Vec<PairFitness> = (0..24)
+            .map(|i| PairFitness {
+                plus: if i == 12 || i == 13 {
+                    -1.0
+                } else {
+                    -(i as f64)
+                },
+                minus: -1.0,
+            })
+            .collect();
+        apply_update(&mut state, &net, &es, &table_for(&net), 1, &pairs, 2).unwrap();
+        let layer = ParamLayout::new(&net).layers()[1].clone();
+        let moved = |p: usize| state.theta[p] != before[p];
+        for j in 0..layer.fan_out {
+            let params: Vec<usize> = (0..layer.fan_in)
+                .map(|k| layer.weights.start + k * layer.fan_out + j)
+                .chain([layer.bias.start + j])
+                .collect();
+            let moved = params.iter().filter(|&&p| moved(p)).count();
+            let want = if j < 6 { 0 } else { params.len() };
+            assert_eq!(moved, want, "neuron {j} of layer 2: parameters moved");
         }
     }
 

@@ -3,7 +3,7 @@
 //! [`Forward`] owns every buffer it needs, so after the first call with the largest batch it
 //! evaluates any number of parameter vectors without allocating.
 
-use crate::config::{ConfigError, NetConfig, ParamLayout};
+use crate::config::{Arithmetic, ConfigError, NetConfig, ParamLayout};
 use crate::float_env::with_float_env;
 use crate::kernels::Kernel;
 use crate::loss::Evaluation;
@@ -91,6 +91,8 @@ pub struct Forward {
     out_scales: Vec<f32>,
     rows: SparseRows,
     act: Vec<f32>,
+    /// A neuron group's outputs ([`Forward::evaluate_group`]).
+    group_act: Vec<f32>,
     scaled_bias: Vec<f32>,
     /// Fraction of nonzero inputs seen by each layer in the last call.
     density: Vec<f64>,
@@ -114,6 +116,7 @@ impl Forward {
             out_scales,
             rows: SparseRows::new(),
             act: Vec::new(),
+            group_act: Vec::new(),
             scaled_bias: Vec::new(),
             density: vec![0.0; layers],
         })
@@ -145,7 +148,7 @@ impl Forward {
         assert_eq!(batch.inputs, self.config.inputs, "batch width");
         let mode = self.config.arithmetic;
         with_float_env(mode, || {
-            self.run_layers(Params::Whole(params), 0, &batch.rows, None)
+            self.run_layers(Params::Whole(params), 0, Some(&batch.rows), None)
         });
         &self.act
     }
@@ -158,18 +161,19 @@ impl Forward {
         Evaluation::from_logits(logits, batch.labels(), classes)
     }
 
-    /// Runs `params` on `batch` and keeps what every layer after the first was given, so that
-    /// networks equal to `params` up to some layer can start there ([`Forward::evaluate_from`]).
+    /// Runs `params` on `batch` and keeps what every layer was given and gave, so that
+    /// networks equal to `params` up to some layer ([`Forward::evaluate_from`]), or in all but
+    /// some neurons of one layer ([`Forward::evaluate_group`]), can start there.
     pub fn prefix(&mut self, params: &[f32], batch: &Batch, prefix: &mut Prefix) {
         assert_eq!(params.len(), self.layout.len(), "parameter vector length");
         assert_eq!(batch.inputs, self.config.inputs, "batch width");
-        prefix
-            .inputs
-            .resize_with(self.layout.layers().len() - 1, SparseRows::new);
+        let layers = self.layout.layers().len();
+        prefix.inputs.resize_with(layers - 1, SparseRows::new);
+        prefix.outputs.resize_with(layers, Vec::new);
         prefix.samples = batch.len();
         let mode = self.config.arithmetic;
         with_float_env(mode, || {
-            self.run_layers(Params::Whole(params), 0, &batch.rows, Some(prefix))
+            self.run_layers(Params::Whole(params), 0, Some(&batch.rows), Some(prefix))
         });
     }
 
@@ -203,34 +207,115 @@ impl Forward {
         };
         let mode = self.config.arithmetic;
         with_float_env(mode, || {
-            self.run_layers(Params::Layers(layer_params), start, input, None)
+            self.run_layers(Params::Layers(layer_params), start, Some(input), None)
         });
         Evaluation::from_logits(&self.act, batch.labels(), self.config.outputs)
     }
 
-    /// Layers `start..` from `input` (layer `start`'s nonzero inputs), run inside the float
-    /// environment; keeps each later layer's input in `save`. Not inlined: see `float_env`.
+    /// Fitness and accuracy on `batch` of θ with `group`'s neurons changed: the network whose
+    /// parameters are `theta`'s except the incoming weights and biases of `group.neurons` in
+    /// layer `group.layer`, which are `group.weights` and `group.bias`. `prefix` must be θ's
+    /// on `batch` ([`Forward::prefix`]).
+    ///
+    /// Only the group's neurons of its layer and the layers after it are run: every other
+    /// neuron of the layer computes from the same inputs and parameters as in θ's pass, so its
+    /// output is θ's, which `prefix` kept. The result is bit for bit that of
+    /// [`Forward::evaluate`] on the whole changed vector.
+    ///
+    /// # Panics
+    /// If the group's shapes disagree with its layer, `theta` has the wrong length, or
+    /// `prefix` was not made on a batch of this batch's size.
+    pub fn evaluate_group(
+        &mut self,
+        theta: &[f32],
+        group: NeuronGroup<'_>,
+        prefix: &Prefix,
+        batch: &Batch,
+    ) -> Evaluation {
+        let layers = self.layout.layers();
+        assert!(group.layer < layers.len(), "group layer {}", group.layer);
+        let layer = &layers[group.layer];
+        let width = group.neurons.len();
+        assert!(
+            width > 0 && group.neurons.end <= layer.fan_out,
+            "neurons {:?} of a layer of {}",
+            group.neurons,
+            layer.fan_out
+        );
+        assert_eq!(group.weights.len(), layer.fan_in * width, "group weights");
+        assert_eq!(group.bias.len(), width, "group bias");
+        assert_eq!(theta.len(), self.layout.len(), "parameter vector length");
+        assert_eq!(batch.inputs, self.config.inputs, "batch width");
+        assert_eq!(prefix.samples, batch.len(), "prefix made on another batch");
+        let input = match group.layer {
+            0 => &batch.rows,
+            l => &prefix.inputs[l - 1],
+        };
+        let theta_output = &prefix.outputs[group.layer];
+        let mode = self.config.arithmetic;
+        with_float_env(mode, || self.run_group(theta, &group, input, theta_output));
+        Evaluation::from_logits(&self.act, batch.labels(), self.config.outputs)
+    }
+
+    /// The group's neurons from `input`, θ's other outputs of its layer, then the layers after
+    /// it, run inside the float environment. Not inlined: see `float_env`.
+    #[inline(never)]
+    fn run_group(
+        &mut self,
+        theta: &[f32],
+        group: &NeuronGroup<'_>,
+        input: &SparseRows,
+        theta_output: &[f32],
+    ) {
+        let l = group.layer;
+        let fan_out = self.layout.layers()[l].fan_out;
+        let width = group.neurons.len();
+        self.group_act.resize(input.samples() * width, 0.0);
+        self.kernel
+            .accumulate(input, group.weights, width, &mut self.group_act);
+        let mode = self.config.arithmetic;
+        let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
+        scale_bias(mode, group.bias, bias_scale, &mut self.scaled_bias);
+        epilogue(mode, &mut self.group_act, &self.scaled_bias, out_scale);
+        self.act.clear();
+        self.act.extend_from_slice(theta_output);
+        for (row, group_row) in self
+            .act
+            .chunks_exact_mut(fan_out)
+            .zip(self.group_act.chunks_exact(width))
+        {
+            row[group.neurons.clone()].copy_from_slice(group_row);
+        }
+        if l + 1 < self.layout.layers().len() {
+            self.run_layers(Params::Whole(theta), l + 1, None, None);
+        }
+    }
+
+    /// Layers `start..` from `input` (layer `start`'s nonzero inputs; `None`: the nonzeros of
+    /// the activations in `act`), run inside the float environment; keeps what each layer was
+    /// given and gave in `save`. Not inlined: see `float_env`.
     #[inline(never)]
     fn run_layers<'p>(
         &mut self,
         params: Params<'_, 'p>,
         start: usize,
-        input: &SparseRows,
+        input: Option<&SparseRows>,
         mut save: Option<&mut Prefix>,
     ) {
-        let samples = input.samples();
         let mode = self.config.arithmetic;
         let layers = self.layout.layers();
         for (l, layer) in layers.iter().enumerate().skip(start) {
-            let rows = if l == start {
-                input
-            } else {
-                self.rows.fill_from_dense(&self.act, layer.fan_in);
-                if let Some(prefix) = save.as_deref_mut() {
-                    prefix.inputs[l - 1].clone_from(&self.rows);
+            let rows = match input {
+                Some(input) if l == start => input,
+                _ => {
+                    self.rows.fill_from_dense(&self.act, layer.fan_in);
+                    if let Some(prefix) = save.as_deref_mut() {
+                        prefix.inputs[l - 1].clone_from(&self.rows);
+                    }
+                    &self.rows
                 }
-                &self.rows
             };
+            let samples = rows.samples();
             self.density[l] = rows.nonzeros() as f64 / (samples * layer.fan_in).max(1) as f64;
             let params = match params {
                 Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
@@ -244,21 +329,45 @@ impl Forward {
             );
             let (weights, bias) = params.split_at(n_weights);
             let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
-            self.scaled_bias.clear();
-            self.scaled_bias
-                .extend(bias.iter().map(|&b| epilogue_mul(mode, b, bias_scale)));
+            scale_bias(mode, bias, bias_scale, &mut self.scaled_bias);
             self.act.resize(samples * layer.fan_out, 0.0);
             self.kernel
                 .accumulate(rows, weights, layer.fan_out, &mut self.act);
-            // Bias add and scaling flush inputs and results in `ftz` and `seed` mode; in `ftz`
-            // mode the hardware already did, and flushing again is a no-op.
-            for out in self.act.chunks_exact_mut(layer.fan_out) {
-                for (v, &b) in out.iter_mut().zip(&self.scaled_bias) {
-                    *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
-                }
+            epilogue(mode, &mut self.act, &self.scaled_bias, out_scale);
+            if let Some(prefix) = save.as_deref_mut() {
+                prefix.outputs[l].clone_from(&self.act);
             }
         }
     }
+}
+
+/// `bias · 2^-e` of the layer's input scale, as the epilogue adds it.
+fn scale_bias(mode: Arithmetic, bias: &[f32], bias_scale: f32, scaled: &mut Vec<f32>) {
+    scaled.clear();
+    scaled.extend(bias.iter().map(|&b| epilogue_mul(mode, b, bias_scale)));
+}
+
+/// Each sample's sums (rows of `scaled_bias.len()`) plus the bias, times the output scale.
+/// Bias add and scaling flush inputs and results in `ftz` and `seed` mode; in `ftz` mode the
+/// hardware already did, and flushing again is a no-op.
+fn epilogue(mode: Arithmetic, act: &mut [f32], scaled_bias: &[f32], out_scale: f32) {
+    for out in act.chunks_exact_mut(scaled_bias.len()) {
+        for (v, &b) in out.iter_mut().zip(scaled_bias) {
+            *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+        }
+    }
+}
+
+/// Some neurons of one layer with incoming weights and biases of their own
+/// ([`Forward::evaluate_group`]).
+#[derive(Clone, Debug)]
+pub struct NeuronGroup<'a> {
+    pub layer: usize,
+    /// The neurons (outputs) of the layer, a range of `0..fan_out`.
+    pub neurons: std::ops::Range<usize>,
+    /// `fan_in × neurons.len()`, input-major like the layer's weights.
+    pub weights: &'a [f32],
+    pub bias: &'a [f32],
 }
 
 /// Where [`Forward::run_layers`] finds each layer's weights and bias.
@@ -276,13 +385,16 @@ pub fn layer_range(layout: &ParamLayout, l: usize) -> std::ops::Range<usize> {
     layer.weights.start..layer.bias.end
 }
 
-/// What each layer after the first is given when one parameter vector runs on one batch
-/// (made by [`Forward::prefix`]). A generation evaluates hundreds of networks that differ from
-/// θ only from some layer on; they all start from θ's prefix instead of recomputing it.
+/// What each layer is given and gives when one parameter vector runs on one batch (made by
+/// [`Forward::prefix`]). A generation evaluates hundreds of networks that differ from θ only
+/// from some layer on, or only in some neurons; they all start from θ's prefix instead of
+/// recomputing it.
 #[derive(Clone, Debug, Default)]
 pub struct Prefix {
     /// `inputs[l - 1]`: the nonzero inputs of layer `l`.
     inputs: Vec<SparseRows>,
+    /// `outputs[l]`: layer `l`'s activations, `samples × fan_out` (the last: the logits).
+    outputs: Vec<Vec<f32>>,
     samples: usize,
 }
 

@@ -185,6 +185,7 @@ impl From<&EsConfig> for pb::EsSpec {
             sigma_schedule: Some(es.sigma_schedule.into()),
             sigma_multipliers: es.sigma_multipliers.clone(),
             layer_populations: es.layer_populations.iter().map(|&p| p as u64).collect(),
+            neuron_groups: es.neuron_groups.iter().map(|&g| g as u64).collect(),
         }
     }
 }
@@ -215,6 +216,11 @@ impl TryFrom<pb::EsSpec> for EsConfig {
                 .layer_populations
                 .into_iter()
                 .map(|p| to_usize("es.layer_populations", p))
+                .collect::<Result<_, _>>()?,
+            neuron_groups: m
+                .neuron_groups
+                .into_iter()
+                .map(|g| to_usize("es.neuron_groups", g))
                 .collect::<Result<_, _>>()?,
             ..EsConfig::default()
         };
@@ -375,6 +381,7 @@ mod tests {
                 },
                 sigma_multipliers: vec![1.0, 0.5, 2.0],
                 layer_populations: vec![100, 150, 50],
+                neuron_groups: vec![4, 15, 2],
                 ..EsConfig::default()
             },
             noise: NoiseSpec::Table {
@@ -409,6 +416,7 @@ mod tests {
             let es = EsConfig {
                 sigma_multipliers: Vec::new(),
                 layer_populations: Vec::new(),
+                neuron_groups: Vec::new(),
                 ..spec.es.clone()
             };
             let s = RunSpec {
@@ -679,7 +687,7 @@ mod tests {
 
     #[test]
     fn bad_hyperparameters_are_refused() {
-        let cases: [Breaker<pb::EsSpec>; 9] = [
+        let cases: [Breaker<pb::EsSpec>; 13] = [
             |es| es.population = 0,
             |es| es.population = 1 << 24 | 1,
             |es| es.batch_size = 0,
@@ -690,6 +698,15 @@ mod tests {
             |es| es.layer_populations = vec![100, 200],
             |es| es.layer_populations = vec![100, 100, 99],
             |es| es.layer_populations = vec![u64::MAX, 2, 1],
+            // Neuron groups: one per layer, each dividing its layer's pairs, at most its
+            // neurons, and only with layer populations.
+            |es| es.neuron_groups = vec![4, 15],
+            |es| es.neuron_groups = vec![4, 7, 2],
+            |es| es.neuron_groups = vec![4, 15, 25],
+            |es| {
+                es.layer_populations = Vec::new();
+                es.neuron_groups = vec![1, 1, 1];
+            },
         ];
         for break_it in cases {
             let mut m = wire();

@@ -168,6 +168,11 @@ struct Cli {
     /// every layer).
     #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     layer_populations: Option<Vec<usize>>,
+    /// Per layer, the groups its neurons are split into, comma-separated (with
+    /// --layer-populations; each divides its layer's pairs): a pair then perturbs one group's
+    /// incoming weights and biases, and costs that share of its layer (default: all 1).
+    #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
+    neuron_groups: Option<Vec<usize>>,
     /// Per-hidden-layer scale exponents, comma-separated (e.g. 125,125).
     #[arg(help_heading = "Run settings", long, value_delimiter = ',')]
     scale_exponents: Option<Vec<i32>>,
@@ -249,6 +254,7 @@ const RUN_SETTINGS: &[&str] = &[
     "sigma_multipliers",
     "lr_multipliers",
     "layer_populations",
+    "neuron_groups",
     "scale_exponents",
     "output_exponent",
     "noise",
@@ -278,6 +284,7 @@ impl Cli {
              mode => mode, init_multipliers => init_multipliers,
              scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
              lr_multipliers => lr_multipliers, layer_populations => layer_populations,
+             neuron_groups => neuron_groups,
              noise_table_len => noise_table_len);
         self.set_operational(&mut c);
         if let Some(noise) = self.noise {

@@ -382,3 +382,58 @@ fn a_pass_started_from_a_prefix_matches_the_reference_in_every_mode_and_kernel()
         }
     }
 }
+
+#[test]
+fn a_neuron_group_evaluated_alone_matches_the_reference_in_every_mode_and_kernel() {
+    use crate::forward::{NeuronGroup, Prefix};
+    use crate::loss::Evaluation;
+    let mut rng = TestRng::new(5);
+    for mode in [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee] {
+        let config = small_config(mode);
+        let layout = ParamLayout::new(&config);
+        for kernel in Kernel::supported() {
+            let mut forward = Forward::new(config.clone(), kernel).unwrap();
+            let mut prefix = Prefix::new();
+            for samples in [1, 4, 17] {
+                let pixels = rng.pixels(samples * config.inputs, 0.8);
+                let labels: Vec<u8> = (0..samples).map(|i| (i % 10) as u8).collect();
+                let batch = Batch::from_images(config.inputs, &pixels, &labels);
+                let theta = random_params(&config, &mut rng);
+                let other = random_params(&config, &mut rng);
+                forward.prefix(&theta, &batch, &mut prefix);
+                for (l, layer) in layout.layers().iter().enumerate() {
+                    let n = layer.fan_out;
+                    // The first neuron, the last, and a random range between.
+                    let a = (rng.next_u64() as usize) % n;
+                    let b = a + 1 + (rng.next_u64() as usize) % (n - a);
+                    for neurons in [0..1, n - 1..n, a..b, 0..n] {
+                        let width = neurons.len();
+                        let mut weights = Vec::with_capacity(layer.fan_in * width);
+                        let mut changed = theta.clone();
+                        for k in 0..layer.fan_in {
+                            let row = layer.weights.start + k * n;
+                            let cols = row + neurons.start..row + neurons.end;
+                            weights.extend_from_slice(&other[cols.clone()]);
+                            changed[cols.clone()].copy_from_slice(&other[cols]);
+                        }
+                        let cols = layer.bias.start + neurons.start..layer.bias.start + neurons.end;
+                        changed[cols.clone()].copy_from_slice(&other[cols.clone()]);
+                        let group = NeuronGroup {
+                            layer: l,
+                            neurons: neurons.clone(),
+                            weights: &weights,
+                            bias: &other[cols],
+                        };
+                        let mut want = vec![f32::NAN; samples * config.outputs];
+                        reference::forward(&config, &changed, &pixels, &mut want);
+                        let want = Evaluation::from_logits(&want, &labels, config.outputs);
+                        let got = forward.evaluate_group(&theta, group, &prefix, &batch);
+                        let what =
+                            format!("{kernel} {mode} samples={samples} layer={l} {neurons:?}");
+                        assert_eq!(got, want, "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
