@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Test accuracy against wall time for every run under docs/results/, as one SVG.
 
-    scripts/plot-results.py [RESULTS_DIR] [OUT.svg]
+    scripts/plot-results.py [--generations] [RESULTS_DIR] [OUT.svg]
+
+With --generations the x axis is the generation instead: θ does not depend on the machine's
+load, so runs that shared the cores compare fairly there.
 
 Reads each run's metrics.jsonl (the lines that carry `test_accuracy`) and summary.json (the
 final accuracy, at the run's end), and draws one line per run. Standard library only, so it
@@ -11,8 +14,19 @@ import json
 import os
 import sys
 
-results = sys.argv[1] if len(sys.argv) > 1 else "docs/results"
-out_path = sys.argv[2] if len(sys.argv) > 2 else os.path.join(results, "accuracy-vs-time.svg")
+args = sys.argv[1:]
+by_generation = "--generations" in args
+args = [a for a in args if a != "--generations"]
+results = args[0] if args else "docs/results"
+default_name = "accuracy-vs-generation.svg" if by_generation else "accuracy-vs-time.svg"
+out_path = args[1] if len(args) > 1 else os.path.join(results, default_name)
+
+
+def x_of(d):
+    """Thousands of generations, or minutes."""
+    return d["generations" if "generations" in d else "generation"] / 1000.0 if by_generation \
+        else d["wall_secs"] / 60.0
+
 
 runs = []
 for name in sorted(os.listdir(results)):
@@ -24,11 +38,13 @@ for name in sorted(os.listdir(results)):
         for line in f:
             d = json.loads(line)
             if "test_accuracy" in d:
-                points.append((d["wall_secs"] / 60.0, d["test_accuracy"] * 100.0))
+                # A test line is written after generation g's update: g + 1 generations done.
+                d = dict(d, generation=d["generation"] + 1)
+                points.append((x_of(d), d["test_accuracy"] * 100.0))
     summary = os.path.join(results, name, "summary.json")
     if os.path.isfile(summary):
         s = json.load(open(summary))
-        points.append((s["wall_secs"] / 60.0, s["test_accuracy"] * 100.0))
+        points.append((x_of(s), s["test_accuracy"] * 100.0))
     if points:
         runs.append((name, sorted(points)))
 
@@ -39,7 +55,8 @@ W, H = 860, 520
 left, right, top, bottom = 70, 250, 30, 60
 pw, ph = W - left - right, H - top - bottom
 x_max = max(p[0] for _, pts in runs for p in pts)
-x_max = max(10.0, (int(x_max / 10) + 1) * 10)
+unit = 1 if by_generation else 10
+x_max = max(unit, (int(x_max / unit) + 1) * unit)
 y_min, y_max = 50.0, 100.0
 
 
@@ -61,7 +78,7 @@ for y in range(int(y_min), int(y_max) + 1, 5):
     svg.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
                f'stroke="#ddd"/>')
     svg.append(f'<text x="{left - 8}" y="{sy(y) + 4:.1f}" text-anchor="end">{y}%</text>')
-step = 10 if x_max <= 120 else 20
+step = (1 if x_max <= 12 else 2) if by_generation else (10 if x_max <= 120 else 20)
 for x in range(0, int(x_max) + 1, step):
     svg.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{top + ph}" '
                f'stroke="#eee"/>')
@@ -72,8 +89,9 @@ for target, label, dy in ((96.7, "seed: 96.7%", 15), (98.0, "98%", -5)):
                f'y2="{sy(target):.1f}" stroke="#444" stroke-dasharray="6,4"/>')
     svg.append(f'<text x="{left + 6}" y="{sy(target) + dy:.1f}" fill="#444">{label}</text>')
 svg.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#000"/>')
-svg.append(f'<text x="{left + pw / 2}" y="{H - 15}" text-anchor="middle">'
-           f'wall time (minutes, this machine: 2 cores)</text>')
+x_label = "thousands of generations" if by_generation else \
+    "wall time (minutes, this machine: 2 cores)"
+svg.append(f'<text x="{left + pw / 2}" y="{H - 15}" text-anchor="middle">{x_label}</text>')
 svg.append(f'<text transform="translate(18,{top + ph / 2}) rotate(-90)" '
            f'text-anchor="middle">MNIST test accuracy</text>')
 for i, (name, pts) in enumerate(runs):
