@@ -337,63 +337,37 @@ fn kernel_names_and_env_switch() {
     assert!(Kernel::supported().contains(&Kernel::detect().unwrap_or(Kernel::Portable)));
 }
 
-#[test]
-fn a_pass_started_from_a_prefix_matches_the_reference_in_every_mode_and_kernel() {
-    use crate::forward::{Prefix, layer_range};
-    use crate::loss::Evaluation;
-    let mut rng = TestRng::new(4);
-    for mode in [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee] {
-        let config = small_config(mode);
-        let layout = ParamLayout::new(&config);
-        for kernel in Kernel::supported() {
-            let mut forward = Forward::new(config.clone(), kernel).unwrap();
-            let mut prefix = Prefix::new();
-            for samples in [1, 4, 17] {
-                let pixels = rng.pixels(samples * config.inputs, 0.8);
-                let labels: Vec<u8> = (0..samples).map(|i| (i % 10) as u8).collect();
-                let batch = Batch::from_images(config.inputs, &pixels, &labels);
-                let (theta, other) = (
-                    random_params(&config, &mut rng),
-                    random_params(&config, &mut rng),
-                );
-                forward.prefix(&theta, &batch, &mut prefix);
-                for start in 0..config.layers() {
-                    // θ's layers before `start`, the other vector's from it on.
-                    let source = |l: usize| if l < start { &theta } else { &other };
-                    let mut mixed = theta.clone();
-                    for l in start..config.layers() {
-                        let range = layer_range(&layout, l);
-                        mixed[range.clone()].copy_from_slice(&other[range]);
-                    }
-                    let mut want = vec![f32::NAN; samples * config.outputs];
-                    reference::forward(&config, &mixed, &pixels, &mut want);
-                    let want = Evaluation::from_logits(&want, &labels, config.outputs);
-                    let got = forward.evaluate_from(
-                        &|l| &source(l)[layer_range(&layout, l)],
-                        start,
-                        &prefix,
-                        &batch,
-                    );
-                    let what = format!("{kernel} {mode} samples={samples} start={start}");
-                    assert_eq!(got, want, "{what}");
-                    assert_eq!(forward.evaluate(&mixed, &batch), want, "{what}: whole");
-                }
-            }
-        }
+/// One case of the tests of passes that start from θ's prefix: θ's prefix on a random batch,
+/// and another random parameter vector to take parts from.
+struct PrefixCase<'a> {
+    config: &'a NetConfig,
+    layout: &'a ParamLayout,
+    forward: &'a mut Forward,
+    prefix: &'a crate::forward::Prefix,
+    batch: &'a Batch,
+    theta: &'a [f32],
+    other: &'a [f32],
+    what: String,
+}
+
+impl PrefixCase<'_> {
+    /// The reference's evaluation of `params` on the case's batch.
+    fn reference(&self, params: &[f32]) -> crate::loss::Evaluation {
+        let mut logits = vec![f32::NAN; self.batch.len() * self.config.outputs];
+        reference::forward(self.config, params, self.batch.pixels(), &mut logits);
+        crate::loss::Evaluation::from_logits(&logits, self.batch.labels(), self.config.outputs)
     }
 }
 
-#[test]
-fn a_neuron_group_evaluated_alone_matches_the_reference_in_every_mode_and_kernel() {
-    use crate::forward::{NeuronGroup, Prefix};
-    use crate::loss::Evaluation;
-    let mut rng = TestRng::new(5);
+/// Runs `check` on a case for every mode, every supported kernel and batches of 1, 4 and 17.
+fn for_each_prefix_case(seed: u64, mut check: impl FnMut(&mut PrefixCase<'_>, &mut TestRng)) {
+    let mut rng = TestRng::new(seed);
     for mode in [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee] {
         let config = small_config(mode);
         let layout = ParamLayout::new(&config);
         for kernel in Kernel::supported() {
             let mut forward = Forward::new(config.clone(), kernel).unwrap();
-            let mut prefix = Prefix::new();
+            let mut prefix = crate::forward::Prefix::new();
             for samples in [1, 4, 17] {
                 let pixels = rng.pixels(samples * config.inputs, 0.8);
                 let labels: Vec<u8> = (0..samples).map(|i| (i % 10) as u8).collect();
@@ -401,39 +375,85 @@ fn a_neuron_group_evaluated_alone_matches_the_reference_in_every_mode_and_kernel
                 let theta = random_params(&config, &mut rng);
                 let other = random_params(&config, &mut rng);
                 forward.prefix(&theta, &batch, &mut prefix);
-                for (l, layer) in layout.layers().iter().enumerate() {
-                    let n = layer.fan_out;
-                    // The first neuron, the last, and a random range between.
-                    let a = (rng.next_u64() as usize) % n;
-                    let b = a + 1 + (rng.next_u64() as usize) % (n - a);
-                    for neurons in [0..1, n - 1..n, a..b, 0..n] {
-                        let width = neurons.len();
-                        let mut weights = Vec::with_capacity(layer.fan_in * width);
-                        let mut changed = theta.clone();
-                        for k in 0..layer.fan_in {
-                            let row = layer.weights.start + k * n;
-                            let cols = row + neurons.start..row + neurons.end;
-                            weights.extend_from_slice(&other[cols.clone()]);
-                            changed[cols.clone()].copy_from_slice(&other[cols]);
-                        }
-                        let cols = layer.bias.start + neurons.start..layer.bias.start + neurons.end;
-                        changed[cols.clone()].copy_from_slice(&other[cols.clone()]);
-                        let group = NeuronGroup {
-                            layer: l,
-                            neurons: neurons.clone(),
-                            weights: &weights,
-                            bias: &other[cols],
-                        };
-                        let mut want = vec![f32::NAN; samples * config.outputs];
-                        reference::forward(&config, &changed, &pixels, &mut want);
-                        let want = Evaluation::from_logits(&want, &labels, config.outputs);
-                        let got = forward.evaluate_group(&theta, group, &prefix, &batch);
-                        let what =
-                            format!("{kernel} {mode} samples={samples} layer={l} {neurons:?}");
-                        assert_eq!(got, want, "{what}");
-                    }
-                }
+                let mut case = PrefixCase {
+                    config: &config,
+                    layout: &layout,
+                    forward: &mut forward,
+                    prefix: &prefix,
+                    batch: &batch,
+                    theta: &theta,
+                    other: &other,
+                    what: format!("{kernel} {mode} samples={samples}"),
+                };
+                check(&mut case, &mut rng);
             }
         }
     }
+}
+
+#[test]
+fn a_pass_started_from_a_prefix_matches_the_reference_in_every_mode_and_kernel() {
+    use crate::forward::layer_range;
+    for_each_prefix_case(4, |case, _| {
+        for start in 0..case.config.layers() {
+            // θ's layers before `start`, the other vector's from it on.
+            let (theta, other) = (case.theta, case.other);
+            let source = |l: usize| if l < start { theta } else { other };
+            let mut mixed = theta.to_vec();
+            for l in start..case.config.layers() {
+                let range = layer_range(case.layout, l);
+                mixed[range.clone()].copy_from_slice(&other[range]);
+            }
+            let want = case.reference(&mixed);
+            let layout = case.layout;
+            let got = case.forward.evaluate_from(
+                &|l| &source(l)[layer_range(layout, l)],
+                start,
+                case.prefix,
+                case.batch,
+            );
+            let what = format!("{} start={start}", case.what);
+            assert_eq!(got, want, "{what}");
+            let whole = case.forward.evaluate(&mixed, case.batch);
+            assert_eq!(whole, want, "{what}: whole");
+        }
+    });
+}
+
+#[test]
+fn a_neuron_group_evaluated_alone_matches_the_reference_in_every_mode_and_kernel() {
+    use crate::forward::NeuronGroup;
+    for_each_prefix_case(5, |case, rng| {
+        let (theta, other) = (case.theta, case.other);
+        for (l, layer) in case.layout.layers().iter().enumerate() {
+            let n = layer.fan_out;
+            // The first neuron, the last, a random range and all of them.
+            let a = (rng.next_u64() as usize) % n;
+            let b = a + 1 + (rng.next_u64() as usize) % (n - a);
+            for neurons in [0..1, n - 1..n, a..b, 0..n] {
+                let width = neurons.len();
+                let mut weights = Vec::with_capacity(layer.fan_in * width);
+                let mut changed = theta.to_vec();
+                for k in 0..layer.fan_in {
+                    let row = layer.weights.start + k * n;
+                    let cols = row + neurons.start..row + neurons.end;
+                    weights.extend_from_slice(&other[cols.clone()]);
+                    changed[cols.clone()].copy_from_slice(&other[cols]);
+                }
+                let cols = layer.bias.start + neurons.start..layer.bias.start + neurons.end;
+                changed[cols.clone()].copy_from_slice(&other[cols.clone()]);
+                let group = NeuronGroup {
+                    layer: l,
+                    neurons: neurons.clone(),
+                    weights: &weights,
+                    bias: &other[cols],
+                };
+                let want = case.reference(&changed);
+                let got = case
+                    .forward
+                    .evaluate_group(theta, group, case.prefix, case.batch);
+                assert_eq!(got, want, "{} layer={l} {neurons:?}", case.what);
+            }
+        }
+    });
 }
