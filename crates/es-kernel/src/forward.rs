@@ -8,7 +8,7 @@ use crate::float_env::with_float_env;
 use crate::kernels::Kernel;
 use crate::loss::Evaluation;
 use crate::reference::{epilogue_add, epilogue_mul, pow2_neg};
-use crate::sparse::SparseRows;
+use crate::sparse::{Forms, SparseRows};
 
 /// A minibatch prepared once and evaluated under many parameter vectors: the dense pixels, the
 /// labels and the nonzero pixels of each sample.
@@ -94,6 +94,18 @@ pub struct Forward {
     scaled_bias: Vec<f32>,
     /// Fraction of nonzero inputs seen by each layer in the last call.
     density: Vec<f64>,
+    fill: Fill,
+}
+
+/// How a pass builds each later layer's nonzero inputs from the previous layer's outputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fill {
+    /// Only the form the kernel reads ([`Kernel::form`]), without branches on the data.
+    #[default]
+    Needed,
+    /// Both forms with a branch per input ([`SparseRows::fill_from_dense_simple`]), as passes
+    /// did before `Needed`; es-bench times the two side by side. Same bits.
+    Simple,
 }
 
 impl Forward {
@@ -116,6 +128,7 @@ impl Forward {
             act: Vec::new(),
             scaled_bias: Vec::new(),
             density: vec![0.0; layers],
+            fill: Fill::default(),
         })
     }
 
@@ -129,6 +142,11 @@ impl Forward {
 
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// Chooses how later layers' inputs are built (for benchmarks; the results are the same).
+    pub fn set_fill(&mut self, fill: Fill) {
+        self.fill = fill;
     }
 
     /// Fraction of nonzero inputs each layer saw in the last call (layer 1: pixels).
@@ -225,7 +243,19 @@ impl Forward {
             let rows = if l == start {
                 input
             } else {
-                self.rows.fill_from_dense(&self.act, layer.fan_in);
+                match (self.fill, save.is_some()) {
+                    // A prefix may serve a pass whose kernel reads the other form.
+                    (Fill::Needed, true) => {
+                        self.rows
+                            .fill_from_dense_in(&self.act, layer.fan_in, Forms::Both)
+                    }
+                    (Fill::Needed, false) => self.rows.fill_from_dense_in(
+                        &self.act,
+                        layer.fan_in,
+                        self.kernel.form(samples).into(),
+                    ),
+                    (Fill::Simple, _) => self.rows.fill_from_dense_simple(&self.act, layer.fan_in),
+                }
                 if let Some(prefix) = save.as_deref_mut() {
                     prefix.inputs[l - 1].clone_from(&self.rows);
                 }
