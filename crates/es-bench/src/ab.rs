@@ -78,3 +78,53 @@ pub fn fill_rows(
     }
     Ok(rows)
 }
+
+/// One forward pass (`Forward::logits`, ftz) whose bias add and scaling flush explicitly
+/// (as before) against one that leaves the flushing to the float environment.
+pub fn flush_rows(
+    budget: Budget,
+    kernels: &[Kernel],
+    params: &[(&str, &[f32])],
+    batch: &Batch,
+) -> anyhow::Result<Vec<Row>> {
+    let config = NetConfig::default();
+    assert_eq!(config.arithmetic, Arithmetic::Ftz);
+    let mut rows = Vec::new();
+    for &kernel in kernels {
+        for &(name, theta) in params {
+            crate::progress(&format!("a/b epilogue {kernel} B={} {name}", batch.len()));
+            let build = || {
+                Forward::new(config.clone(), kernel)
+                    .with_context(|| format!("building the {kernel} forward pass"))
+            };
+            let (mut old, mut new) = (build()?, build()?);
+            old.set_explicit_flush(true);
+            anyhow::ensure!(
+                old.logits(theta, batch)
+                    .iter()
+                    .zip(new.logits(theta, batch))
+                    .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
+                "{kernel} {name}: the two epilogues gave different logits"
+            );
+            let paired = measure_pair(
+                budget,
+                || {
+                    black_box(old.logits(black_box(theta), batch));
+                },
+                || {
+                    black_box(new.logits(black_box(theta), batch));
+                },
+            );
+            rows.push(paired_row(
+                format!(
+                    "forward {kernel} ftz B={} {name}: bias add and scaling flushed explicitly → by the float environment",
+                    batch.len()
+                ),
+                &paired,
+                batch.len() as f64,
+                "samples/s/core",
+            ));
+        }
+    }
+    Ok(rows)
+}

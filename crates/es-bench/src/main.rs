@@ -187,7 +187,9 @@ fn ab_section(
     if kernel != Kernel::Portable {
         kernels.push(Kernel::Portable);
     }
-    ab::fill_rows(plan.ab, &kernels, &params, &batch)
+    let mut rows = ab::fill_rows(plan.ab, &kernels, &params, &batch)?;
+    rows.extend(ab::flush_rows(plan.ab, &kernels, &params, &batch)?);
+    Ok(rows)
 }
 
 /// Progress on stderr, so stdout holds only the header and the table.

@@ -3,7 +3,7 @@
 //! [`Forward`] owns every buffer it needs, so after the first call with the largest batch it
 //! evaluates any number of parameter vectors without allocating.
 
-use crate::config::{ConfigError, NetConfig, ParamLayout};
+use crate::config::{Arithmetic, ConfigError, NetConfig, ParamLayout};
 use crate::float_env::with_float_env;
 use crate::kernels::Kernel;
 use crate::loss::Evaluation;
@@ -95,6 +95,8 @@ pub struct Forward {
     /// Fraction of nonzero inputs seen by each layer in the last call.
     density: Vec<f64>,
     fill: Fill,
+    /// Flush explicitly in the epilogue in `ftz` mode too (see [`Forward::set_explicit_flush`]).
+    explicit_flush: bool,
 }
 
 /// How a pass builds each later layer's nonzero inputs from the previous layer's outputs.
@@ -129,6 +131,7 @@ impl Forward {
             scaled_bias: Vec::new(),
             density: vec![0.0; layers],
             fill: Fill::default(),
+            explicit_flush: false,
         })
     }
 
@@ -147,6 +150,12 @@ impl Forward {
     /// Chooses how later layers' inputs are built (for benchmarks; the results are the same).
     pub fn set_fill(&mut self, fill: Fill) {
         self.fill = fill;
+    }
+
+    /// Whether the bias add and scaling flush explicitly in `ftz` mode as well, as passes did
+    /// before leaving it to the float environment (for benchmarks; the results are the same).
+    pub fn set_explicit_flush(&mut self, explicit: bool) {
+        self.explicit_flush = explicit;
     }
 
     /// Fraction of nonzero inputs each layer saw in the last call (layer 1: pixels).
@@ -280,11 +289,21 @@ impl Forward {
             self.act.resize(samples * layer.fan_out, 0.0);
             self.kernel
                 .accumulate(rows, weights, layer.fan_out, &mut self.act);
-            // Bias add and scaling flush inputs and results in `ftz` and `seed` mode; in `ftz`
-            // mode the hardware already did, and flushing again is a no-op.
-            for out in self.act.chunks_exact_mut(layer.fan_out) {
-                for (v, &b) in out.iter_mut().zip(&self.scaled_bias) {
-                    *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+            // Bias add and scaling flush inputs and results in `ftz` and `seed` mode. In `ftz`
+            // mode the float environment already does (as it does for the kernels: the
+            // `hardware_flush_matches_the_explicit_flush_of_the_reference` test), so the plain
+            // operations give the same bits and skip six explicit flushes per output.
+            if mode == Arithmetic::Ftz && !self.explicit_flush {
+                for out in self.act.chunks_exact_mut(layer.fan_out) {
+                    for (v, &b) in out.iter_mut().zip(&self.scaled_bias) {
+                        *v = (*v + b) * out_scale;
+                    }
+                }
+            } else {
+                for out in self.act.chunks_exact_mut(layer.fan_out) {
+                    for (v, &b) in out.iter_mut().zip(&self.scaled_bias) {
+                        *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+                    }
                 }
             }
         }
