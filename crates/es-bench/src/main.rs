@@ -4,6 +4,7 @@
 //! Every number in the table is measured in this run; where an input is missing (no trained
 //! parameters given) the table says so instead of showing a number.
 
+mod ab;
 mod forward;
 mod noise;
 mod report;
@@ -44,6 +45,10 @@ struct Cli {
     /// Batch sizes of the forward rows (the other kernels run at the first).
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     batches: Vec<usize>,
+    /// Only the side-by-side rows (earlier path against its replacement, alternated in one
+    /// run), not the rest of the table.
+    #[arg(long)]
+    ab_only: bool,
 }
 
 /// Run lengths of the full and the quick run.
@@ -54,6 +59,8 @@ struct Plan {
     table_len: usize,
     table_rounds: usize,
     read_bytes: usize,
+    /// Budget of a side-by-side row (both paths together).
+    ab: Budget,
 }
 
 impl Plan {
@@ -71,6 +78,10 @@ impl Plan {
                 table_len: 1 << 24,
                 table_rounds: 1,
                 read_bytes: 1 << 30,
+                ab: Budget {
+                    per_row: secs(0.5),
+                    rounds: 4,
+                },
             }
         } else {
             Plan {
@@ -87,6 +98,12 @@ impl Plan {
                 table_len: DEFAULT_TABLE_LEN,
                 table_rounds: 3,
                 read_bytes: 1 << 30,
+                // Many short alternating rounds: the median ratio ignores the rounds another
+                // process disturbed.
+                ab: Budget {
+                    per_row: secs(6.0),
+                    rounds: 15,
+                },
             }
         }
     }
@@ -129,10 +146,13 @@ fn main() -> anyhow::Result<()> {
     let train = &mnist.train;
 
     let mut rows = Vec::new();
-    let forward_rows = forward_section(&plan, &cli.batches, kernel, trained.as_deref(), train)?;
-    let pair_forward = (forward_rows.pair_secs, forward_rows.pair_batch);
-    rows.extend(forward_rows.rows);
-    rows.extend(noise_section(&plan, threads, pair_forward, dim)?);
+    if !cli.ab_only {
+        let forward_rows = forward_section(&plan, &cli.batches, kernel, trained.as_deref(), train)?;
+        let pair_forward = (forward_rows.pair_secs, forward_rows.pair_batch);
+        rows.extend(forward_rows.rows);
+        rows.extend(noise_section(&plan, threads, pair_forward, dim)?);
+    }
+    rows.extend(ab_section(&plan, kernel, trained.as_deref(), train)?);
 
     let table = report::render_table(&rows);
     println!("{table}");
@@ -145,6 +165,31 @@ fn main() -> anyhow::Result<()> {
         println!("rows written to {}", path.display());
     }
     Ok(())
+}
+
+/// The side-by-side rows at B = 100 (the default minibatch): the detected kernel and the
+/// portable one, init parameters and trained ones when given.
+fn ab_section(
+    plan: &Plan,
+    kernel: Kernel,
+    trained: Option<&[f32]>,
+    train: &es_data::mnist::Split,
+) -> anyhow::Result<Vec<Row>> {
+    let net = NetConfig::default();
+    let b = 100.min(train.len());
+    let batch = forward::first_images(&train.images, &train.labels, net.inputs, b);
+    let init = init_params(&net, 1);
+    let mut params: Vec<(&str, &[f32])> = vec![("init", &init)];
+    if let Some(t) = trained {
+        params.push(("trained", t));
+    }
+    let mut kernels = vec![kernel];
+    if kernel != Kernel::Portable {
+        kernels.push(Kernel::Portable);
+    }
+    let mut rows = ab::fill_rows(plan.ab, &kernels, &params, &batch)?;
+    rows.extend(ab::flush_rows(plan.ab, &kernels, &params, &batch)?);
+    Ok(rows)
 }
 
 /// Progress on stderr, so stdout holds only the header and the table.

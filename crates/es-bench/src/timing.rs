@@ -62,6 +62,64 @@ impl Stats {
 pub fn measure(budget: Budget, mut f: impl FnMut()) -> Stats {
     let rounds = budget.rounds.max(1);
     let round_target = budget.per_row.as_secs_f64() / rounds as f64;
+    let reps = calibrate(round_target, &mut f);
+    let times = (0..rounds).map(|_| time_round(reps, &mut f)).collect();
+    Stats::from_rounds(times, reps)
+}
+
+/// Two ways of doing the same work, timed side by side ([`measure_pair`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Paired {
+    pub a: Stats,
+    pub b: Stats,
+    /// Median over the rounds of (A's time per call / B's) in the same round: B's speed-up.
+    pub ratio: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+}
+
+/// Times `a` and `b` in alternating rounds (`budget.rounds` of each, `budget.per_row` for
+/// both together): A then B in even rounds, B then A in odd ones, so that other work on the
+/// machine falls on both alike. Only such same-run ratios mean anything on a shared machine.
+pub fn measure_pair(budget: Budget, mut a: impl FnMut(), mut b: impl FnMut()) -> Paired {
+    let rounds = budget.rounds.max(1);
+    let round_target = budget.per_row.as_secs_f64() / (2 * rounds) as f64;
+    let reps_a = calibrate(round_target, &mut a);
+    let reps_b = calibrate(round_target, &mut b);
+    let (mut times_a, mut times_b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let (ta, tb) = if r % 2 == 0 {
+            let ta = time_round(reps_a, &mut a);
+            (ta, time_round(reps_b, &mut b))
+        } else {
+            let tb = time_round(reps_b, &mut b);
+            (time_round(reps_a, &mut a), tb)
+        };
+        times_a.push(ta);
+        times_b.push(tb);
+        ratios.push(ta / tb);
+    }
+    let ratio = Stats::from_rounds(ratios, 1);
+    Paired {
+        a: Stats::from_rounds(times_a, reps_a),
+        b: Stats::from_rounds(times_b, reps_b),
+        ratio: ratio.median,
+        ratio_min: ratio.min,
+        ratio_max: ratio.max,
+    }
+}
+
+/// Seconds per call over one round of `reps` calls.
+fn time_round(reps: usize, f: &mut impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    start.elapsed().as_secs_f64() / reps as f64
+}
+
+/// Calls per round of about `round_target` seconds, after a warm-up call.
+fn calibrate(round_target: f64, f: &mut impl FnMut()) -> usize {
     let start = Instant::now();
     f();
     let first = start.elapsed().as_secs_f64();
@@ -84,17 +142,7 @@ pub fn measure(budget: Budget, mut f: impl FnMut()) -> Stats {
             calls *= 2;
         }
     }
-    let reps = ((round_target / per_call).round() as usize).max(1);
-    let times = (0..rounds)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..reps {
-                f();
-            }
-            start.elapsed().as_secs_f64() / reps as f64
-        })
-        .collect();
-    Stats::from_rounds(times, reps)
+    ((round_target / per_call).round() as usize).max(1)
 }
 
 /// Wall-clock seconds of one call of `f`, and its result.

@@ -8,7 +8,7 @@ use crate::float_env::with_float_env;
 use crate::kernels::Kernel;
 use crate::loss::Evaluation;
 use crate::reference::{epilogue_add, epilogue_mul, pow2_neg};
-use crate::sparse::SparseRows;
+use crate::sparse::{Forms, SparseRows};
 
 /// A minibatch prepared once and evaluated under many parameter vectors: the dense pixels, the
 /// labels and the nonzero pixels of each sample.
@@ -96,6 +96,20 @@ pub struct Forward {
     scaled_bias: Vec<f32>,
     /// Fraction of nonzero inputs seen by each layer in the last call.
     density: Vec<f64>,
+    fill: Fill,
+    /// Flush explicitly in the epilogue in `ftz` mode too (see [`Forward::set_explicit_flush`]).
+    explicit_flush: bool,
+}
+
+/// How a pass builds each later layer's nonzero inputs from the previous layer's outputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fill {
+    /// Only the form the kernel reads ([`Kernel::form`]), without branches on the data.
+    #[default]
+    Needed,
+    /// Both forms with a branch per input ([`SparseRows::fill_from_dense_simple`]), as passes
+    /// did before `Needed`; es-bench times the two side by side. Same bits.
+    Simple,
 }
 
 impl Forward {
@@ -119,6 +133,8 @@ impl Forward {
             group_act: Vec::new(),
             scaled_bias: Vec::new(),
             density: vec![0.0; layers],
+            fill: Fill::default(),
+            explicit_flush: false,
         })
     }
 
@@ -132,6 +148,17 @@ impl Forward {
 
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// Chooses how later layers' inputs are built (for benchmarks; the results are the same).
+    pub fn set_fill(&mut self, fill: Fill) {
+        self.fill = fill;
+    }
+
+    /// Whether the bias add and scaling flush explicitly in `ftz` mode as well, as passes did
+    /// before leaving it to the float environment (for benchmarks; the results are the same).
+    pub fn set_explicit_flush(&mut self, explicit: bool) {
+        self.explicit_flush = explicit;
     }
 
     /// Fraction of nonzero inputs each layer saw in the last call (layer 1: pixels).
@@ -276,7 +303,13 @@ impl Forward {
         let mode = self.config.arithmetic;
         let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
         scale_bias(mode, group.bias, bias_scale, &mut self.scaled_bias);
-        epilogue(mode, &mut self.group_act, &self.scaled_bias, out_scale);
+        epilogue(
+            mode,
+            self.explicit_flush,
+            &mut self.group_act,
+            &self.scaled_bias,
+            out_scale,
+        );
         self.act.clear();
         self.act.extend_from_slice(theta_output);
         for (row, group_row) in self
@@ -304,18 +337,35 @@ impl Forward {
     ) {
         let mode = self.config.arithmetic;
         let layers = self.layout.layers();
+        let samples = match input {
+            Some(input) => input.samples(),
+            None => self.act.len() / layers[start].fan_in,
+        };
         for (l, layer) in layers.iter().enumerate().skip(start) {
             let rows = match input {
                 Some(input) if l == start => input,
                 _ => {
-                    self.rows.fill_from_dense(&self.act, layer.fan_in);
+                    match (self.fill, save.is_some()) {
+                        // A prefix may serve a pass whose kernel reads the other form.
+                        (Fill::Needed, true) => {
+                            self.rows
+                                .fill_from_dense_in(&self.act, layer.fan_in, Forms::Both)
+                        }
+                        (Fill::Needed, false) => self.rows.fill_from_dense_in(
+                            &self.act,
+                            layer.fan_in,
+                            self.kernel.form(samples).into(),
+                        ),
+                        (Fill::Simple, _) => {
+                            self.rows.fill_from_dense_simple(&self.act, layer.fan_in)
+                        }
+                    }
                     if let Some(prefix) = save.as_deref_mut() {
                         prefix.inputs[l - 1].clone_from(&self.rows);
                     }
                     &self.rows
                 }
             };
-            let samples = rows.samples();
             self.density[l] = rows.nonzeros() as f64 / (samples * layer.fan_in).max(1) as f64;
             let params = match params {
                 Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
@@ -333,7 +383,13 @@ impl Forward {
             self.act.resize(samples * layer.fan_out, 0.0);
             self.kernel
                 .accumulate(rows, weights, layer.fan_out, &mut self.act);
-            epilogue(mode, &mut self.act, &self.scaled_bias, out_scale);
+            epilogue(
+                mode,
+                self.explicit_flush,
+                &mut self.act,
+                &self.scaled_bias,
+                out_scale,
+            );
             if let Some(prefix) = save.as_deref_mut() {
                 prefix.outputs[l].clone_from(&self.act);
             }
@@ -348,12 +404,30 @@ fn scale_bias(mode: Arithmetic, bias: &[f32], bias_scale: f32, scaled: &mut Vec<
 }
 
 /// Each sample's sums (rows of `scaled_bias.len()`) plus the bias, times the output scale.
-/// Bias add and scaling flush inputs and results in `ftz` and `seed` mode; in `ftz` mode the
-/// hardware already did, and flushing again is a no-op.
-fn epilogue(mode: Arithmetic, act: &mut [f32], scaled_bias: &[f32], out_scale: f32) {
-    for out in act.chunks_exact_mut(scaled_bias.len()) {
-        for (v, &b) in out.iter_mut().zip(scaled_bias) {
-            *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+///
+/// Bias add and scaling flush inputs and results in `ftz` and `seed` mode. In `ftz` mode the
+/// float environment already does (as it does for the kernels: the
+/// `hardware_flush_matches_the_explicit_flush_of_the_reference` test), so unless
+/// `explicit_flush` asks for the reference's form, the plain operations give the same bits and
+/// skip six explicit flushes per output.
+fn epilogue(
+    mode: Arithmetic,
+    explicit_flush: bool,
+    act: &mut [f32],
+    scaled_bias: &[f32],
+    out_scale: f32,
+) {
+    if mode == Arithmetic::Ftz && !explicit_flush {
+        for out in act.chunks_exact_mut(scaled_bias.len()) {
+            for (v, &b) in out.iter_mut().zip(scaled_bias) {
+                *v = (*v + b) * out_scale;
+            }
+        }
+    } else {
+        for out in act.chunks_exact_mut(scaled_bias.len()) {
+            for (v, &b) in out.iter_mut().zip(scaled_bias) {
+                *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Per-sample lists of the nonzero inputs of a layer, in ascending input index.
+//! Lists of the nonzero inputs of a layer, per sample and per block of samples, in ascending
+//! input index.
 //!
 //! MNIST images are about 80% zero pixels and flushed activations are exact zeros, and a term
 //! whose input is zero adds nothing (but the sign of a zero), so the kernels run over these
@@ -9,7 +10,37 @@ use crate::reference::pixel_value;
 /// Samples per block of the blocked form.
 pub const BLOCK: usize = 4;
 
-/// The nonzero inputs of `samples()` samples of a dense layer input `width` wide, in two
+/// Which of the two forms a [`SparseRows`] holds. A kernel reads one form per call
+/// ([`crate::kernels::Kernel::form`]), so a layer's inputs need only that one; a [`Prefix`]
+/// (kept for any later pass) and a batch's pixels (built once per batch) hold both.
+///
+/// [`Prefix`]: crate::forward::Prefix
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forms {
+    PerSample,
+    Blocked,
+    Both,
+}
+
+impl Forms {
+    /// Whether these forms include `form`'s.
+    pub fn holds(self, form: crate::kernels::Form) -> bool {
+        match form {
+            crate::kernels::Form::PerSample => self.per_sample(),
+            crate::kernels::Form::Blocked => self.blocked(),
+        }
+    }
+
+    fn per_sample(self) -> bool {
+        matches!(self, Forms::PerSample | Forms::Both)
+    }
+
+    fn blocked(self) -> bool {
+        matches!(self, Forms::Blocked | Forms::Both)
+    }
+}
+
+/// The nonzero inputs of `samples()` samples of a dense layer input `width` wide, in up to two
 /// forms: per sample, and per block of [`BLOCK`] consecutive samples (the union of their
 /// nonzero indices, with each sample's value, 0 where it has none). The blocked form lets a
 /// kernel load each weight row once for four samples; the extra terms are `0 · w`, which
@@ -17,15 +48,40 @@ pub const BLOCK: usize = 4;
 ///
 /// Invariant (relied on by the kernels' unchecked loads): every stored index is `< width`,
 /// and indices of one sample (or block) ascend.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SparseRows {
     width: usize,
+    samples: usize,
+    forms: Forms,
+    /// Nonzero inputs over all samples (counted whichever forms are held).
+    nonzeros: usize,
+    /// Per-sample form: sample `s` is `index[starts[s]..starts[s + 1]]` (and `value`'s).
+    /// `index` and `value` are longer than that: the fill writes every input and keeps the
+    /// nonzero ones, so they hold room for a whole dense input and are never shrunk.
     starts: Vec<usize>,
     index: Vec<u32>,
     value: Vec<f32>,
+    /// Blocked form, with the same layout and the same spare room.
     block_starts: Vec<usize>,
     block_index: Vec<u32>,
     block_value: Vec<[f32; BLOCK]>,
+}
+
+impl Default for SparseRows {
+    fn default() -> Self {
+        SparseRows {
+            width: 0,
+            samples: 0,
+            forms: Forms::Both,
+            nonzeros: 0,
+            starts: vec![0],
+            index: Vec::new(),
+            value: Vec::new(),
+            block_starts: vec![0],
+            block_index: Vec::new(),
+            block_value: Vec::new(),
+        }
+    }
 }
 
 impl SparseRows {
@@ -33,54 +89,141 @@ impl SparseRows {
         SparseRows::default()
     }
 
-    /// Rebuilds from pixels (`samples × width` bytes): input `k` is `pixel / 255`.
+    /// Rebuilds both forms from pixels (`samples × width` bytes): input `k` is `pixel / 255`.
     pub fn fill_from_pixels(&mut self, pixels: &[u8], width: usize) {
         assert!(
             width > 0 && pixels.len().is_multiple_of(width),
             "pixels must hold whole samples"
         );
-        self.clear(width);
-        for sample in pixels.chunks_exact(width) {
-            for (k, &p) in sample.iter().enumerate() {
-                if p != 0 {
-                    self.index.push(k as u32);
-                    self.value.push(pixel_value(p));
-                }
-            }
-            self.starts.push(self.index.len());
-        }
-        self.fill_blocks(pixels, |&p| p != 0, |&p| pixel_value(p));
+        // `pixel / 255` is zero exactly when the pixel is.
+        self.fill(pixels, width, Forms::Both, |&p| pixel_value(p));
     }
 
-    /// Rebuilds from dense activations (`samples × width`), skipping ±0.
+    /// Rebuilds both forms from dense activations (`samples × width`), skipping ±0.
     pub fn fill_from_dense(&mut self, dense: &[f32], width: usize) {
+        self.fill_from_dense_in(dense, width, Forms::Both);
+    }
+
+    /// Rebuilds `forms` from dense activations (`samples × width`), skipping ±0.
+    pub fn fill_from_dense_in(&mut self, dense: &[f32], width: usize, forms: Forms) {
         assert!(
             width > 0 && dense.len().is_multiple_of(width),
             "activations must hold whole samples"
         );
-        self.clear(width);
-        for sample in dense.chunks_exact(width) {
-            self.push_sample(sample);
-        }
-        self.fill_blocks(dense, |&v| v != 0.0, |&v| v);
+        self.fill(dense, width, forms, |&v| v);
     }
 
-    /// Builds the blocked form from the same dense input.
-    fn fill_blocks<T>(
-        &mut self,
-        dense: &[T],
-        nonzero: impl Fn(&T) -> bool,
-        value: impl Fn(&T) -> f32,
-    ) {
-        let width = self.width;
+    /// Builds `forms` from `dense` (`value` of each input; zero inputs are skipped).
+    ///
+    /// Without branches on the data: every input is written at the next free place and the
+    /// place advances only past a nonzero one. Hidden activations are often near half zeros
+    /// in no pattern, so a branch per input mispredicts often; the writes go to room the
+    /// lists keep for a whole dense input (allocated once, at the largest input).
+    fn fill<T>(&mut self, dense: &[T], width: usize, forms: Forms, value: impl Fn(&T) -> f32) {
+        assert!(
+            width <= u32::MAX as usize,
+            "layer width {width} exceeds u32 indices"
+        );
+        self.width = width;
+        self.samples = dense.len() / width;
+        self.forms = forms;
+        self.starts.truncate(1);
+        self.block_starts.truncate(1);
+        let mut nonzeros = 0;
+        if forms.per_sample() {
+            grow(&mut self.index, dense.len(), 0);
+            grow(&mut self.value, dense.len(), 0.0);
+            let mut n = 0;
+            for sample in dense.chunks_exact(width) {
+                let (index, values) =
+                    (&mut self.index[n..n + width], &mut self.value[n..n + width]);
+                let mut m = 0;
+                for (k, v) in sample.iter().enumerate() {
+                    let v = value(v);
+                    index[m] = k as u32;
+                    values[m] = v;
+                    m += usize::from(v != 0.0);
+                }
+                n += m;
+                self.starts.push(n);
+            }
+            nonzeros = n;
+        }
+        if forms.blocked() {
+            let blocks = self.samples.div_ceil(BLOCK);
+            grow(&mut self.block_index, blocks * width, 0);
+            grow(&mut self.block_value, blocks * width, [0.0; BLOCK]);
+            let mut n = 0;
+            let mut counted = 0;
+            for group in dense.chunks(BLOCK * width) {
+                let samples = group.len() / width;
+                let (index, values) = (
+                    &mut self.block_index[n..n + width],
+                    &mut self.block_value[n..n + width],
+                );
+                let mut m = 0;
+                for k in 0..width {
+                    let x: [f32; BLOCK] = std::array::from_fn(|s| {
+                        if s < samples {
+                            value(&group[s * width + k])
+                        } else {
+                            0.0
+                        }
+                    });
+                    let nonzero = x.map(|v| usize::from(v != 0.0));
+                    let count: usize = nonzero.iter().sum();
+                    index[m] = k as u32;
+                    values[m] = x;
+                    m += usize::from(count != 0);
+                    counted += count;
+                }
+                n += m;
+                self.block_starts.push(n);
+            }
+            nonzeros = counted;
+        }
+        self.nonzeros = nonzeros;
+    }
+
+    /// The plain definition of [`SparseRows::fill_from_dense`]: both forms, a branch per
+    /// input. The branch-free fill is tested against it, and es-bench times a forward pass
+    /// that builds its layers' inputs this way (how it was done before) beside the fast one.
+    pub fn fill_from_dense_simple(&mut self, dense: &[f32], width: usize) {
+        assert!(
+            width > 0 && dense.len().is_multiple_of(width),
+            "activations must hold whole samples"
+        );
+        assert!(
+            width <= u32::MAX as usize,
+            "layer width {width} exceeds u32 indices"
+        );
+        self.width = width;
+        self.samples = dense.len() / width;
+        self.forms = Forms::Both;
+        self.starts.truncate(1);
+        self.block_starts.truncate(1);
+        self.index.clear();
+        self.value.clear();
+        for sample in dense.chunks_exact(width) {
+            for (k, &v) in sample.iter().enumerate() {
+                if v != 0.0 {
+                    self.index.push(k as u32);
+                    self.value.push(v);
+                }
+            }
+            self.starts.push(self.index.len());
+        }
+        self.nonzeros = self.index.len();
+        self.block_index.clear();
+        self.block_value.clear();
         for group in dense.chunks(BLOCK * width) {
             let samples = group.len() / width;
             for k in 0..width {
-                if (0..samples).any(|s| nonzero(&group[s * width + k])) {
+                if (0..samples).any(|s| group[s * width + k] != 0.0) {
                     self.block_index.push(k as u32);
                     self.block_value.push(std::array::from_fn(|s| {
                         if s < samples {
-                            value(&group[s * width + k])
+                            group[s * width + k]
                         } else {
                             0.0
                         }
@@ -91,46 +234,29 @@ impl SparseRows {
         }
     }
 
+    /// The forms held.
+    pub fn forms(&self) -> Forms {
+        self.forms
+    }
+
     /// Multiply-adds the blocked form does: `BLOCK` per union index of every block.
     pub fn block_terms(&self) -> usize {
-        self.block_index.len() * BLOCK
+        self.block_starts.last().copied().unwrap_or(0) * BLOCK
     }
 
     /// Blocks of [`BLOCK`] samples (the last may hold fewer).
     pub fn blocks(&self) -> usize {
-        self.block_starts.len().saturating_sub(1)
+        self.block_starts.len() - 1
     }
 
     /// Union indices and per-sample values of block `b` (samples `BLOCK·b ..`).
+    ///
+    /// # Panics
+    /// If the blocked form is not held, or `b` is out of range.
     pub fn block(&self, b: usize) -> (&[u32], &[[f32; BLOCK]]) {
+        assert!(self.forms.blocked(), "blocked form not built");
         let range = self.block_starts[b]..self.block_starts[b + 1];
         (&self.block_index[range.clone()], &self.block_value[range])
-    }
-
-    fn clear(&mut self, width: usize) {
-        assert!(
-            width <= u32::MAX as usize,
-            "layer width {width} exceeds u32 indices"
-        );
-        self.width = width;
-        self.starts.clear();
-        self.starts.push(0);
-        self.index.clear();
-        self.value.clear();
-        self.block_starts.clear();
-        self.block_starts.push(0);
-        self.block_index.clear();
-        self.block_value.clear();
-    }
-
-    fn push_sample(&mut self, dense: &[f32]) {
-        for (k, &v) in dense.iter().enumerate() {
-            if v != 0.0 {
-                self.index.push(k as u32);
-                self.value.push(v);
-            }
-        }
-        self.starts.push(self.index.len());
     }
 
     /// Dense width the indices refer to.
@@ -139,18 +265,29 @@ impl SparseRows {
     }
 
     pub fn samples(&self) -> usize {
-        self.starts.len().saturating_sub(1)
+        self.samples
     }
 
-    /// Total stored terms over all samples.
+    /// Total nonzero inputs over all samples.
     pub fn nonzeros(&self) -> usize {
-        self.index.len()
+        self.nonzeros
     }
 
     /// Indices and values of sample `s`.
+    ///
+    /// # Panics
+    /// If the per-sample form is not held, or `s` is out of range.
     pub fn row(&self, s: usize) -> (&[u32], &[f32]) {
+        assert!(self.forms.per_sample(), "per-sample form not built");
         let range = self.starts[s]..self.starts[s + 1];
         (&self.index[range.clone()], &self.value[range])
+    }
+}
+
+/// Lengthens `v` to at least `len` (filling with `fill`); never shortens it.
+fn grow<T: Clone>(v: &mut Vec<T>, len: usize, fill: T) {
+    if v.len() < len {
+        v.resize(len, fill);
     }
 }
 
@@ -181,5 +318,75 @@ mod tests {
         assert_eq!(rows.row(0), (&[1u32][..], &[2.0f32][..]));
         assert_eq!(rows.row(1), (&[1u32][..], &[-1.0f32][..]));
         assert_eq!(rows.nonzeros(), 2);
+    }
+
+    /// Indices and value bits of each sample or block.
+    type Lists = Vec<(Vec<u32>, Vec<u32>)>;
+
+    /// The forms a fill holds, as plain vectors (per sample, blocked; empty if not held).
+    fn contents(rows: &SparseRows) -> (Lists, Lists) {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let per_sample = if rows.forms().holds(crate::kernels::Form::PerSample) {
+            (0..rows.samples())
+                .map(|s| (rows.row(s).0.to_vec(), bits(rows.row(s).1)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let blocked = if rows.forms().holds(crate::kernels::Form::Blocked) {
+            (0..rows.blocks())
+                .map(|b| {
+                    let (index, value) = rows.block(b);
+                    (index.to_vec(), bits(value.as_flattened()))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (per_sample, blocked)
+    }
+
+    #[test]
+    fn the_branch_free_fill_matches_the_simple_one_in_every_form() {
+        let mut rng = crate::kernels::tests::TestRng::new(7);
+        // One buffer refilled with shrinking and growing inputs: the spare room of a larger
+        // fill must not leak into a smaller one.
+        let mut fast = SparseRows::new();
+        for (samples, width) in [(9, 13), (1, 1), (4, 512), (3, 7), (17, 31), (0, 5), (6, 2)] {
+            let density = rng.uniform();
+            let dense: Vec<f32> = (0..samples * width)
+                .map(|_| match rng.uniform() {
+                    u if u < density => rng.normal(),
+                    u if u < (1.0 + density) / 2.0 => 0.0,
+                    _ => -0.0,
+                })
+                .collect();
+            let mut simple = SparseRows::new();
+            simple.fill_from_dense_simple(&dense, width);
+            let (want_rows, want_blocks) = contents(&simple);
+            for forms in [Forms::Both, Forms::PerSample, Forms::Blocked] {
+                fast.fill_from_dense_in(&dense, width, forms);
+                let what = format!("{forms:?} samples={samples} width={width}");
+                assert_eq!(fast.samples(), samples, "{what}");
+                assert_eq!(fast.nonzeros(), simple.nonzeros(), "{what}");
+                let (rows, blocks) = contents(&fast);
+                if forms != Forms::Blocked {
+                    assert_eq!(rows, want_rows, "{what}");
+                }
+                if forms != Forms::PerSample {
+                    assert_eq!(fast.blocks(), simple.blocks(), "{what}");
+                    assert_eq!(fast.block_terms(), simple.block_terms(), "{what}");
+                    assert_eq!(blocks, want_blocks, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "per-sample form not built")]
+    fn a_form_not_built_is_not_read() {
+        let mut rows = SparseRows::new();
+        rows.fill_from_dense_in(&[1.0, 0.0, 2.0, 3.0], 2, Forms::Blocked);
+        let _ = rows.row(0);
     }
 }

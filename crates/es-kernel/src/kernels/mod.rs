@@ -10,7 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::sparse::{BLOCK, SparseRows};
+use crate::sparse::{BLOCK, Forms, SparseRows};
 
 mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -97,18 +97,24 @@ impl Kernel {
     /// give the same bits.
     ///
     /// # Panics
-    /// If the shapes disagree, or the kernel is not supported by this CPU.
+    /// If the shapes disagree, `rows` does not hold the form [`Kernel::form`] names for its
+    /// sample count, or the kernel is not supported by this CPU.
     pub fn accumulate(self, rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
-        let form = if rows.samples() >= BLOCK {
-            Form::Blocked
-        } else {
-            Form::PerSample
-        };
-        self.accumulate_in(form, rows, weights, n_out, out);
+        self.accumulate_in(self.form(rows.samples()), rows, weights, n_out, out);
+    }
+
+    /// The form of [`SparseRows`] this kernel reads for `samples` samples: the portable
+    /// kernel has only the per-sample form; the SIMD ones read the blocked form whenever
+    /// there is a whole block (see [`Kernel::accumulate`]).
+    pub fn form(self, samples: usize) -> Form {
+        match self {
+            Kernel::Avx2 | Kernel::Avx512 if samples >= BLOCK => Form::Blocked,
+            _ => Form::PerSample,
+        }
     }
 
     /// [`Kernel::accumulate`] in a chosen form (the portable kernel has only the per-sample
-    /// one).
+    /// one, and reads that whatever `form` says).
     pub(crate) fn accumulate_in(
         self,
         form: Form,
@@ -119,6 +125,16 @@ impl Kernel {
     ) {
         assert_eq!(weights.len(), rows.width() * n_out, "weights shape");
         assert_eq!(out.len(), rows.samples() * n_out, "output shape");
+        let read = if self == Kernel::Portable {
+            Form::PerSample
+        } else {
+            form
+        };
+        assert!(
+            rows.forms().holds(read),
+            "{self} kernel reads the {read:?} form, the rows hold {:?}",
+            rows.forms()
+        );
         match (self, form) {
             (Kernel::Portable, _) => portable::accumulate(rows, weights, n_out, out),
             #[cfg(target_arch = "x86_64")]
@@ -157,11 +173,21 @@ impl Kernel {
     }
 }
 
-/// The two loop forms of the SIMD kernels (see [`Kernel::accumulate`]).
+/// The two loop forms of the SIMD kernels (see [`Kernel::accumulate`]), each reading the
+/// form of [`SparseRows`] of its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Form {
+pub enum Form {
     PerSample,
     Blocked,
+}
+
+impl From<Form> for Forms {
+    fn from(form: Form) -> Forms {
+        match form {
+            Form::PerSample => Forms::PerSample,
+            Form::Blocked => Forms::Blocked,
+        }
+    }
 }
 
 impl fmt::Display for Kernel {
@@ -186,4 +212,4 @@ impl FromStr for Kernel {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -272,6 +272,16 @@ fn forward_pass_matches_reference_in_every_mode_and_kernel() {
                 reference::forward(&config, &params, &pixels, &mut want);
                 let got = forward.logits(&params, &batch).to_vec();
                 assert_same(&got, &want, &format!("{kernel} {mode} samples={samples}"));
+                forward.set_fill(crate::forward::Fill::Simple);
+                forward.set_explicit_flush(true);
+                let simple = forward.logits(&params, &batch).to_vec();
+                forward.set_fill(crate::forward::Fill::Needed);
+                forward.set_explicit_flush(false);
+                assert_same(
+                    &simple,
+                    &want,
+                    &format!("{kernel} {mode} samples={samples} simple fill"),
+                );
             }
         }
     }
