@@ -36,47 +36,13 @@ pub fn fill_rows(
     params: &[(&str, &[f32])],
     batch: &Batch,
 ) -> anyhow::Result<Vec<Row>> {
-    let config = NetConfig::default();
-    assert_eq!(config.arithmetic, Arithmetic::Ftz);
-    let mut rows = Vec::new();
-    for &kernel in kernels {
-        for &(name, theta) in params {
-            crate::progress(&format!("a/b fill {kernel} B={} {name}", batch.len()));
-            let build = || {
-                Forward::new(config.clone(), kernel)
-                    .with_context(|| format!("building the {kernel} forward pass"))
-            };
-            let (mut old, mut new) = (build()?, build()?);
-            old.set_fill(Fill::Simple);
-            // Same bits both ways, or the comparison means nothing.
-            anyhow::ensure!(
-                old.logits(theta, batch)
-                    .iter()
-                    .zip(new.logits(theta, batch))
-                    .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
-                "{kernel} {name}: the two fills gave different logits"
-            );
-            let paired = measure_pair(
-                budget,
-                || {
-                    black_box(old.logits(black_box(theta), batch));
-                },
-                || {
-                    black_box(new.logits(black_box(theta), batch));
-                },
-            );
-            rows.push(paired_row(
-                format!(
-                    "forward {kernel} ftz B={} {name}: layer inputs both forms branching → the kernel's form branch-free",
-                    batch.len()
-                ),
-                &paired,
-                batch.len() as f64,
-                "samples/s/core",
-            ));
-        }
-    }
-    Ok(rows)
+    let change = Change {
+        label: "fill",
+        what: "fills",
+        description: "layer inputs both forms branching → the kernel's form branch-free",
+        old: |forward| forward.set_fill(Fill::Simple),
+    };
+    forward_rows(budget, kernels, params, batch, &change)
 }
 
 /// One forward pass (`Forward::logits`, ftz) whose bias add and scaling flush explicitly
@@ -87,24 +53,59 @@ pub fn flush_rows(
     params: &[(&str, &[f32])],
     batch: &Batch,
 ) -> anyhow::Result<Vec<Row>> {
+    let change = Change {
+        label: "epilogue",
+        what: "epilogues",
+        description: "bias add and scaling flushed explicitly → by the float environment",
+        old: |forward| forward.set_explicit_flush(true),
+    };
+    forward_rows(budget, kernels, params, batch, &change)
+}
+
+/// A change to the forward pass measured by [`forward_rows`].
+struct Change {
+    /// Progress label.
+    label: &'static str,
+    /// What differs, plural, for the error when the two give different logits.
+    what: &'static str,
+    description: &'static str,
+    /// Turns a new forward pass into the old one.
+    old: fn(&mut Forward),
+}
+
+/// The old and the new forward pass of `change` (ftz, default network), for each kernel and
+/// parameter set, alternated in one run, after checking that they give the same logits.
+fn forward_rows(
+    budget: Budget,
+    kernels: &[Kernel],
+    params: &[(&str, &[f32])],
+    batch: &Batch,
+    change: &Change,
+) -> anyhow::Result<Vec<Row>> {
     let config = NetConfig::default();
     assert_eq!(config.arithmetic, Arithmetic::Ftz);
     let mut rows = Vec::new();
     for &kernel in kernels {
         for &(name, theta) in params {
-            crate::progress(&format!("a/b epilogue {kernel} B={} {name}", batch.len()));
+            crate::progress(&format!(
+                "a/b {} {kernel} B={} {name}",
+                change.label,
+                batch.len()
+            ));
             let build = || {
                 Forward::new(config.clone(), kernel)
                     .with_context(|| format!("building the {kernel} forward pass"))
             };
             let (mut old, mut new) = (build()?, build()?);
-            old.set_explicit_flush(true);
+            (change.old)(&mut old);
+            // Same bits both ways, or the comparison means nothing.
             anyhow::ensure!(
                 old.logits(theta, batch)
                     .iter()
                     .zip(new.logits(theta, batch))
                     .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
-                "{kernel} {name}: the two epilogues gave different logits"
+                "{kernel} {name}: the two {} gave different logits",
+                change.what
             );
             let paired = measure_pair(
                 budget,
@@ -117,8 +118,9 @@ pub fn flush_rows(
             );
             rows.push(paired_row(
                 format!(
-                    "forward {kernel} ftz B={} {name}: bias add and scaling flushed explicitly → by the float environment",
-                    batch.len()
+                    "forward {kernel} ftz B={} {name}: {}",
+                    batch.len(),
+                    change.description
                 ),
                 &paired,
                 batch.len() as f64,
