@@ -303,7 +303,7 @@ impl EsConfig {
 
     /// Layer `l`'s neuron groups (1 without [`EsConfig::neuron_groups`]).
     fn groups(&self, l: usize) -> usize {
-        self.neuron_groups.get(l).copied().unwrap_or(1)
+        groups_of(&self.neuron_groups, l)
     }
 
     /// Pairs moving each parameter of layer `l` (every pair without layer populations).
@@ -342,6 +342,11 @@ impl EsConfig {
         }
         segments
     }
+}
+
+/// Layer `l`'s entry of a neuron-groups list: 1 when the list is empty.
+fn groups_of(neuron_groups: &[usize], l: usize) -> usize {
+    neuron_groups.get(l).copied().unwrap_or(1)
 }
 
 /// Neurons of group `g` of `groups` in a layer of `width`: equal ranges in order.
@@ -400,7 +405,7 @@ impl Perturbation {
         let mut first = 0usize;
         for (l, &pairs) in self.layer_populations.iter().enumerate() {
             if (index as usize) < first + pairs {
-                let groups = self.neuron_groups.get(l).copied().unwrap_or(1);
+                let groups = groups_of(&self.neuron_groups, l);
                 let neurons = (groups > 1).then(|| {
                     let g = (index as usize - first) / (pairs / groups);
                     group_neurons(self.layer_widths[l], groups, g)
@@ -417,11 +422,12 @@ impl Perturbation {
             neurons: None,
         }
     }
+}
 
-    /// Whether pair `index` can start from θ's [`Prefix`] instead of the first layer.
-    fn uses_prefix(&self, index: u32) -> bool {
-        let scope = self.scope(index);
-        scope.layers.start > 0 || scope.neurons.is_some()
+impl PairScope {
+    /// Whether the pair can start from θ's [`Prefix`] instead of the first layer.
+    fn uses_prefix(&self) -> bool {
+        self.layers.start > 0 || self.neurons.is_some()
     }
 }
 
@@ -551,7 +557,8 @@ impl PairResult {
 pub struct Evaluator {
     forward: Forward,
     layout: ParamLayout,
-    /// θ + σε and θ − σε in the perturbed layers' ranges; other ranges are stale.
+    /// θ + σε and θ − σε in the perturbed layers' ranges, or a neuron group's weights and
+    /// biases packed at the start; the rest is stale.
     plus: Vec<f32>,
     minus: Vec<f32>,
     noise_scratch: Vec<f32>,
@@ -601,7 +608,7 @@ impl Evaluator {
         }
         let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
         let prefix = match prefix {
-            _ if !perturbation.uses_prefix(key.index) => None,
+            _ if !scope.uses_prefix() => None,
             Some(prefix) => Some(prefix),
             None => {
                 self.forward.prefix(theta, batch, &mut self.own_prefix);
@@ -812,7 +819,7 @@ impl EvalPool {
         batch: &Batch,
         indices: Range<u32>,
     ) -> Result<Vec<PairResult>, NoiseError> {
-        let prefix = if indices.clone().any(|i| perturbation.uses_prefix(i)) {
+        let prefix = if indices.clone().any(|i| perturbation.scope(i).uses_prefix()) {
             self.evaluators[0]
                 .forward
                 .prefix(theta, batch, &mut self.prefix);
