@@ -424,6 +424,27 @@ impl Perturbation {
     }
 }
 
+impl Perturbation {
+    /// Asks `prefix` to keep, for each layer after one with neuron groups, θ's running sums
+    /// at each group's first neuron past 0, so that the group's pairs resume them instead of
+    /// running the whole next layer ([`Forward::evaluate_group`]); other layers keep none.
+    pub fn keep_group_sums(&self, prefix: &mut Prefix) {
+        for l in 1..self.layer_widths.len() {
+            let before = l - 1;
+            let groups = groups_of(&self.neuron_groups, before);
+            let pairs = self.layer_populations.get(before).copied().unwrap_or(0);
+            let at: Vec<usize> = if groups > 1 && pairs > 0 {
+                (1..groups)
+                    .map(|g| group_neurons(self.layer_widths[before], groups, g).start)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            prefix.keep_running_sums(l, &at);
+        }
+    }
+}
+
 impl PairScope {
     /// Whether the pair can start from θ's [`Prefix`] instead of the first layer.
     fn uses_prefix(&self) -> bool {
@@ -806,8 +827,9 @@ impl EvalPool {
     }
 
     /// Evaluates perturbations `indices` of generation `generation`; results in index order.
-    /// Pairs that leave layer 1 alone ([`Perturbation::layers_of`]) start from θ's
-    /// activations, computed once here.
+    /// Pairs that leave layer 1 alone ([`Perturbation::scope`]) start from θ's
+    /// activations, computed once here, and pairs of a neuron group resume θ's running sums
+    /// of the next layer ([`Perturbation::keep_group_sums`]).
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &mut self,
@@ -820,6 +842,7 @@ impl EvalPool {
         indices: Range<u32>,
     ) -> Result<Vec<PairResult>, NoiseError> {
         let prefix = if indices.clone().any(|i| perturbation.scope(i).uses_prefix()) {
+            perturbation.keep_group_sums(&mut self.prefix);
             self.evaluators[0]
                 .forward
                 .prefix(theta, batch, &mut self.prefix);

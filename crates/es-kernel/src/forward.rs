@@ -3,7 +3,7 @@
 //! [`Forward`] owns every buffer it needs, so after the first call with the largest batch it
 //! evaluates any number of parameter vectors without allocating.
 
-use crate::config::{Arithmetic, ConfigError, NetConfig, ParamLayout};
+use crate::config::{Arithmetic, ConfigError, LayerLayout, NetConfig, ParamLayout};
 use crate::float_env::with_float_env;
 use crate::kernels::Kernel;
 use crate::loss::Evaluation;
@@ -93,6 +93,12 @@ pub struct Forward {
     act: Vec<f32>,
     /// A neuron group's outputs ([`Forward::evaluate_group`]).
     group_act: Vec<f32>,
+    /// Some columns of a layer's inputs, dense, and their nonzeros: what a pass that keeps or
+    /// resumes running sums adds over.
+    columns: Vec<f32>,
+    column_rows: SparseRows,
+    /// The layer after a neuron group, resumed from θ's running sums.
+    resumed_act: Vec<f32>,
     scaled_bias: Vec<f32>,
     /// Fraction of nonzero inputs seen by each layer in the last call.
     density: Vec<f64>,
@@ -131,6 +137,9 @@ impl Forward {
             rows: SparseRows::new(),
             act: Vec::new(),
             group_act: Vec::new(),
+            columns: Vec::new(),
+            column_rows: SparseRows::new(),
+            resumed_act: Vec::new(),
             scaled_bias: Vec::new(),
             density: vec![0.0; layers],
             fill: Fill::default(),
@@ -194,7 +203,16 @@ impl Forward {
     pub fn prefix(&mut self, params: &[f32], batch: &Batch, prefix: &mut Prefix) {
         assert_eq!(params.len(), self.layout.len(), "parameter vector length");
         assert_eq!(batch.inputs, self.config.inputs, "batch width");
-        let layers = self.layout.layers().len();
+        let layers = self.layout.layers();
+        for (l, kept) in prefix.running_sums.iter().enumerate() {
+            if let Some(&last) = kept.at.last() {
+                assert!(
+                    l > 0 && l < layers.len() && last < layers[l].fan_in,
+                    "running sums of layer {l} at input {last}"
+                );
+            }
+        }
+        let layers = layers.len();
         prefix.inputs.resize_with(layers - 1, SparseRows::new);
         prefix.outputs.resize_with(layers, Vec::new);
         prefix.samples = batch.len();
@@ -246,8 +264,11 @@ impl Forward {
     ///
     /// Only the group's neurons of its layer and the layers after it are run: every other
     /// neuron of the layer computes from the same inputs and parameters as in θ's pass, so its
-    /// output is θ's, which `prefix` kept. The result is bit for bit that of
-    /// [`Forward::evaluate`] on the whole changed vector.
+    /// output is θ's, which `prefix` kept. If `prefix` kept θ's running sums of the next
+    /// layer at the group's first neuron ([`Prefix::keep_running_sums`]), the next layer
+    /// resumes them and adds only the terms from the group on: the inputs before it are θ's,
+    /// so were their terms. The result is bit for bit that of [`Forward::evaluate`] on the
+    /// whole changed vector.
     ///
     /// # Panics
     /// If the group's shapes disagree with its layer, `theta` has the wrong length, or
@@ -278,9 +299,8 @@ impl Forward {
             0 => &batch.rows,
             l => &prefix.inputs[l - 1],
         };
-        let theta_output = &prefix.outputs[group.layer];
         let mode = self.config.arithmetic;
-        with_float_env(mode, || self.run_group(theta, &group, input, theta_output));
+        with_float_env(mode, || self.run_group(theta, &group, input, prefix));
         Evaluation::from_logits(&self.act, batch.labels(), self.config.outputs)
     }
 
@@ -292,8 +312,9 @@ impl Forward {
         theta: &[f32],
         group: &NeuronGroup<'_>,
         input: &SparseRows,
-        theta_output: &[f32],
+        prefix: &Prefix,
     ) {
+        let theta_output = &prefix.outputs[group.layer];
         let l = group.layer;
         let fan_out = self.layout.layers()[l].fan_out;
         let width = group.neurons.len();
@@ -319,8 +340,55 @@ impl Forward {
         {
             row[group.neurons.clone()].copy_from_slice(group_row);
         }
-        if l + 1 < self.layout.layers().len() {
-            self.run_layers(Params::Whole(theta), l + 1, None, None);
+        let layers = self.layout.layers().len();
+        let next = l + 1;
+        if next == layers {
+            return;
+        }
+        let Some(sums) = prefix.running_sums(next, group.neurons.start) else {
+            self.run_layers(Params::Whole(theta), next, None, None);
+            return;
+        };
+        // Layer `next` from θ's sums over the inputs before the group, plus the terms of the
+        // inputs from the group's first neuron on.
+        let layer = &self.layout.layers()[next];
+        let from = group.neurons.start;
+        let samples = input.samples();
+        self.resumed_act.clear();
+        self.resumed_act.extend_from_slice(sums);
+        let forms = self.kernel.form(samples).into();
+        fill_columns(
+            &self.act,
+            fan_out,
+            from..fan_out,
+            &mut self.columns,
+            &mut self.column_rows,
+            forms,
+        );
+        let weights = &theta[layer.weights.start + from * layer.fan_out..layer.weights.end];
+        self.kernel.accumulate_onto(
+            &self.column_rows,
+            weights,
+            layer.fan_out,
+            &mut self.resumed_act,
+        );
+        let (bias_scale, out_scale) = (self.bias_scales[next], self.out_scales[next]);
+        scale_bias(
+            mode,
+            &theta[layer.bias.clone()],
+            bias_scale,
+            &mut self.scaled_bias,
+        );
+        epilogue(
+            mode,
+            self.explicit_flush,
+            &mut self.resumed_act,
+            &self.scaled_bias,
+            out_scale,
+        );
+        std::mem::swap(&mut self.act, &mut self.resumed_act);
+        if next + 1 < layers {
+            self.run_layers(Params::Whole(theta), next + 1, None, None);
         }
     }
 
@@ -380,9 +448,30 @@ impl Forward {
             let (weights, bias) = params.split_at(n_weights);
             let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
             scale_bias(mode, bias, bias_scale, &mut self.scaled_bias);
-            self.act.resize(samples * layer.fan_out, 0.0);
-            self.kernel
-                .accumulate(rows, weights, layer.fan_out, &mut self.act);
+            let kept = save
+                .as_deref()
+                .map_or(0, |prefix| prefix.running_sums_at(l).len());
+            if kept == 0 {
+                self.act.resize(samples * layer.fan_out, 0.0);
+                self.kernel
+                    .accumulate(rows, weights, layer.fan_out, &mut self.act);
+            } else {
+                let prefix = save.as_deref_mut().expect("kept sums come with a prefix");
+                let buffers = ColumnBuffers {
+                    kernel: self.kernel,
+                    act: &mut self.act,
+                    sums: &mut self.resumed_act,
+                    columns: &mut self.columns,
+                    rows: &mut self.column_rows,
+                };
+                keep_running_sums(
+                    buffers,
+                    &mut prefix.running_sums[l],
+                    layer,
+                    weights,
+                    samples,
+                );
+            }
             epilogue(
                 mode,
                 self.explicit_flush,
@@ -395,6 +484,71 @@ impl Forward {
             }
         }
     }
+}
+
+/// What [`keep_running_sums`] works in: the kernel, the previous layer's outputs (replaced by
+/// this layer's sums), and scratch.
+struct ColumnBuffers<'f> {
+    kernel: Kernel,
+    act: &'f mut Vec<f32>,
+    sums: &'f mut Vec<f32>,
+    columns: &'f mut Vec<f32>,
+    rows: &'f mut SparseRows,
+}
+
+/// Layer `layer`'s sums of the previous layer's outputs (in `buffers.act`, replaced by the
+/// sums), added up in runs of inputs between the points where `kept` asks for θ's running
+/// sums, which it stores on the way. Each run continues the sums of the one before: the same
+/// terms in the same order as one pass, so the same bits.
+fn keep_running_sums(
+    buffers: ColumnBuffers<'_>,
+    kept: &mut RunningSums,
+    layer: &LayerLayout,
+    weights: &[f32],
+    samples: usize,
+) {
+    let ColumnBuffers {
+        kernel,
+        act,
+        sums,
+        columns,
+        rows,
+    } = buffers;
+    let (fan_in, fan_out) = (layer.fan_in, layer.fan_out);
+    let forms = kernel.form(samples).into();
+    kept.sums.resize_with(kept.at.len(), Vec::new);
+    sums.clear();
+    sums.resize(samples * fan_out, 0.0);
+    let mut from = 0;
+    for (i, to) in kept.at.iter().copied().chain([fan_in]).enumerate() {
+        if to > from {
+            fill_columns(act, fan_in, from..to, columns, rows, forms);
+            let run = &weights[from * fan_out..to * fan_out];
+            kernel.accumulate_onto(rows, run, fan_out, sums);
+        }
+        if let Some(kept_sums) = kept.sums.get_mut(i) {
+            kept_sums.clone_from(sums);
+        }
+        from = to;
+    }
+    std::mem::swap(act, sums);
+}
+
+/// The columns `columns` of `dense` (rows of `width`), packed, and their nonzeros in
+/// `forms`.
+fn fill_columns(
+    dense: &[f32],
+    width: usize,
+    columns: std::ops::Range<usize>,
+    packed: &mut Vec<f32>,
+    rows: &mut SparseRows,
+    forms: Forms,
+) {
+    packed.clear();
+    for row in dense.chunks_exact(width) {
+        packed.extend_from_slice(&row[columns.clone()]);
+    }
+    rows.fill_from_dense_in(packed, columns.len(), forms);
 }
 
 /// `bias · 2^-e` of the layer's input scale, as the epilogue adds it.
@@ -469,11 +623,56 @@ pub struct Prefix {
     inputs: Vec<SparseRows>,
     /// `outputs[l]`: layer `l`'s activations, `samples × fan_out` (the last: the logits).
     outputs: Vec<Vec<f32>>,
+    /// `running_sums[l]`: θ's sums of layer `l` over its first inputs, where asked for.
+    running_sums: Vec<RunningSums>,
     samples: usize,
+}
+
+/// A layer's sums before its bias (`samples × fan_out`), over inputs `0..at[i]` in `sums[i]`.
+#[derive(Clone, Debug, Default)]
+struct RunningSums {
+    at: Vec<usize>,
+    sums: Vec<Vec<f32>>,
 }
 
 impl Prefix {
     pub fn new() -> Prefix {
         Prefix::default()
+    }
+
+    /// Asks the next [`Forward::prefix`] to keep layer `layer`'s sums over its inputs
+    /// `0..a` for each `a` of `at` (ascending, each `0 < a < fan_in`, layer > 0), so that a
+    /// neuron group of the layer before whose first neuron is `a` resumes them
+    /// ([`Forward::evaluate_group`]). Costs `at.len()` copies of the layer's sums; the pass
+    /// itself does the same arithmetic.
+    ///
+    /// # Panics
+    /// If `at` is not strictly ascending or holds 0.
+    pub fn keep_running_sums(&mut self, layer: usize, at: &[usize]) {
+        assert!(
+            at.windows(2).all(|p| p[0] < p[1]) && at.first() != Some(&0),
+            "running sums at {at:?}: expected ascending inputs past 0"
+        );
+        if self.running_sums.len() <= layer {
+            self.running_sums
+                .resize_with(layer + 1, RunningSums::default);
+        }
+        let kept = &mut self.running_sums[layer];
+        if kept.at != at {
+            kept.at = at.to_vec();
+            kept.sums.clear();
+        }
+    }
+
+    /// Input indices at which layer `l`'s running sums are kept.
+    fn running_sums_at(&self, l: usize) -> &[usize] {
+        self.running_sums.get(l).map_or(&[], |kept| &kept.at)
+    }
+
+    /// θ's sums of layer `l` over inputs `0..at`, if kept.
+    fn running_sums(&self, l: usize, at: usize) -> Option<&[f32]> {
+        let kept = self.running_sums.get(l)?;
+        let i = kept.at.iter().position(|&a| a == at)?;
+        kept.sums.get(i).map(Vec::as_slice)
     }
 }

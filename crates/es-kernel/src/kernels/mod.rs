@@ -100,7 +100,25 @@ impl Kernel {
     /// If the shapes disagree, `rows` does not hold the form [`Kernel::form`] names for its
     /// sample count, or the kernel is not supported by this CPU.
     pub fn accumulate(self, rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
-        self.accumulate_in(self.form(rows.samples()), rows, weights, n_out, out);
+        self.accumulate_in(self.form(rows.samples()), rows, weights, n_out, out, false);
+    }
+
+    /// Like [`Kernel::accumulate`], but each output starts from the value `out` holds instead
+    /// of +0: the terms of `rows` are added to it in list order. Running sums taken over
+    /// inputs `0..a` and continued here over inputs `a..` (the rows of `weights` from `a`)
+    /// give the bits of one pass over all inputs, since each output's sum is the same
+    /// sequence of roundings (up to the sign of a zero, as with skipped terms).
+    ///
+    /// # Panics
+    /// As for [`Kernel::accumulate`].
+    pub fn accumulate_onto(
+        self,
+        rows: &SparseRows,
+        weights: &[f32],
+        n_out: usize,
+        out: &mut [f32],
+    ) {
+        self.accumulate_in(self.form(rows.samples()), rows, weights, n_out, out, true);
     }
 
     /// The form of [`SparseRows`] this kernel reads for `samples` samples: the portable
@@ -113,8 +131,9 @@ impl Kernel {
         }
     }
 
-    /// [`Kernel::accumulate`] in a chosen form (the portable kernel has only the per-sample
-    /// one, and reads that whatever `form` says).
+    /// [`Kernel::accumulate`] (or, with `onto`, [`Kernel::accumulate_onto`]) in a chosen
+    /// form (the portable kernel has only the per-sample one, and reads that whatever `form`
+    /// says).
     pub(crate) fn accumulate_in(
         self,
         form: Form,
@@ -122,6 +141,7 @@ impl Kernel {
         weights: &[f32],
         n_out: usize,
         out: &mut [f32],
+        onto: bool,
     ) {
         assert_eq!(weights.len(), rows.width() * n_out, "weights shape");
         assert_eq!(out.len(), rows.samples() * n_out, "output shape");
@@ -136,7 +156,7 @@ impl Kernel {
             rows.forms()
         );
         match (self, form) {
-            (Kernel::Portable, _) => portable::accumulate(rows, weights, n_out, out),
+            (Kernel::Portable, _) => portable::accumulate(rows, weights, n_out, out, onto),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, form) => {
                 assert!(self.is_supported(), "avx2 kernel on a CPU without avx2");
@@ -144,9 +164,11 @@ impl Kernel {
                 // which with the `SparseRows` index invariant keeps every load in bounds.
                 unsafe {
                     match form {
-                        Form::PerSample => x86_64::avx2::accumulate(rows, weights, n_out, out),
+                        Form::PerSample => {
+                            x86_64::avx2::accumulate(rows, weights, n_out, out, onto)
+                        }
                         Form::Blocked => {
-                            x86_64::avx2::accumulate_blocked(rows, weights, n_out, out)
+                            x86_64::avx2::accumulate_blocked(rows, weights, n_out, out, onto)
                         }
                     }
                 }
@@ -160,9 +182,11 @@ impl Kernel {
                 // SAFETY: as for AVX2, with AVX-512F checked.
                 unsafe {
                     match form {
-                        Form::PerSample => x86_64::avx512::accumulate(rows, weights, n_out, out),
+                        Form::PerSample => {
+                            x86_64::avx512::accumulate(rows, weights, n_out, out, onto)
+                        }
                         Form::Blocked => {
-                            x86_64::avx512::accumulate_blocked(rows, weights, n_out, out)
+                            x86_64::avx512::accumulate_blocked(rows, weights, n_out, out, onto)
                         }
                     }
                 }

@@ -3,9 +3,17 @@
 
 use crate::sparse::SparseRows;
 
-pub(super) fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
+pub(super) fn accumulate(
+    rows: &SparseRows,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+    onto: bool,
+) {
     for (s, acc) in out.chunks_exact_mut(n_out).enumerate() {
-        acc.fill(0.0);
+        if !onto {
+            acc.fill(0.0);
+        }
         let (index, value) = rows.row(s);
         for (&k, &x) in index.iter().zip(value) {
             let k = k as usize;

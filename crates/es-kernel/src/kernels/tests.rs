@@ -93,7 +93,7 @@ fn assert_both_forms(
     for form in [Form::PerSample, Form::Blocked] {
         let mut out = vec![f32::NAN; samples * n_out];
         with_float_env(mode, || {
-            kernel.accumulate_in(form, rows, weights, n_out, &mut out)
+            kernel.accumulate_in(form, rows, weights, n_out, &mut out, false)
         });
         assert_same(
             &out,
@@ -186,6 +186,74 @@ fn every_kernel_matches_the_definition_on_wide_layers() {
 }
 
 #[test]
+fn sums_continued_onto_running_sums_match_one_pass() {
+    // Sums over inputs 0..a, continued by `accumulate_onto` over inputs a.. (the rows of the
+    // weights from a), in every form and mode: the bits of one pass over all inputs. Split
+    // points include 0 (nothing before), the width (nothing after) and points inside runs of
+    // zero inputs.
+    let mut rng = TestRng::new(9);
+    for kernel in Kernel::supported() {
+        for (samples, width, n_out) in [(1, 9, 17), (4, 33, 16), (7, 64, 33), (9, 130, 129)] {
+            for mode in [Arithmetic::Ftz, Arithmetic::Ieee] {
+                let (mut inputs, weights) = near_underflow_case(&mut rng, samples, width, n_out);
+                for s in (0..samples).step_by(3) {
+                    inputs[s * width..s * width + width / 2].fill(0.0);
+                }
+                let want =
+                    with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
+                for a in [0, 1, width / 3, width / 2, width - 1, width] {
+                    let columns = |range: std::ops::Range<usize>| -> Vec<f32> {
+                        inputs
+                            .chunks_exact(width)
+                            .flat_map(|row| row[range.clone()].to_vec())
+                            .collect()
+                    };
+                    let (head, tail) = (columns(0..a), columns(a..width));
+                    for form in [Form::PerSample, Form::Blocked] {
+                        let mut out = vec![f32::NAN; samples * n_out];
+                        let mut rows = SparseRows::new();
+                        with_float_env(mode, || {
+                            // No inputs before a = 0: the running sums are +0.
+                            if a == 0 {
+                                out.fill(0.0);
+                            } else {
+                                rows.fill_from_dense(&head, a);
+                                let head_weights = &weights[..a * n_out];
+                                kernel.accumulate_in(
+                                    form,
+                                    &rows,
+                                    head_weights,
+                                    n_out,
+                                    &mut out,
+                                    false,
+                                );
+                            }
+                            if a < width {
+                                rows.fill_from_dense(&tail, width - a);
+                                let tail_weights = &weights[a * n_out..];
+                                kernel.accumulate_in(
+                                    form,
+                                    &rows,
+                                    tail_weights,
+                                    n_out,
+                                    &mut out,
+                                    true,
+                                );
+                            }
+                        });
+                        assert_same(
+                            &out,
+                            &want,
+                            &format!("{kernel} {form:?} {mode} split at {a} of {width}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
     // Products and sums placed right at the threshold, including products whose exact value is
     // just below MIN_POSITIVE but rounds up to it: the reference flushes after rounding.
@@ -211,7 +279,7 @@ fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
         rows.fill_from_dense(&inputs, config.0);
         let mut out = [f32::NAN; 2];
         with_float_env(Arithmetic::Ftz, || {
-            kernel.accumulate_in(form, &rows, &weights, config.1, &mut out)
+            kernel.accumulate_in(form, &rows, &weights, config.1, &mut out, false)
         });
         // Reference arithmetic, flushed explicitly.
         let mut want = [0.0f32; 2];
@@ -377,25 +445,33 @@ fn for_each_prefix_case(seed: u64, mut check: impl FnMut(&mut PrefixCase<'_>, &m
         let layout = ParamLayout::new(&config);
         for kernel in Kernel::supported() {
             let mut forward = Forward::new(config.clone(), kernel).unwrap();
-            let mut prefix = crate::forward::Prefix::new();
+            // A prefix without running sums, and one that keeps each later layer's running
+            // sums at every input past 0 (so every neuron group resumes them).
+            let mut plain = crate::forward::Prefix::new();
+            let mut with_sums = crate::forward::Prefix::new();
+            for (l, layer) in layout.layers().iter().enumerate().skip(1) {
+                with_sums.keep_running_sums(l, &(1..layer.fan_in).collect::<Vec<_>>());
+            }
             for samples in [1, 4, 17] {
                 let pixels = rng.pixels(samples * config.inputs, 0.8);
                 let labels: Vec<u8> = (0..samples).map(|i| (i % 10) as u8).collect();
                 let batch = Batch::from_images(config.inputs, &pixels, &labels);
                 let theta = random_params(&config, &mut rng);
                 let other = random_params(&config, &mut rng);
-                forward.prefix(&theta, &batch, &mut prefix);
-                let mut case = PrefixCase {
-                    config: &config,
-                    layout: &layout,
-                    forward: &mut forward,
-                    prefix: &prefix,
-                    batch: &batch,
-                    theta: &theta,
-                    other: &other,
-                    what: format!("{kernel} {mode} samples={samples}"),
-                };
-                check(&mut case, &mut rng);
+                for (prefix, sums) in [(&mut plain, ""), (&mut with_sums, " running sums")] {
+                    forward.prefix(&theta, &batch, prefix);
+                    let mut case = PrefixCase {
+                        config: &config,
+                        layout: &layout,
+                        forward: &mut forward,
+                        prefix,
+                        batch: &batch,
+                        theta: &theta,
+                        other: &other,
+                        what: format!("{kernel} {mode} samples={samples}{sums}"),
+                    };
+                    check(&mut case, &mut rng);
+                }
             }
         }
     }

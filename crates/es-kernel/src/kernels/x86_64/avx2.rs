@@ -14,7 +14,13 @@ const TILE: usize = 8;
 /// The CPU must support AVX2; `weights` must be `rows.width() × n_out` and `out`
 /// `rows.samples() × n_out` (the caller asserts both).
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
+pub(crate) unsafe fn accumulate(
+    rows: &SparseRows,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+    onto: bool,
+) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
@@ -30,7 +36,11 @@ pub(crate) unsafe fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize
             unsafe {
                 let dst = out.as_mut_ptr().add(s * n_out + v0 * LANES);
                 let src = weights.as_ptr().add(v0 * LANES);
-                dispatch_tile!(nv, masked, tile(index, value, src, n_out, dst, tail_mask));
+                dispatch_tile!(
+                    nv,
+                    masked,
+                    tile(index, value, src, n_out, dst, tail_mask, onto)
+                );
             }
         }
         v0 += nv;
@@ -48,8 +58,15 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     n_out: usize,
     out: *mut f32,
     tail_mask: __m256i,
+    onto: bool,
 ) {
     let mut acc = [_mm256_setzero_ps(); NV];
+    if onto {
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: room for NV vectors of `out`, the last masked to the row end.
+            *acc = unsafe { load(out.add(v * LANES), MASKED && v + 1 == NV, tail_mask) };
+        }
+    }
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm256_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant).
@@ -95,6 +112,7 @@ pub(crate) unsafe fn accumulate_blocked(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
+    onto: bool,
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
@@ -117,7 +135,7 @@ pub(crate) unsafe fn accumulate_blocked(
                 dispatch_tile!(
                     nv,
                     masked,
-                    block_tile(index, value, src, n_out, dst, count, tail_mask)
+                    block_tile(index, value, src, n_out, dst, count, tail_mask, onto)
                 );
             }
         }
@@ -129,6 +147,8 @@ pub(crate) unsafe fn accumulate_blocked(
 /// AVX2; as for the AVX-512 block tile, with 8-lane vectors.
 #[target_feature(enable = "avx2")]
 #[inline]
+// The tile's operands, passed in registers: a struct would only be unpacked again.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     index: &[u32],
     value: &[[f32; BLOCK]],
@@ -137,8 +157,23 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     out: *mut f32,
     count: usize,
     tail_mask: __m256i,
+    onto: bool,
 ) {
     let mut acc = [[_mm256_setzero_ps(); NV]; BLOCK];
+    if onto {
+        for (s, acc) in acc.iter_mut().enumerate().take(count) {
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row s < count of the block, NV vectors, the last masked.
+                *acc = unsafe {
+                    load(
+                        out.add(s * n_out + v * LANES),
+                        MASKED && v + 1 == NV,
+                        tail_mask,
+                    )
+                };
+            }
+        }
+    }
     let mut wv = [_mm256_setzero_ps(); NV];
     for (&k, x) in index.iter().zip(value) {
         // SAFETY: k < width (SparseRows invariant).
@@ -172,6 +207,24 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
                     _mm256_storeu_ps(out.add(s * n_out + v * LANES), *acc);
                 }
             }
+        }
+    }
+}
+
+/// Eight floats at `p`, or only the lanes of `tail_mask` (the others 0) when `masked`.
+///
+/// # Safety
+/// AVX2; the lanes read must lie within one allocation.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load(p: *const f32, masked: bool, tail_mask: __m256i) -> __m256 {
+    // SAFETY: the caller guarantees the lanes read are in bounds; masked-off lanes are not
+    // read.
+    unsafe {
+        if masked {
+            _mm256_maskload_ps(p, tail_mask)
+        } else {
+            _mm256_loadu_ps(p)
         }
     }
 }

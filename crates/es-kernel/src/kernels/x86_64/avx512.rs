@@ -15,7 +15,13 @@ const TILE: usize = 8;
 /// The CPU must support AVX-512F; `weights` must be `rows.width() × n_out` and `out`
 /// `rows.samples() × n_out` (the caller asserts both).
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
+pub(crate) unsafe fn accumulate(
+    rows: &SparseRows,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+    onto: bool,
+) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
@@ -31,7 +37,11 @@ pub(crate) unsafe fn accumulate(rows: &SparseRows, weights: &[f32], n_out: usize
             unsafe {
                 let dst = out.as_mut_ptr().add(s * n_out + v0 * LANES);
                 let src = weights.as_ptr().add(v0 * LANES);
-                dispatch_tile!(nv, masked, tile(index, value, src, n_out, dst, tail_mask));
+                dispatch_tile!(
+                    nv,
+                    masked,
+                    tile(index, value, src, n_out, dst, tail_mask, onto)
+                );
             }
         }
         v0 += nv;
@@ -52,9 +62,16 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     n_out: usize,
     out: *mut f32,
     tail_mask: __mmask16,
+    onto: bool,
 ) {
     let mask = |v: usize| if MASKED && v + 1 == NV { tail_mask } else { !0 };
     let mut acc = [_mm512_setzero_ps(); NV];
+    if onto {
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: the caller guarantees NV vectors of `out`, the last masked to the row end.
+            *acc = unsafe { _mm512_maskz_loadu_ps(mask(v), out.add(v * LANES)) };
+        }
+    }
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm512_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant), so the row and its NV vectors (masked
@@ -89,6 +106,7 @@ pub(crate) unsafe fn accumulate_blocked(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
+    onto: bool,
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
@@ -111,7 +129,7 @@ pub(crate) unsafe fn accumulate_blocked(
                 dispatch_tile!(
                     nv,
                     masked,
-                    block_tile(index, value, src, n_out, dst, count, tail_mask)
+                    block_tile(index, value, src, n_out, dst, count, tail_mask, onto)
                 );
             }
         }
@@ -127,6 +145,8 @@ pub(crate) unsafe fn accumulate_blocked(
 /// of room.
 #[target_feature(enable = "avx512f")]
 #[inline]
+// The tile's operands, passed in registers: a struct would only be unpacked again.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     index: &[u32],
     value: &[[f32; BLOCK]],
@@ -135,9 +155,18 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     out: *mut f32,
     count: usize,
     tail_mask: __mmask16,
+    onto: bool,
 ) {
     let mask = |v: usize| if MASKED && v + 1 == NV { tail_mask } else { !0 };
     let mut acc = [[_mm512_setzero_ps(); NV]; BLOCK];
+    if onto {
+        for (s, acc) in acc.iter_mut().enumerate().take(count) {
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row s < count of the block, NV vectors, the last masked.
+                *acc = unsafe { _mm512_maskz_loadu_ps(mask(v), out.add(s * n_out + v * LANES)) };
+            }
+        }
+    }
     let mut wv = [_mm512_setzero_ps(); NV];
     for (&k, x) in index.iter().zip(value) {
         // SAFETY: k < width (SparseRows invariant), so the row's NV vectors (masked past
