@@ -155,6 +155,26 @@ async fn with_layer_populations_and_neuron_groups_theta_is_bit_identical_with_tw
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_growing_batch_theta_is_bit_identical_with_two_workers() {
+    let scratch = Arc::new(Scratch::new("cluster-batch-schedule"));
+    // The batch grows from the test run's size to three times it over the run: workers draw
+    // each generation's batch from the spec, and prove the golden task where it ends.
+    let config = RunConfig {
+        batch_schedule: "linear:3".into(),
+        ..config()
+    };
+    let embedded = embedded_theta(&config, &scratch).await;
+    let plain_scratch = Arc::new(Scratch::new("cluster-bs-plain"));
+    let plain = embedded_theta(&self::config(), &plain_scratch).await;
+    assert!(embedded != plain, "the batch schedule changed nothing");
+    let two = cluster_theta(&config, &scratch, "two", &[1, 2]).await;
+    assert!(
+        two == embedded,
+        "θ with a batch schedule and 2 workers differs from the embedded run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_workers_drive_a_run_only_with_audits_off() {
     let scratch = Arc::new(Scratch::new("cluster-fake"));
     let config = config();

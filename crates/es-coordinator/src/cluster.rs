@@ -114,9 +114,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopping coordinator waits for clients to close their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// The golden task every worker of a run must reproduce: generation 0's minibatch and σ,
-/// perturbation 0.
-const GOLDEN_GENERATION: u32 = 0;
+/// The golden task every worker of a run must reproduce: perturbation 0 of
+/// [`EsConfig::golden_generation`] (generation 0 unless the batch grows), with that
+/// generation's minibatch and σ.
 const GOLDEN_INDEX: u32 = 0;
 
 /// What the coordinator knows about a proven worker with an open stream.
@@ -195,7 +195,8 @@ struct Shared {
     spec: pb::RunSpec,
     golden: GoldenProof,
     data_digest: Digest,
-    batch_size: usize,
+    /// The run's ES settings (each generation's batch size bounds its results' counts).
+    es: EsConfig,
     options: ClusterOptions,
     state: Mutex<State>,
     /// Evaluates indices on the coordinator: disputes and audits.
@@ -427,7 +428,7 @@ impl Coordinator for Service {
             worker_id,
             spec: Some(shared.spec.clone()),
             golden: Some(pb::GoldenTask {
-                generation: GOLDEN_GENERATION,
+                generation: shared.es.golden_generation(),
                 index: GOLDEN_INDEX,
             }),
             heartbeat_interval_ms: shared.options.heartbeat.as_millis().min(u32::MAX as u128)
@@ -765,7 +766,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 return handled;
             }
             for pair in &results.pairs {
-                let result = match pair.to_core(shared.batch_size) {
+                let result = match pair.to_core(shared.es.batch_at(results.generation)) {
                     Ok(result) => result,
                     Err(e) => {
                         handled.errors.push(format!("malformed result: {e}"));
@@ -1048,7 +1049,7 @@ pub async fn run_from(
                 seed,
                 &noise,
                 train,
-                GOLDEN_GENERATION,
+                es.golden_generation(),
                 GOLDEN_INDEX,
                 kernel,
             )
@@ -1076,7 +1077,7 @@ pub async fn run_from(
             minus,
         },
         data_digest: data.digest,
-        batch_size: es.batch_size,
+        es: EsConfig::clone(&es),
         options: options.clone(),
         state: Mutex::new(State::default()),
         referee: Arc::new(Mutex::new(referee)),

@@ -31,7 +31,11 @@ pub struct RunConfig {
     /// Wall-clock budget in seconds; 0 means none.
     pub time_limit_secs: f64,
     pub population: usize,
+    /// Training images per generation (at generation 0, with a batch schedule).
     pub batch: usize,
+    /// "constant", "linear:FRACTION" or "cosine:FRACTION": the batch goes from `batch` to
+    /// `batch · FRACTION` over the run's generations (e.g. "linear:4": from 100 to 400).
+    pub batch_schedule: String,
     pub sigma: f32,
     /// "constant", "linear:FRACTION", "cosine:FRACTION" (over the run's generations) or
     /// "step:FACTOR:EVERY".
@@ -77,6 +81,7 @@ impl Default for RunConfig {
             time_limit_secs: 0.0,
             population: es.population,
             batch: es.batch_size,
+            batch_schedule: "constant".into(),
             sigma: es.sigma,
             sigma_schedule: "constant".into(),
             lr: es.lr,
@@ -175,6 +180,7 @@ impl RunConfig {
         let es = EsConfig {
             population: self.population,
             batch_size: self.batch,
+            batch_schedule: parse_schedule(&self.batch_schedule, self.generations)?,
             sigma: self.sigma,
             sigma_schedule: parse_schedule(&self.sigma_schedule, self.generations)?,
             lr: self.lr,
@@ -250,6 +256,26 @@ mod tests {
         );
         let err = parse_schedule("cosine", 10).unwrap_err().to_string();
         assert!(err.contains("\"cosine\" is not valid"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_schedule_spans_the_run_and_old_configs_keep_a_constant_batch() {
+        let config: RunConfig =
+            toml::from_str("generations = 400\nbatch = 50\nbatch_schedule = \"linear:4\"").unwrap();
+        let es = config.es().unwrap();
+        assert_eq!(
+            (es.batch_at(0), es.batch_at(200), es.batch_at(400)),
+            (50, 125, 200)
+        );
+        // A config.toml written before the field (a checkpoint's) reads as a constant batch.
+        let old: RunConfig = toml::from_str("batch = 50").unwrap();
+        assert_eq!(old.es().unwrap().batch_schedule, Schedule::Constant);
+        let stepped = RunConfig {
+            batch_schedule: "step:2:10".into(),
+            ..RunConfig::default()
+        };
+        let err = stepped.es().unwrap_err().to_string();
+        assert!(err.contains("expected constant, linear or cosine"), "{err}");
     }
 
     #[test]

@@ -24,13 +24,23 @@ use crate::optimizer::{Adam, AdamConfig, AdamStep, Schedule};
 use crate::seeds::{Purpose, rng, uniform_below};
 use crate::strategy::{PairFitness, StrategyError, accumulate_weighted, rank_weights};
 
+/// The largest minibatch a batch schedule may reach: far beyond MNIST's 60,000 training
+/// images (minibatches draw with replacement), small enough that a generation's buffers fit.
+pub const MAX_BATCH: usize = 1 << 20;
+
 /// The evolution-strategies hyperparameters of a run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EsConfig {
     /// Mirrored pairs per generation (2P evaluations).
     pub population: usize,
-    /// Training images per minibatch; every evaluation of a generation uses the same one.
+    /// Training images per minibatch at generation 0 ([`EsConfig::batch_at`]); every
+    /// evaluation of a generation uses the same one.
     pub batch_size: usize,
+    /// How the minibatch grows (or shrinks) over the run: [`Schedule::Constant`],
+    /// [`Schedule::Linear`] or [`Schedule::Cosine`] of `batch_size`. Late in a run the few
+    /// images a network still gets wrong are a small part of a small batch, so a larger one
+    /// gives each pair's fitness difference less sampling noise where that matters.
+    pub batch_schedule: Schedule,
     /// Perturbation scale, relative to each layer's init standard deviation: layer `l` is
     /// perturbed by `σ · init_std_l · ε`.
     pub sigma: f32,
@@ -70,6 +80,7 @@ impl Default for EsConfig {
         EsConfig {
             population: 256,
             batch_size: 100,
+            batch_schedule: Schedule::Constant,
             sigma: 0.2,
             sigma_schedule: Schedule::Constant,
             lr: 1e-2,
@@ -97,6 +108,15 @@ pub enum TrainError {
     Population(usize),
     #[error("batch size {0} is out of range: expected at least 1")]
     BatchSize(usize),
+    #[error(
+        "batch schedule {schedule:?} of batch size {batch} is not usable: expected constant, \
+         linear or cosine, with a final batch of 1..={max} images"
+    )]
+    BatchSchedule {
+        schedule: Schedule,
+        batch: usize,
+        max: usize,
+    },
     #[error("{what} is {value}: expected a finite number {expected}")]
     Hyperparameter {
         what: &'static str,
@@ -225,6 +245,21 @@ impl EsConfig {
         if self.batch_size == 0 {
             return Err(TrainError::BatchSize(self.batch_size));
         }
+        let final_batch = match self.batch_schedule {
+            Schedule::Constant => Some(self.batch_size as f64),
+            Schedule::Linear { final_fraction, .. } | Schedule::Cosine { final_fraction, .. } => {
+                Some(self.batch_size as f64 * final_fraction)
+            }
+            // A step schedule has no last value: its batch would grow or shrink without end.
+            Schedule::Step { .. } => None,
+        };
+        if !final_batch.is_some_and(|b| (1.0..=MAX_BATCH as f64).contains(&b)) {
+            return Err(TrainError::BatchSchedule {
+                schedule: self.batch_schedule,
+                batch: self.batch_size,
+                max: MAX_BATCH,
+            });
+        }
         if !self.layer_populations.is_empty() {
             // Each term is at most `population` once the sum matches, so the sum cannot
             // overflow unless it is already wrong.
@@ -273,6 +308,27 @@ impl EsConfig {
 
     pub fn lr_at(&self, t: u32) -> f32 {
         self.lr_schedule.value(self.lr, t as u64)
+    }
+
+    /// The generation whose evaluation a worker proves before it gets work
+    /// ([`golden_task`]): 0, or with a batch schedule the generation where the schedule ends,
+    /// so that a peer that does not apply the schedule (one that predates it) draws another
+    /// minibatch there and is refused.
+    pub fn golden_generation(&self) -> u32 {
+        match self.batch_schedule {
+            Schedule::Linear { over, .. } | Schedule::Cosine { over, .. } => {
+                over.min(u32::MAX as u64) as u32
+            }
+            Schedule::Constant | Schedule::Step { .. } => 0,
+        }
+    }
+
+    /// Training images in generation `t`'s minibatch: `batch_schedule(batch_size, t)`, rounded
+    /// to the nearest integer (the schedule's operations are exact or pure Rust, so every
+    /// machine draws the same size).
+    pub fn batch_at(&self, t: u32) -> usize {
+        let value = self.batch_schedule.value(self.batch_size as f32, t as u64);
+        (value.round() as usize).clamp(1, MAX_BATCH)
     }
 
     /// How generation `t` perturbs θ: each layer's σ, and which parameters each pair moves.
@@ -724,7 +780,13 @@ pub fn evaluate_index(
 ) -> Result<PairResult, TrainError> {
     let net = evaluator.forward.config().clone();
     train.validate(&net)?;
-    let batch = generation_batch(net.inputs, es.batch_size, run_seed, train, generation);
+    let batch = generation_batch(
+        net.inputs,
+        es.batch_at(generation),
+        run_seed,
+        train,
+        generation,
+    );
     let perturbation = es.perturbation(&net, generation);
     let key = NoiseKey {
         run_seed,
@@ -789,7 +851,13 @@ pub fn golden_task(
     // θ₀ ± σε written out, with the same operations as a worker's evaluation.
     let perturbation = es.perturbation(net, generation);
     let (plus, minus) = pair_vectors(&theta, eps, &perturbation, &layout, index);
-    let batch = generation_batch(net.inputs, es.batch_size, run_seed, train, generation);
+    let batch = generation_batch(
+        net.inputs,
+        es.batch_at(generation),
+        run_seed,
+        train,
+        generation,
+    );
     let classes = net.outputs;
     let forward = &mut Forward::new(net.clone(), kernel)?;
     let run = |params: &[f32], forward: &mut Forward| {
@@ -1310,7 +1378,7 @@ impl Trainer {
         minibatch_indices(
             self.run_seed,
             t,
-            self.es.batch_size,
+            self.es.batch_at(t),
             train.len(),
             &mut self.indices,
         );
@@ -1808,6 +1876,83 @@ mod tests {
             .unwrap();
         assert_eq!(pair.plus, plus.evaluation);
         assert_eq!(pair.minus, minus.evaluation);
+    }
+
+    #[test]
+    fn a_batch_schedule_sets_each_generations_batch_and_the_golden_generation() {
+        let es = EsConfig {
+            batch_size: 100,
+            batch_schedule: Schedule::Linear {
+                final_fraction: 4.0,
+                over: 300,
+            },
+            ..EsConfig::default()
+        };
+        es.validate().unwrap();
+        let sizes: Vec<usize> = [0, 1, 150, 299, 300, 10_000]
+            .iter()
+            .map(|&t| es.batch_at(t))
+            .collect();
+        assert_eq!(sizes, [100, 101, 250, 399, 400, 400]);
+        assert_eq!(es.golden_generation(), 300);
+        assert_eq!(EsConfig::default().batch_at(7), 100);
+        assert_eq!(EsConfig::default().golden_generation(), 0);
+        // Shrinking is allowed down to one image; a step schedule, a batch that ends below
+        // one image or beyond MAX_BATCH, and non-finite fractions are refused.
+        let with = |batch_schedule| EsConfig {
+            batch_schedule,
+            ..es.clone()
+        };
+        let cosine = |final_fraction| Schedule::Cosine {
+            final_fraction,
+            over: 10,
+        };
+        with(cosine(0.01)).validate().unwrap();
+        for bad in [
+            Schedule::Step {
+                factor: 2.0,
+                every: 10,
+            },
+            cosine(0.001),
+            cosine(-1.0),
+            cosine(1e9),
+            cosine(f64::NAN),
+        ] {
+            let e = with(bad).validate().unwrap_err();
+            assert!(
+                matches!(e, TrainError::BatchSchedule { .. }),
+                "{bad:?}: {e}"
+            );
+            assert!(e.to_string().contains("batch schedule"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_peer_without_the_batch_schedule_fails_the_golden_task() {
+        // A peer that predates the schedule evaluates with the constant batch: at generation 0
+        // it would agree, at the golden generation (where the schedule ends) it does not.
+        let (net, es, images, labels) = small();
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let noise = table_for(&net);
+        let growing = EsConfig {
+            batch_schedule: Schedule::Cosine {
+                final_fraction: 2.0,
+                over: 40,
+            },
+            ..es.clone()
+        };
+        let golden = |es: &EsConfig, t| {
+            golden_task(&net, es, 3, &noise, data, t, 0, Kernel::Portable).unwrap()
+        };
+        assert_eq!(golden(&growing, 0), golden(&es, 0));
+        let t = growing.golden_generation();
+        assert_eq!(t, 40);
+        let [center, ..] = golden(&growing, t);
+        assert_eq!(center.logits.len(), 2 * es.batch_size * net.outputs);
+        assert_ne!(golden(&growing, t), golden(&es, t));
     }
 
     #[test]

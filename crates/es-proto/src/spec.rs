@@ -186,6 +186,9 @@ impl From<&EsConfig> for pb::EsSpec {
             sigma_multipliers: es.sigma_multipliers.clone(),
             layer_populations: es.layer_populations.iter().map(|&p| p as u64).collect(),
             neuron_groups: es.neuron_groups.iter().map(|&g| g as u64).collect(),
+            // A constant batch is sent as no schedule, as peers before the field read it.
+            batch_schedule: (es.batch_schedule != Schedule::Constant)
+                .then(|| es.batch_schedule.into()),
         }
     }
 }
@@ -204,13 +207,17 @@ impl TryFrom<pb::EsSpec> for EsConfig {
                 field: "es.sigma",
                 expected: "a number",
             })?,
-            sigma_schedule: m
-                .sigma_schedule
-                .ok_or(ConversionError::Missing {
-                    field: "es.sigma_schedule",
+            sigma_schedule: schedule_from(
+                &SIGMA_SCHEDULE,
+                m.sigma_schedule.ok_or(ConversionError::Missing {
+                    field: SIGMA_SCHEDULE.field,
                     expected: "a schedule",
-                })?
-                .try_into()?,
+                })?,
+            )?,
+            batch_schedule: match m.batch_schedule {
+                None => Schedule::Constant,
+                Some(schedule) => schedule_from(&BATCH_SCHEDULE, schedule)?,
+            },
             sigma_multipliers: m.sigma_multipliers,
             layer_populations: m
                 .layer_populations
@@ -260,41 +267,56 @@ impl From<Schedule> for pb::Schedule {
     }
 }
 
+/// The wire names of one schedule field's parts, for errors.
+struct ScheduleFields {
+    field: &'static str,
+    kind: &'static str,
+    linear: &'static str,
+    cosine: &'static str,
+    step: &'static str,
+}
+
+const SIGMA_SCHEDULE: ScheduleFields = ScheduleFields {
+    field: "es.sigma_schedule",
+    kind: "es.sigma_schedule.kind",
+    linear: "es.sigma_schedule.linear.final_fraction",
+    cosine: "es.sigma_schedule.cosine.final_fraction",
+    step: "es.sigma_schedule.step.factor",
+};
+
+const BATCH_SCHEDULE: ScheduleFields = ScheduleFields {
+    field: "es.batch_schedule",
+    kind: "es.batch_schedule.kind",
+    linear: "es.batch_schedule.linear.final_fraction",
+    cosine: "es.batch_schedule.cosine.final_fraction",
+    step: "es.batch_schedule.step.factor",
+};
+
 /// A schedule of a kind this code knows, with finite parameters. A missing kind (e.g. one a
 /// newer peer added) is an error, never a silent `Constant`.
-impl TryFrom<pb::Schedule> for Schedule {
-    type Error = ConversionError;
-
-    fn try_from(m: pb::Schedule) -> Result<Self, Self::Error> {
-        use pb::schedule::Kind;
-        Ok(match m.kind {
-            None => {
-                return Err(ConversionError::Missing {
-                    field: "es.sigma_schedule.kind",
-                    expected: "constant, linear, cosine or step",
-                });
-            }
-            Some(Kind::Constant(_)) => Schedule::Constant,
-            Some(Kind::Linear(l)) => Schedule::Linear {
-                final_fraction: finite(
-                    "es.sigma_schedule.linear.final_fraction",
-                    l.final_fraction,
-                )?,
-                over: l.over,
-            },
-            Some(Kind::Cosine(c)) => Schedule::Cosine {
-                final_fraction: finite(
-                    "es.sigma_schedule.cosine.final_fraction",
-                    c.final_fraction,
-                )?,
-                over: c.over,
-            },
-            Some(Kind::Step(s)) => Schedule::Step {
-                factor: finite("es.sigma_schedule.step.factor", s.factor)?,
-                every: s.every,
-            },
-        })
-    }
+fn schedule_from(names: &ScheduleFields, m: pb::Schedule) -> Result<Schedule, ConversionError> {
+    use pb::schedule::Kind;
+    Ok(match m.kind {
+        None => {
+            return Err(ConversionError::Missing {
+                field: names.kind,
+                expected: "constant, linear, cosine or step",
+            });
+        }
+        Some(Kind::Constant(_)) => Schedule::Constant,
+        Some(Kind::Linear(l)) => Schedule::Linear {
+            final_fraction: finite(names.linear, l.final_fraction)?,
+            over: l.over,
+        },
+        Some(Kind::Cosine(c)) => Schedule::Cosine {
+            final_fraction: finite(names.cosine, c.final_fraction)?,
+            over: c.over,
+        },
+        Some(Kind::Step(s)) => Schedule::Step {
+            factor: finite(names.step, s.factor)?,
+            every: s.every,
+        },
+    })
 }
 
 fn finite(field: &'static str, value: Option<f64>) -> Result<f64, ConversionError> {
@@ -515,37 +537,72 @@ mod tests {
                 every: 7,
             },
         ] {
-            let back = Schedule::try_from(pb::Schedule::from(schedule)).unwrap();
-            assert_eq!(back, schedule);
+            for names in [&SIGMA_SCHEDULE, &BATCH_SCHEDULE] {
+                let back = schedule_from(names, pb::Schedule::from(schedule)).unwrap();
+                assert_eq!(back, schedule);
+            }
         }
     }
 
     #[test]
-    fn bad_schedules_are_refused() {
-        let e = Schedule::try_from(pb::Schedule { kind: None }).unwrap_err();
-        assert_eq!(e.field(), "es.sigma_schedule.kind");
-        let e = Schedule::try_from(pb::Schedule {
-            kind: Some(pb::schedule::Kind::Cosine(pb::schedule::Cosine {
-                final_fraction: None,
-                over: 3,
-            })),
-        })
-        .unwrap_err();
-        assert!(matches!(e, ConversionError::Missing { .. }), "{e}");
-        assert_eq!(e.field(), "es.sigma_schedule.cosine.final_fraction");
-        let e = Schedule::try_from(pb::Schedule::from(Schedule::Step {
-            factor: f64::NAN,
-            every: 1,
-        }))
-        .unwrap_err();
-        assert_eq!(e.field(), "es.sigma_schedule.step.factor");
-        assert!(e.to_string().contains("expected a finite number"), "{e}");
-        let e = Schedule::try_from(pb::Schedule::from(Schedule::Linear {
-            final_fraction: f64::INFINITY,
-            over: 1,
-        }))
-        .unwrap_err();
-        assert_eq!(e.field(), "es.sigma_schedule.linear.final_fraction");
+    fn bad_schedules_are_refused_naming_their_field() {
+        for (names, field) in [
+            (&SIGMA_SCHEDULE, "es.sigma_schedule"),
+            (&BATCH_SCHEDULE, "es.batch_schedule"),
+        ] {
+            let e = schedule_from(names, pb::Schedule { kind: None }).unwrap_err();
+            assert_eq!(e.field(), format!("{field}.kind"));
+            let e = schedule_from(
+                names,
+                pb::Schedule {
+                    kind: Some(pb::schedule::Kind::Cosine(pb::schedule::Cosine {
+                        final_fraction: None,
+                        over: 3,
+                    })),
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(e, ConversionError::Missing { .. }), "{e}");
+            assert_eq!(e.field(), format!("{field}.cosine.final_fraction"));
+            let step = Schedule::Step {
+                factor: f64::NAN,
+                every: 1,
+            };
+            let e = schedule_from(names, pb::Schedule::from(step)).unwrap_err();
+            assert_eq!(e.field(), format!("{field}.step.factor"));
+            assert!(e.to_string().contains("expected a finite number"), "{e}");
+            let linear = Schedule::Linear {
+                final_fraction: f64::INFINITY,
+                over: 1,
+            };
+            let e = schedule_from(names, pb::Schedule::from(linear)).unwrap_err();
+            assert_eq!(e.field(), format!("{field}.linear.final_fraction"));
+        }
+    }
+
+    #[test]
+    fn a_batch_schedule_round_trips_and_a_constant_one_is_left_out() {
+        let mut s = spec();
+        assert_eq!(pb::EsSpec::from(&s.es).batch_schedule, None);
+        s.es.batch_schedule = Schedule::Cosine {
+            final_fraction: 4.0,
+            over: 900,
+        };
+        assert!(pb::EsSpec::from(&s.es).batch_schedule.is_some());
+        let back = round_trip(&s).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.es.batch_at(900), 4 * s.es.batch_size);
+        // A schedule the batch cannot follow is refused on arrival.
+        let mut m = pb::RunSpec::from(&s);
+        m.es.as_mut().unwrap().batch_schedule = Some(
+            Schedule::Step {
+                factor: 2.0,
+                every: 10,
+            }
+            .into(),
+        );
+        let e = RunSpec::try_from(m).unwrap_err();
+        assert!(e.to_string().contains("batch schedule"), "{e}");
     }
 
     #[test]

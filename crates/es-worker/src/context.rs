@@ -70,14 +70,9 @@ impl RunContext {
     /// The minibatch of generation `t`.
     pub fn minibatch(&self, t: u32) -> Batch {
         let train = self.train();
-        let mut indices = Vec::with_capacity(self.es.batch_size);
-        minibatch_indices(
-            self.run_seed,
-            t,
-            self.es.batch_size,
-            train.len(),
-            &mut indices,
-        );
+        let size = self.es.batch_at(t);
+        let mut indices = Vec::with_capacity(size);
+        minibatch_indices(self.run_seed, t, size, train.len(), &mut indices);
         let mut batch = Batch::new(self.net.inputs);
         batch.fill(train.images, train.labels, &indices);
         batch

@@ -132,9 +132,13 @@ struct Cli {
     /// Mirrored pairs per generation.
     #[arg(help_heading = "Run settings", long)]
     population: Option<usize>,
-    /// Training images per generation.
+    /// Training images per generation (at generation 0, with a batch schedule).
     #[arg(help_heading = "Run settings", long)]
     batch: Option<usize>,
+    /// Schedule of the batch: constant, linear:FRACTION or cosine:FRACTION (from --batch to
+    /// --batch × FRACTION over the run, e.g. linear:4).
+    #[arg(help_heading = "Run settings", long)]
+    batch_schedule: Option<String>,
     /// Perturbation scale, relative to each layer's init standard deviation.
     #[arg(help_heading = "Run settings", long)]
     sigma: Option<f32>,
@@ -244,6 +248,7 @@ const RUN_SETTINGS: &[&str] = &[
     "generations",
     "population",
     "batch",
+    "batch_schedule",
     "sigma",
     "sigma_schedule",
     "lr",
@@ -279,7 +284,7 @@ impl Cli {
             };
         }
         set!(seed => seed, generations => generations,
-             population => population, batch => batch, sigma => sigma,
+             population => population, batch => batch, batch_schedule => batch_schedule, sigma => sigma,
              sigma_schedule => sigma_schedule, lr => lr, lr_schedule => lr_schedule, l2 => l2,
              mode => mode, init_multipliers => init_multipliers,
              scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
