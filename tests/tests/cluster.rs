@@ -291,8 +291,10 @@ fn coordinator_and_two_worker_processes_train_and_exit_cleanly() {
             )
         })
         .collect();
+    // A hang guard, not a speed test: the debug build on the portable kernel spends about
+    // 100 s in the final evaluations when another process shares the 2 cores.
     assert!(
-        wait(&mut coordinator, Duration::from_secs(120)).success(),
+        wait(&mut coordinator, Duration::from_secs(400)).success(),
         "coordinator failed"
     );
     for w in &mut workers {
