@@ -85,10 +85,8 @@ pub struct Forward {
     config: NetConfig,
     layout: ParamLayout,
     kernel: Kernel,
-    /// `2^-e_{l-1}`, which scales layer l's bias.
-    bias_scales: Vec<f32>,
-    /// `2^(e_{l-1} - e_l)`, which scales layer l's output.
-    out_scales: Vec<f32>,
+    /// Each layer's bias add and scaling.
+    epilogue: Epilogue,
     rows: SparseRows,
     act: Vec<f32>,
     /// A neuron group's outputs ([`Forward::evaluate_group`]).
@@ -97,14 +95,41 @@ pub struct Forward {
     /// resumes running sums adds over.
     columns: Vec<f32>,
     column_rows: SparseRows,
-    /// The layer after a neuron group, resumed from θ's running sums.
-    resumed_act: Vec<f32>,
+    /// Scratch for the sums of a layer whose running sums a prefix keeps.
+    sums: Vec<f32>,
     scaled_bias: Vec<f32>,
-    /// Fraction of nonzero inputs seen by each layer in the last call.
+    /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (a
+    /// neuron group's pass leaves the entries of its layer and of the one it resumes).
     density: Vec<f64>,
     fill: Fill,
-    /// Flush explicitly in the epilogue in `ftz` mode too (see [`Forward::set_explicit_flush`]).
+}
+
+/// What finishes a layer after its kernel: the bias add and the scaling into the next layer's
+/// range, in the network's arithmetic.
+#[derive(Clone, Debug)]
+struct Epilogue {
+    mode: Arithmetic,
+    /// `2^-e_{l-1}`, which scales layer l's bias.
+    bias_scales: Vec<f32>,
+    /// `2^(e_{l-1} - e_l)`, which scales layer l's output.
+    out_scales: Vec<f32>,
+    /// Flush explicitly in `ftz` mode too (see [`Forward::set_explicit_flush`]).
     explicit_flush: bool,
+}
+
+impl Epilogue {
+    /// Layer `l`'s sums in `act` (rows of `bias.len()`) plus its bias `bias`, times its
+    /// output scale; `scaled_bias` is scratch.
+    fn finish(&self, l: usize, bias: &[f32], scaled_bias: &mut Vec<f32>, act: &mut [f32]) {
+        scale_bias(self.mode, bias, self.bias_scales[l], scaled_bias);
+        epilogue(
+            self.mode,
+            self.explicit_flush,
+            act,
+            scaled_bias,
+            self.out_scales[l],
+        );
+    }
 }
 
 /// How a pass builds each later layer's nonzero inputs from the previous layer's outputs.
@@ -128,22 +153,26 @@ impl Forward {
             .collect();
         let out_scales = exps.windows(2).map(|p| pow2_neg(p[1] - p[0])).collect();
         let layers = config.layers();
+        let mode = config.arithmetic;
         Ok(Forward {
             layout: ParamLayout::new(&config),
             config,
             kernel,
-            bias_scales,
-            out_scales,
+            epilogue: Epilogue {
+                mode,
+                bias_scales,
+                out_scales,
+                explicit_flush: false,
+            },
             rows: SparseRows::new(),
             act: Vec::new(),
             group_act: Vec::new(),
             columns: Vec::new(),
             column_rows: SparseRows::new(),
-            resumed_act: Vec::new(),
+            sums: Vec::new(),
             scaled_bias: Vec::new(),
             density: vec![0.0; layers],
             fill: Fill::default(),
-            explicit_flush: false,
         })
     }
 
@@ -167,10 +196,11 @@ impl Forward {
     /// Whether the bias add and scaling flush explicitly in `ftz` mode as well, as passes did
     /// before leaving it to the float environment (for benchmarks; the results are the same).
     pub fn set_explicit_flush(&mut self, explicit: bool) {
-        self.explicit_flush = explicit;
+        self.epilogue.explicit_flush = explicit;
     }
 
-    /// Fraction of nonzero inputs each layer saw in the last call (layer 1: pixels).
+    /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (layer 1:
+    /// pixels).
     pub fn density(&self) -> &[f64] {
         &self.density
     }
@@ -318,75 +348,54 @@ impl Forward {
         let l = group.layer;
         let fan_out = self.layout.layers()[l].fan_out;
         let width = group.neurons.len();
-        self.group_act.resize(input.samples() * width, 0.0);
+        let samples = input.samples();
+        self.group_act.resize(samples * width, 0.0);
         self.kernel
             .accumulate(input, group.weights, width, &mut self.group_act);
-        let mode = self.config.arithmetic;
-        let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
-        scale_bias(mode, group.bias, bias_scale, &mut self.scaled_bias);
-        epilogue(
-            mode,
-            self.explicit_flush,
-            &mut self.group_act,
-            &self.scaled_bias,
-            out_scale,
-        );
-        self.act.clear();
-        self.act.extend_from_slice(theta_output);
-        for (row, group_row) in self
-            .act
-            .chunks_exact_mut(fan_out)
-            .zip(self.group_act.chunks_exact(width))
-        {
-            row[group.neurons.clone()].copy_from_slice(group_row);
-        }
+        self.epilogue
+            .finish(l, group.bias, &mut self.scaled_bias, &mut self.group_act);
         let layers = self.layout.layers().len();
         let next = l + 1;
-        if next == layers {
-            return;
-        }
-        let Some(sums) = prefix.running_sums(next, group.neurons.start) else {
-            self.run_layers(Params::Whole(theta), next, None, None);
+        let sums = match next < layers {
+            true => prefix.running_sums(next, group.neurons.start),
+            false => None,
+        };
+        let Some(sums) = sums else {
+            // The layer's outputs: θ's, with the group's neurons replaced.
+            self.act.clear();
+            self.act.extend_from_slice(theta_output);
+            for (row, group_row) in self
+                .act
+                .chunks_exact_mut(fan_out)
+                .zip(self.group_act.chunks_exact(width))
+            {
+                row[group.neurons.clone()].copy_from_slice(group_row);
+            }
+            if next < layers {
+                self.run_layers(Params::Whole(theta), next, None, None);
+            }
             return;
         };
         // Layer `next` from θ's sums over the inputs before the group, plus the terms of the
-        // inputs from the group's first neuron on.
+        // inputs from the group's first neuron on: the group's outputs, then θ's after it,
+        // taken from the prefix's nonzero inputs of layer `next` (the whole layer is never
+        // put together).
         let layer = &self.layout.layers()[next];
         let from = group.neurons.start;
-        let samples = input.samples();
-        self.resumed_act.clear();
-        self.resumed_act.extend_from_slice(sums);
         let forms = self.kernel.form(samples).into();
-        fill_columns(
-            &self.act,
-            fan_out,
-            from..fan_out,
-            &mut self.columns,
-            &mut self.column_rows,
-            forms,
-        );
+        self.column_rows
+            .fill_spliced(&self.group_act, width, &prefix.inputs[l], from, forms);
+        self.act.clear();
+        self.act.extend_from_slice(sums);
         let weights = &theta[layer.weights.start + from * layer.fan_out..layer.weights.end];
-        self.kernel.accumulate_onto(
-            &self.column_rows,
-            weights,
-            layer.fan_out,
-            &mut self.resumed_act,
-        );
-        let (bias_scale, out_scale) = (self.bias_scales[next], self.out_scales[next]);
-        scale_bias(
-            mode,
+        self.kernel
+            .accumulate_onto(&self.column_rows, weights, layer.fan_out, &mut self.act);
+        self.epilogue.finish(
+            next,
             &theta[layer.bias.clone()],
-            bias_scale,
             &mut self.scaled_bias,
+            &mut self.act,
         );
-        epilogue(
-            mode,
-            self.explicit_flush,
-            &mut self.resumed_act,
-            &self.scaled_bias,
-            out_scale,
-        );
-        std::mem::swap(&mut self.act, &mut self.resumed_act);
         if next + 1 < layers {
             self.run_layers(Params::Whole(theta), next + 1, None, None);
         }
@@ -403,7 +412,6 @@ impl Forward {
         input: Option<&SparseRows>,
         mut save: Option<&mut Prefix>,
     ) {
-        let mode = self.config.arithmetic;
         let layers = self.layout.layers();
         let samples = match input {
             Some(input) => input.samples(),
@@ -446,8 +454,6 @@ impl Forward {
                 "layer {l} parameter count"
             );
             let (weights, bias) = params.split_at(n_weights);
-            let (bias_scale, out_scale) = (self.bias_scales[l], self.out_scales[l]);
-            scale_bias(mode, bias, bias_scale, &mut self.scaled_bias);
             let kept = save
                 .as_deref()
                 .map_or(0, |prefix| prefix.running_sums_at(l).len());
@@ -460,7 +466,7 @@ impl Forward {
                 let buffers = ColumnBuffers {
                     kernel: self.kernel,
                     act: &mut self.act,
-                    sums: &mut self.resumed_act,
+                    sums: &mut self.sums,
                     columns: &mut self.columns,
                     rows: &mut self.column_rows,
                 };
@@ -472,13 +478,8 @@ impl Forward {
                     samples,
                 );
             }
-            epilogue(
-                mode,
-                self.explicit_flush,
-                &mut self.act,
-                &self.scaled_bias,
-                out_scale,
-            );
+            self.epilogue
+                .finish(l, bias, &mut self.scaled_bias, &mut self.act);
             if let Some(prefix) = save.as_deref_mut() {
                 prefix.outputs[l].clone_from(&self.act);
             }

@@ -135,16 +135,11 @@ impl SparseRows {
             grow(&mut self.value, dense.len(), 0.0);
             let mut n = 0;
             for sample in dense.chunks_exact(width) {
-                let (index, values) =
-                    (&mut self.index[n..n + width], &mut self.value[n..n + width]);
-                let mut m = 0;
-                for (k, v) in sample.iter().enumerate() {
-                    let v = value(v);
-                    index[m] = k as u32;
-                    values[m] = v;
-                    m += usize::from(v != 0.0);
-                }
-                n += m;
+                n += keep_nonzeros(
+                    sample.iter().map(&value),
+                    &mut self.index[n..n + width],
+                    &mut self.value[n..n + width],
+                );
                 self.starts.push(n);
             }
             nonzeros = n;
@@ -156,28 +151,109 @@ impl SparseRows {
             let mut n = 0;
             let mut counted = 0;
             for group in dense.chunks(BLOCK * width) {
-                let samples = group.len() / width;
-                let (index, values) = (
+                let (entries, count) = keep_block_nonzeros(
+                    group,
+                    width,
+                    &value,
                     &mut self.block_index[n..n + width],
                     &mut self.block_value[n..n + width],
                 );
-                let mut m = 0;
-                for k in 0..width {
-                    let x: [f32; BLOCK] = std::array::from_fn(|s| {
-                        if s < samples {
-                            value(&group[s * width + k])
-                        } else {
-                            0.0
-                        }
-                    });
-                    let nonzero = x.map(|v| usize::from(v != 0.0));
-                    let count: usize = nonzero.iter().sum();
-                    index[m] = k as u32;
-                    values[m] = x;
-                    m += usize::from(count != 0);
-                    counted += count;
-                }
-                n += m;
+                n += entries;
+                counted += count;
+                self.block_starts.push(n);
+            }
+            nonzeros = counted;
+        }
+        self.nonzeros = nonzeros;
+    }
+
+    /// Rebuilds `forms` as what [`SparseRows::fill_from_dense_in`] builds from columns
+    /// `from..` of a layer input whose columns `from..from + head_width` are `head` (dense,
+    /// `samples × head_width`) and whose later columns are those `tail` was built from,
+    /// re-indexed so that column `from` is 0: a neuron group's new outputs followed by θ's
+    /// outputs after the group, without putting those columns together. `tail`'s entries
+    /// after the head are copied as they are (its blocks group the same samples), so only
+    /// the head is scanned.
+    ///
+    /// # Panics
+    /// If `tail` does not hold `forms`, has another number of samples than `head`, or the
+    /// head does not end within `tail`'s width.
+    pub fn fill_spliced(
+        &mut self,
+        head: &[f32],
+        head_width: usize,
+        tail: &SparseRows,
+        from: usize,
+        forms: Forms,
+    ) {
+        let tail_from = from + head_width;
+        assert!(
+            head_width > 0 && tail_from <= tail.width,
+            "head of {head_width} columns from {from} in an input of {}",
+            tail.width
+        );
+        assert_eq!(
+            head.len(),
+            tail.samples * head_width,
+            "head rows: expected {} samples of {head_width}",
+            tail.samples
+        );
+        assert!(
+            (!forms.per_sample() || tail.forms.per_sample())
+                && (!forms.blocked() || tail.forms.blocked()),
+            "tail holds {:?}, splice asks for {forms:?}",
+            tail.forms
+        );
+        let width = tail.width - from;
+        self.width = width;
+        self.samples = tail.samples;
+        self.forms = forms;
+        self.starts.truncate(1);
+        self.block_starts.truncate(1);
+        let mut nonzeros = 0;
+        if forms.per_sample() {
+            grow(&mut self.index, self.samples * width, 0);
+            grow(&mut self.value, self.samples * width, 0.0);
+            let mut n = 0;
+            for (s, head_row) in head.chunks_exact(head_width).enumerate() {
+                n += keep_nonzeros(
+                    head_row.iter().copied(),
+                    &mut self.index[n..n + head_width],
+                    &mut self.value[n..n + head_width],
+                );
+                let (tail_index, tail_value) = tail.row(s);
+                let (index, value) = (&mut self.index[n..], &mut self.value[n..]);
+                n += copy_tail(tail_index, tail_value, tail_from, from, index, value);
+                self.starts.push(n);
+            }
+            nonzeros = n;
+        }
+        if forms.blocked() {
+            let blocks = self.samples.div_ceil(BLOCK);
+            grow(&mut self.block_index, blocks * width, 0);
+            grow(&mut self.block_value, blocks * width, [0.0; BLOCK]);
+            let mut n = 0;
+            let mut counted = 0;
+            for (b, group) in head.chunks(BLOCK * head_width).enumerate() {
+                let (entries, count) = keep_block_nonzeros(
+                    group,
+                    head_width,
+                    |&v| v,
+                    &mut self.block_index[n..n + head_width],
+                    &mut self.block_value[n..n + head_width],
+                );
+                n += entries;
+                counted += count;
+                let (tail_index, tail_value) = tail.block(b);
+                let (index, value) = (&mut self.block_index[n..], &mut self.block_value[n..]);
+                let copied = copy_tail(tail_index, tail_value, tail_from, from, index, value);
+                // Counted in u32 lanes, which vectorise (a block's count fits easily).
+                counted += value[..copied]
+                    .as_flattened()
+                    .iter()
+                    .map(|&v| u32::from(v != 0.0))
+                    .sum::<u32>() as usize;
+                n += copied;
                 self.block_starts.push(n);
             }
             nonzeros = counted;
@@ -284,6 +360,74 @@ impl SparseRows {
     }
 }
 
+/// Writes every input of one sample at the next free place of `index` and `values` (room for
+/// all of them) and advances only past a nonzero one; returns how many it kept.
+#[inline]
+fn keep_nonzeros(
+    inputs: impl Iterator<Item = f32>,
+    index: &mut [u32],
+    values: &mut [f32],
+) -> usize {
+    let mut m = 0;
+    for (k, v) in inputs.enumerate() {
+        index[m] = k as u32;
+        values[m] = v;
+        m += usize::from(v != 0.0);
+    }
+    m
+}
+
+/// The same for one block (`group`: up to [`BLOCK`] samples of `width` inputs): keeps the
+/// inputs nonzero in any of its samples, padding samples 0. Returns the entries kept and the
+/// nonzero values among them.
+#[inline]
+fn keep_block_nonzeros<T>(
+    group: &[T],
+    width: usize,
+    value: impl Fn(&T) -> f32,
+    index: &mut [u32],
+    values: &mut [[f32; BLOCK]],
+) -> (usize, usize) {
+    let samples = group.len() / width;
+    let mut m = 0;
+    let mut counted = 0;
+    for k in 0..width {
+        let x: [f32; BLOCK] = std::array::from_fn(|s| {
+            if s < samples {
+                value(&group[s * width + k])
+            } else {
+                0.0
+            }
+        });
+        let count: usize = x.iter().map(|&v| usize::from(v != 0.0)).sum();
+        index[m] = k as u32;
+        values[m] = x;
+        m += usize::from(count != 0);
+        counted += count;
+    }
+    (m, counted)
+}
+
+/// Copies the entries of `tail_index`/`tail_value` (ascending indices) from index `first` on
+/// to the start of `index`/`value`, each index less `rebase`; returns how many.
+fn copy_tail<T: Copy>(
+    tail_index: &[u32],
+    tail_value: &[T],
+    first: usize,
+    rebase: usize,
+    index: &mut [u32],
+    value: &mut [T],
+) -> usize {
+    let after = tail_index.partition_point(|&k| (k as usize) < first);
+    let count = tail_index.len() - after;
+    let rebase = rebase as u32;
+    for (i, &k) in index[..count].iter_mut().zip(&tail_index[after..]) {
+        *i = k - rebase;
+    }
+    value[..count].copy_from_slice(&tail_value[after..]);
+    count
+}
+
 /// Lengthens `v` to at least `len` (filling with `fill`); never shortens it.
 fn grow<T: Clone>(v: &mut Vec<T>, len: usize, fill: T) {
     if v.len() < len {
@@ -377,6 +521,50 @@ mod tests {
                     assert_eq!(fast.blocks(), simple.blocks(), "{what}");
                     assert_eq!(fast.block_terms(), simple.block_terms(), "{what}");
                     assert_eq!(blocks, want_blocks, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_spliced_fill_matches_the_fill_of_the_spliced_columns() {
+        let mut rng = crate::kernels::tests::TestRng::new(11);
+        let mut spliced = SparseRows::new();
+        let mut tail = SparseRows::new();
+        let mut want = SparseRows::new();
+        for (samples, width) in [(9, 13), (1, 1), (4, 64), (17, 31), (0, 5), (6, 2), (5, 40)] {
+            let density = rng.uniform();
+            let mut draw = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| match rng.uniform() {
+                        u if u < density => rng.normal(),
+                        u if u < (1.0 + density) / 2.0 => 0.0,
+                        _ => -0.0,
+                    })
+                    .collect()
+            };
+            let theta = draw(samples * width);
+            tail.fill_from_dense(&theta, width);
+            for from in 0..width {
+                for head_width in 1..=width - from {
+                    let head = draw(samples * head_width);
+                    // Columns `from..` with the head in place of θ's first `head_width`.
+                    let mut columns = Vec::new();
+                    for (row, head_row) in theta.chunks_exact(width).zip(head.chunks(head_width)) {
+                        columns.extend_from_slice(head_row);
+                        columns.extend_from_slice(&row[from + head_width..]);
+                    }
+                    for forms in [Forms::Both, Forms::PerSample, Forms::Blocked] {
+                        let what = format!(
+                            "{forms:?} samples={samples} width={width} from={from} head={head_width}"
+                        );
+                        spliced.fill_spliced(&head, head_width, &tail, from, forms);
+                        want.fill_from_dense_in(&columns, width - from, forms);
+                        assert_eq!(spliced.width(), want.width(), "{what}");
+                        assert_eq!(spliced.samples(), want.samples(), "{what}");
+                        assert_eq!(spliced.nonzeros(), want.nonzeros(), "{what}");
+                        assert_eq!(contents(&spliced), contents(&want), "{what}");
+                    }
                 }
             }
         }
