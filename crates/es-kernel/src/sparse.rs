@@ -124,15 +124,9 @@ impl SparseRows {
             width <= u32::MAX as usize,
             "layer width {width} exceeds u32 indices"
         );
-        self.width = width;
-        self.samples = dense.len() / width;
-        self.forms = forms;
-        self.starts.truncate(1);
-        self.block_starts.truncate(1);
+        self.start_fill(width, dense.len() / width, forms);
         let mut nonzeros = 0;
         if forms.per_sample() {
-            grow(&mut self.index, dense.len(), 0);
-            grow(&mut self.value, dense.len(), 0.0);
             let mut n = 0;
             for sample in dense.chunks_exact(width) {
                 n += keep_nonzeros(
@@ -145,9 +139,6 @@ impl SparseRows {
             nonzeros = n;
         }
         if forms.blocked() {
-            let blocks = self.samples.div_ceil(BLOCK);
-            grow(&mut self.block_index, blocks * width, 0);
-            grow(&mut self.block_value, blocks * width, [0.0; BLOCK]);
             let mut n = 0;
             let mut counted = 0;
             for group in dense.chunks(BLOCK * width) {
@@ -204,16 +195,9 @@ impl SparseRows {
             "tail holds {:?}, splice asks for {forms:?}",
             tail.forms
         );
-        let width = tail.width - from;
-        self.width = width;
-        self.samples = tail.samples;
-        self.forms = forms;
-        self.starts.truncate(1);
-        self.block_starts.truncate(1);
+        self.start_fill(tail.width - from, tail.samples, forms);
         let mut nonzeros = 0;
         if forms.per_sample() {
-            grow(&mut self.index, self.samples * width, 0);
-            grow(&mut self.value, self.samples * width, 0.0);
             let mut n = 0;
             for (s, head_row) in head.chunks_exact(head_width).enumerate() {
                 n += keep_nonzeros(
@@ -229,9 +213,6 @@ impl SparseRows {
             nonzeros = n;
         }
         if forms.blocked() {
-            let blocks = self.samples.div_ceil(BLOCK);
-            grow(&mut self.block_index, blocks * width, 0);
-            grow(&mut self.block_value, blocks * width, [0.0; BLOCK]);
             let mut n = 0;
             let mut counted = 0;
             for (b, group) in head.chunks(BLOCK * head_width).enumerate() {
@@ -259,6 +240,25 @@ impl SparseRows {
             nonzeros = counted;
         }
         self.nonzeros = nonzeros;
+    }
+
+    /// Empties the lists for `samples` samples of `width` inputs in `forms`, with room in each
+    /// form held for a whole dense input (the fills write every input and keep the nonzero).
+    fn start_fill(&mut self, width: usize, samples: usize, forms: Forms) {
+        self.width = width;
+        self.samples = samples;
+        self.forms = forms;
+        self.starts.truncate(1);
+        self.block_starts.truncate(1);
+        if forms.per_sample() {
+            grow(&mut self.index, samples * width, 0);
+            grow(&mut self.value, samples * width, 0.0);
+        }
+        if forms.blocked() {
+            let blocks = samples.div_ceil(BLOCK);
+            grow(&mut self.block_index, blocks * width, 0);
+            grow(&mut self.block_value, blocks * width, [0.0; BLOCK]);
+        }
     }
 
     /// The plain definition of [`SparseRows::fill_from_dense`]: both forms, a branch per
