@@ -13,8 +13,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use es_kernel::config::LayerLayout;
+use es_kernel::kernels::prefetch;
 use es_kernel::{
-    Batch, ConfigError, Evaluation, Forward, Kernel, NetConfig, NeuronGroup, ParamLayout, Prefix,
+    Batch, ConfigError, Evaluation, Forward, GroupCopies, Kernel, NetConfig, ParamLayout, Prefix,
     layer_range,
 };
 
@@ -410,6 +411,9 @@ fn group_neurons(width: usize, groups: usize, g: usize) -> Range<usize> {
     width * g / groups..width * (g + 1) / groups
 }
 
+/// How many weight rows ahead a neuron group's loops over θ and its noise prefetch.
+const PREFETCH_ROWS: usize = 16;
+
 /// The ranges of θ holding `neurons`' incoming weights (one per input) and their biases.
 fn group_ranges(layer: &LayerLayout, neurons: Range<usize>) -> impl Iterator<Item = Range<usize>> {
     let row = move |start: usize| start + neurons.start..start + neurons.end;
@@ -499,7 +503,28 @@ impl Perturbation {
             prefix.keep_running_sums(l, &at);
         }
     }
+
+    /// The end of the run of pairs from `index` (up to `end`) that
+    /// [`Evaluator::evaluate_pairs`] evaluates in one pass: pairs of the same neuron group,
+    /// as many as give at most [`MAX_COPY_COLUMNS`] columns; only `index` outside groups.
+    pub fn group_run(&self, index: u32, end: u32) -> u32 {
+        let scope = self.scope(index);
+        let Some(neurons) = &scope.neurons else {
+            return index + 1;
+        };
+        let most = (MAX_COPY_COLUMNS / (2 * neurons.len())).max(1) as u32;
+        let mut stop = index + 1;
+        while stop < end && stop - index < most && self.scope(stop) == scope {
+            stop += 1;
+        }
+        stop
+    }
 }
+
+/// The widest pass of a neuron group's perturbed copies ([`Perturbation::group_run`]): wide
+/// enough to fill whole vectors for narrow groups, narrow enough that the copies' weights
+/// of one input stay a few cache lines.
+pub const MAX_COPY_COLUMNS: usize = 256;
 
 impl PairScope {
     /// Whether the pair can start from θ's [`Prefix`] instead of the first layer.
@@ -634,13 +659,17 @@ impl PairResult {
 pub struct Evaluator {
     forward: Forward,
     layout: ParamLayout,
-    /// θ + σε and θ − σε in the perturbed layers' ranges, or a neuron group's weights and
-    /// biases packed at the start; the rest is stale.
+    /// θ + σε and θ − σε in the perturbed layers' ranges (pairs of whole layers); the rest
+    /// is stale.
     plus: Vec<f32>,
     minus: Vec<f32>,
     noise_scratch: Vec<f32>,
     /// θ's prefix when a pair that needs one comes without it.
     own_prefix: Prefix,
+    /// A neuron group's perturbed copies side by side ([`GroupCopies`]).
+    copy_weights: Vec<f32>,
+    copy_bias: Vec<f32>,
+    evaluations: Vec<Evaluation>,
 }
 
 impl Evaluator {
@@ -654,6 +683,9 @@ impl Evaluator {
             minus: vec![0.0; dim],
             noise_scratch: Vec::new(),
             own_prefix: Prefix::new(),
+            copy_weights: Vec::new(),
+            copy_bias: Vec::new(),
+            evaluations: Vec::new(),
         })
     }
 
@@ -677,81 +709,183 @@ impl Evaluator {
         prefix: Option<&Prefix>,
         batch: &Batch,
     ) -> Result<PairResult, NoiseError> {
-        let scope = perturbation.scope(key.index);
+        let mut results = Vec::with_capacity(1);
+        self.evaluate_pairs(
+            theta,
+            noise,
+            key,
+            1,
+            perturbation,
+            prefix,
+            batch,
+            &mut results,
+        )?;
+        Ok(results.pop().expect("one pair evaluated"))
+    }
+
+    /// [`Evaluator::evaluate_pair`] for the `count` pairs from `first.index` on, appended to
+    /// `out` in index order: the same bits as one at a time. When they are pairs of one
+    /// neuron group ([`Perturbation::group_run`]) and a prefix serves them, all `2 · count`
+    /// perturbed copies of the group share one pass over its inputs
+    /// ([`Forward::evaluate_group_copies`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate_pairs(
+        &mut self,
+        theta: &[f32],
+        noise: &NoiseSource,
+        first: NoiseKey,
+        count: u32,
+        perturbation: &Perturbation,
+        prefix: Option<&Prefix>,
+        batch: &Batch,
+        out: &mut Vec<PairResult>,
+    ) -> Result<(), NoiseError> {
+        let scope = perturbation.scope(first.index);
         let dim = self.layout.len();
         assert_eq!(theta.len(), dim, "parameter vector length");
         if matches!(noise, NoiseSource::Stream) && self.noise_scratch.len() < dim {
             self.noise_scratch.resize(dim, 0.0);
         }
-        let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
-        let prefix = match prefix {
-            _ if !scope.uses_prefix() => None,
-            Some(prefix) => Some(prefix),
-            None => {
-                self.forward.prefix(theta, batch, &mut self.own_prefix);
-                Some(&self.own_prefix)
-            }
+        let keys = (first.index..first.index + count).map(|index| NoiseKey { index, ..first });
+        if scope.uses_prefix() && prefix.is_none() {
+            self.forward.prefix(theta, batch, &mut self.own_prefix);
+        }
+        let prefix = match scope.uses_prefix() {
+            true => Some(prefix.unwrap_or(&self.own_prefix)),
+            false => None,
         };
-        let (plus, minus) = match (&scope.neurons, prefix) {
-            (Some(neurons), Some(prefix)) => {
-                // The group's weights and biases, packed `fan_in × width` then `width`.
-                let l = scope.layers.start;
-                let sigma = perturbation.layer_sigmas[l];
-                let layer = &self.layout.layers()[l];
-                let mut packed = 0;
-                for r in group_ranges(layer, neurons.clone()) {
-                    let to = packed..packed + r.len();
-                    perturb(
-                        &theta[r.clone()],
-                        &eps[r],
-                        sigma,
-                        &mut self.plus[to.clone()],
-                        &mut self.minus[to.clone()],
-                    );
-                    packed = to.end;
-                }
-                let weights = layer.fan_in * neurons.len();
-                let forward = &mut self.forward;
-                let mut run = |params: &[f32]| {
-                    let group = NeuronGroup {
-                        layer: l,
-                        neurons: neurons.clone(),
-                        weights: &params[..weights],
-                        bias: &params[weights..packed],
-                    };
-                    forward.evaluate_group(theta, group, prefix, batch)
+        if let (Some(neurons), Some(prefix)) = (&scope.neurons, prefix) {
+            assert!(
+                keys.clone()
+                    .all(|key| perturbation.scope(key.index) == scope),
+                "pairs {}..{} are not all of one neuron group",
+                first.index,
+                first.index + count
+            );
+            // Copy 2c is pair c's θ + σε, copy 2c + 1 its θ − σε.
+            let l = scope.layers.start;
+            let layer = &self.layout.layers()[l];
+            let width = neurons.len();
+            let columns = 2 * count as usize * width;
+            self.copy_weights.resize(layer.fan_in * columns, 0.0);
+            self.copy_bias.resize(columns, 0.0);
+            for (c, key) in keys.clone().enumerate() {
+                let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
+                let copy = GroupCopy {
+                    sigma: perturbation.layer_sigmas[l],
+                    columns,
+                    at: 2 * c * width,
                 };
-                (run(&self.plus), run(&self.minus))
+                copy.pack(
+                    layer,
+                    neurons,
+                    theta,
+                    eps,
+                    &mut self.copy_weights,
+                    &mut self.copy_bias,
+                );
             }
-            _ => {
-                let perturbed = scope.layers;
-                for l in perturbed.clone() {
-                    let range = layer_range(&self.layout, l);
-                    perturb(
-                        &theta[range.clone()],
-                        &eps[range.clone()],
-                        perturbation.layer_sigmas[l],
-                        &mut self.plus[range.clone()],
-                        &mut self.minus[range],
-                    );
-                }
-                let start = if prefix.is_some() { perturbed.start } else { 0 };
-                let prefix = prefix.unwrap_or(&self.own_prefix);
-                let layout = &self.layout;
-                let (plus_buffer, minus_buffer) = (&self.plus[..], &self.minus[..]);
-                let forward = &mut self.forward;
-                let mut run = |buffer: &[f32]| {
-                    let params = |l| layer_of(layout, &perturbed, buffer, theta, l);
-                    forward.evaluate_from(&params, start, prefix, batch)
-                };
-                (run(plus_buffer), run(minus_buffer))
+            let copies = GroupCopies {
+                layer: l,
+                neurons: neurons.clone(),
+                copies: 2 * count as usize,
+                weights: &self.copy_weights,
+                bias: &self.copy_bias,
+            };
+            self.evaluations.clear();
+            self.forward.evaluate_group_copies(
+                theta,
+                &copies,
+                prefix,
+                batch,
+                &mut self.evaluations,
+            );
+            let mut evaluations = self.evaluations.drain(..);
+            for key in keys {
+                let plus = evaluations.next().expect("two evaluations per pair");
+                let minus = evaluations.next().expect("two evaluations per pair");
+                out.push(PairResult {
+                    index: key.index,
+                    plus,
+                    minus,
+                });
             }
-        };
-        Ok(PairResult {
-            index: key.index,
-            plus,
-            minus,
-        })
+            return Ok(());
+        }
+        for key in keys {
+            let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
+            let perturbed = scope.layers.clone();
+            for l in perturbed.clone() {
+                let range = layer_range(&self.layout, l);
+                perturb(
+                    &theta[range.clone()],
+                    &eps[range.clone()],
+                    perturbation.layer_sigmas[l],
+                    &mut self.plus[range.clone()],
+                    &mut self.minus[range],
+                );
+            }
+            let start = if prefix.is_some() { perturbed.start } else { 0 };
+            let prefix = prefix.unwrap_or(&self.own_prefix);
+            let layout = &self.layout;
+            let (plus_buffer, minus_buffer) = (&self.plus[..], &self.minus[..]);
+            let forward = &mut self.forward;
+            let mut run = |buffer: &[f32]| {
+                let params = |l| layer_of(layout, &perturbed, buffer, theta, l);
+                forward.evaluate_from(&params, start, prefix, batch)
+            };
+            let (plus, minus) = (run(plus_buffer), run(minus_buffer));
+            out.push(PairResult {
+                index: key.index,
+                plus,
+                minus,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where one perturbed copy of a neuron group goes among [`GroupCopies`]' columns.
+struct GroupCopy {
+    sigma: f32,
+    /// Columns of all copies together (each input's row of the packed weights).
+    columns: usize,
+    /// This copy's θ + σε starts at this column, its θ − σε right after it.
+    at: usize,
+}
+
+impl GroupCopy {
+    /// Writes `θ ± σ·ε` of the group's weights and biases into their columns.
+    fn pack(
+        &self,
+        layer: &LayerLayout,
+        neurons: &Range<usize>,
+        theta: &[f32],
+        eps: &[f32],
+        weights: &mut [f32],
+        bias: &mut [f32],
+    ) {
+        let width = neurons.len();
+        let (plus, minus) = (
+            self.at..self.at + width,
+            self.at + width..self.at + 2 * width,
+        );
+        // The group's noise is one short run per weight row, a row apart, in a table far
+        // larger than the caches: each row would wait on memory (and a page walk), so the
+        // rows PREFETCH_ROWS ahead are asked for while this one is formed.
+        let ahead = PREFETCH_ROWS * layer.fan_out;
+        for r in group_ranges(layer, neurons.clone()).take(PREFETCH_ROWS) {
+            prefetch(eps, r.clone());
+            prefetch(theta, r);
+        }
+        let rows = weights.chunks_exact_mut(self.columns).chain([bias]);
+        for (r, row) in group_ranges(layer, neurons.clone()).zip(rows) {
+            prefetch(eps, r.start + ahead..r.end + ahead);
+            prefetch(theta, r.start + ahead..r.end + ahead);
+            let (plus_row, minus_row) = row[plus.start..minus.end].split_at_mut(width);
+            perturb(&theta[r.clone()], &eps[r], self.sigma, plus_row, minus_row);
+        }
+        debug_assert_eq!(minus.end - plus.start, 2 * width);
     }
 }
 
@@ -897,7 +1031,8 @@ impl EvalPool {
     /// Evaluates perturbations `indices` of generation `generation`; results in index order.
     /// Pairs that leave layer 1 alone ([`Perturbation::scope`]) start from θ's
     /// activations, computed once here, and pairs of a neuron group resume θ's running sums
-    /// of the next layer ([`Perturbation::keep_group_sums`]).
+    /// of the next layer ([`Perturbation::keep_group_sums`]). Each thread takes the pairs of
+    /// one group in runs ([`Perturbation::group_run`]), evaluated in one pass.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &mut self,
@@ -918,8 +1053,8 @@ impl EvalPool {
         } else {
             None
         };
-        let next = AtomicUsize::new(indices.start as usize);
-        let end = indices.end as usize;
+        let next = Mutex::new(indices.start);
+        let end = indices.end;
         let results = Mutex::new(Vec::with_capacity(indices.len()));
         let failure = Mutex::new(None);
         std::thread::scope(|scope| {
@@ -928,24 +1063,38 @@ impl EvalPool {
                 scope.spawn(move || {
                     let mut local = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= end {
+                        // The next run of pairs one pass evaluates together.
+                        let run = {
+                            let mut next = next.lock().expect("no panics while locked");
+                            let start = *next;
+                            *next = match start < end {
+                                true => perturbation.group_run(start, end),
+                                false => end,
+                            };
+                            start..*next
+                        };
+                        if run.is_empty() {
                             break;
                         }
-                        let key = NoiseKey {
+                        let first = NoiseKey {
                             run_seed,
                             generation,
-                            index: i as u32,
+                            index: run.start,
                         };
-                        let evaluated =
-                            evaluator.evaluate_pair(theta, noise, key, perturbation, prefix, batch);
-                        match evaluated {
-                            Ok(r) => local.push(r),
-                            Err(e) => {
-                                *failure.lock().expect("no panics while locked") = Some(e);
-                                next.store(end, Ordering::Relaxed);
-                                break;
-                            }
+                        let evaluated = evaluator.evaluate_pairs(
+                            theta,
+                            noise,
+                            first,
+                            run.len() as u32,
+                            perturbation,
+                            prefix,
+                            batch,
+                            &mut local,
+                        );
+                        if let Err(e) = evaluated {
+                            *failure.lock().expect("no panics while locked") = Some(e);
+                            *next.lock().expect("no panics while locked") = end;
+                            break;
                         }
                     }
                     results
@@ -1642,6 +1791,40 @@ mod tests {
             ..es
         };
         (net, es, images, labels)
+    }
+
+    #[test]
+    fn a_group_run_ends_at_its_group_at_the_end_and_at_the_column_cap() {
+        let (net, es, ..) = small_grouped();
+        let perturbation = es.perturbation(&net, 0);
+        // Layer 1: three groups of 8 neurons, 4 pairs each; layer 2: four groups of 2 pairs.
+        assert_eq!(perturbation.group_run(0, 24), 4);
+        assert_eq!(perturbation.group_run(1, 24), 4);
+        assert_eq!(perturbation.group_run(4, 24), 8);
+        assert_eq!(perturbation.group_run(4, 6), 6);
+        assert_eq!(perturbation.group_run(12, 24), 14);
+        assert_eq!(perturbation.group_run(23, 24), 24);
+        // Without neuron groups every pair is a run of its own.
+        let (net, es, ..) = small_layered();
+        assert_eq!(es.perturbation(&net, 0).group_run(0, 24), 1);
+        // Two groups of 64 neurons, 12 pairs each: 2 pairs (4 copies) fill 256 columns.
+        let wide = EsConfig {
+            layer_populations: vec![24, 0, 0],
+            neuron_groups: vec![2, 1, 1],
+            ..small().1
+        };
+        let net = NetConfig {
+            hidden: vec![128, 4],
+            ..small().0
+        };
+        wide.validate_for(&net).unwrap();
+        let perturbation = wide.perturbation(&net, 0);
+        assert_eq!(perturbation.scope(0).neurons, Some(0..64));
+        assert_eq!(MAX_COPY_COLUMNS / (2 * 64), 2);
+        assert_eq!(perturbation.group_run(0, 24), 2);
+        assert_eq!(perturbation.group_run(10, 24), 12);
+        assert_eq!(perturbation.group_run(11, 24), 12);
+        assert_eq!(perturbation.group_run(12, 24), 14);
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct Forward {
     act: Vec<f32>,
     /// A neuron group's outputs ([`Forward::evaluate_group`]).
     group_act: Vec<f32>,
+    /// The outputs of several copies of a group, rows of `copies · width`
+    /// ([`Forward::evaluate_group_copies`]).
+    copies_act: Vec<f32>,
     /// Some columns of a layer's inputs, dense, and their nonzeros: what a pass that keeps or
     /// resumes running sums adds over.
     columns: Vec<f32>,
@@ -167,6 +170,7 @@ impl Forward {
             rows: SparseRows::new(),
             act: Vec::new(),
             group_act: Vec::new(),
+            copies_act: Vec::new(),
             columns: Vec::new(),
             column_rows: SparseRows::new(),
             sums: Vec::new(),
@@ -310,54 +314,119 @@ impl Forward {
         prefix: &Prefix,
         batch: &Batch,
     ) -> Evaluation {
+        let copies = GroupCopies {
+            layer: group.layer,
+            neurons: group.neurons,
+            copies: 1,
+            weights: group.weights,
+            bias: group.bias,
+        };
+        let mut out = Vec::with_capacity(1);
+        self.evaluate_group_copies(theta, &copies, prefix, batch, &mut out);
+        out.pop().expect("one copy, one evaluation")
+    }
+
+    /// [`Forward::evaluate_group`] for each of several copies of one group that differ only
+    /// in their own weights and biases (the perturbations of one neuron group), appended to
+    /// `out` in copy order. Each result is bit for bit what `evaluate_group` gives that copy
+    /// alone: the kernel sums every output column on its own in the same order whatever the
+    /// width, so one pass over the group's inputs computes all copies' outputs at once (full
+    /// vectors and one sweep of the inputs, where a narrow group alone fills a fraction of
+    /// each vector); each copy then continues through the layers after it alone.
+    ///
+    /// # Panics
+    /// As [`Forward::evaluate_group`], for any copy.
+    pub fn evaluate_group_copies(
+        &mut self,
+        theta: &[f32],
+        copies: &GroupCopies<'_>,
+        prefix: &Prefix,
+        batch: &Batch,
+        out: &mut Vec<Evaluation>,
+    ) {
         let layers = self.layout.layers();
-        assert!(group.layer < layers.len(), "group layer {}", group.layer);
-        let layer = &layers[group.layer];
-        let width = group.neurons.len();
+        assert!(copies.layer < layers.len(), "group layer {}", copies.layer);
+        let layer = &layers[copies.layer];
+        let width = copies.neurons.len();
         assert!(
-            width > 0 && group.neurons.end <= layer.fan_out,
+            width > 0 && copies.neurons.end <= layer.fan_out,
             "neurons {:?} of a layer of {}",
-            group.neurons,
+            copies.neurons,
             layer.fan_out
         );
-        assert_eq!(group.weights.len(), layer.fan_in * width, "group weights");
-        assert_eq!(group.bias.len(), width, "group bias");
+        let columns = copies.copies * width;
+        assert_eq!(
+            copies.weights.len(),
+            layer.fan_in * columns,
+            "group weights"
+        );
+        assert_eq!(copies.bias.len(), columns, "group bias");
         assert_eq!(theta.len(), self.layout.len(), "parameter vector length");
         assert_eq!(batch.inputs, self.config.inputs, "batch width");
         assert_eq!(prefix.samples, batch.len(), "prefix made on another batch");
-        let input = match group.layer {
+        let input = match copies.layer {
             0 => &batch.rows,
             l => &prefix.inputs[l - 1],
         };
         let mode = self.config.arithmetic;
-        with_float_env(mode, || self.run_group(theta, &group, input, prefix));
-        Evaluation::from_logits(&self.act, batch.labels(), self.config.outputs)
+        with_float_env(mode, || self.run_group_layer(copies, input));
+        let samples = input.samples();
+        for c in 0..copies.copies {
+            // Copy c's outputs: its columns of every sample's row.
+            self.group_act.clear();
+            self.group_act.extend(
+                self.copies_act
+                    .chunks_exact(columns)
+                    .flat_map(|row| &row[c * width..(c + 1) * width]),
+            );
+            debug_assert_eq!(self.group_act.len(), samples * width);
+            let neurons = copies.neurons.clone();
+            with_float_env(mode, || {
+                self.run_after_group(theta, copies.layer, neurons, prefix)
+            });
+            out.push(Evaluation::from_logits(
+                &self.act,
+                batch.labels(),
+                self.config.outputs,
+            ));
+        }
     }
 
-    /// The group's neurons from `input`, θ's other outputs of its layer, then the layers after
-    /// it, run inside the float environment. Not inlined: see `float_env`.
+    /// The copies' outputs of the group's layer from `input` into `copies_act` (rows of
+    /// `copies · width`), run inside the float environment. Not inlined: see `float_env`.
     #[inline(never)]
-    fn run_group(
+    fn run_group_layer(&mut self, copies: &GroupCopies<'_>, input: &SparseRows) {
+        let columns = copies.copies * copies.neurons.len();
+        self.copies_act.resize(input.samples() * columns, 0.0);
+        self.kernel
+            .accumulate(input, copies.weights, columns, &mut self.copies_act);
+        self.epilogue.finish(
+            copies.layer,
+            copies.bias,
+            &mut self.scaled_bias,
+            &mut self.copies_act,
+        );
+    }
+
+    /// θ's outputs of layer `l` with `neurons` replaced by the group's outputs in
+    /// `group_act`, then the layers after it, run inside the float environment. Not inlined:
+    /// see `float_env`.
+    #[inline(never)]
+    fn run_after_group(
         &mut self,
         theta: &[f32],
-        group: &NeuronGroup<'_>,
-        input: &SparseRows,
+        l: usize,
+        neurons: std::ops::Range<usize>,
         prefix: &Prefix,
     ) {
-        let theta_output = &prefix.outputs[group.layer];
-        let l = group.layer;
+        let theta_output = &prefix.outputs[l];
         let fan_out = self.layout.layers()[l].fan_out;
-        let width = group.neurons.len();
-        let samples = input.samples();
-        self.group_act.resize(samples * width, 0.0);
-        self.kernel
-            .accumulate(input, group.weights, width, &mut self.group_act);
-        self.epilogue
-            .finish(l, group.bias, &mut self.scaled_bias, &mut self.group_act);
+        let width = neurons.len();
+        let samples = self.group_act.len() / width;
         let layers = self.layout.layers().len();
         let next = l + 1;
         let sums = match next < layers {
-            true => prefix.running_sums(next, group.neurons.start),
+            true => prefix.running_sums(next, neurons.start),
             false => None,
         };
         let Some(sums) = sums else {
@@ -369,7 +438,7 @@ impl Forward {
                 .chunks_exact_mut(fan_out)
                 .zip(self.group_act.chunks_exact(width))
             {
-                row[group.neurons.clone()].copy_from_slice(group_row);
+                row[neurons.clone()].copy_from_slice(group_row);
             }
             if next < layers {
                 self.run_layers(Params::Whole(theta), next, None, None);
@@ -381,7 +450,7 @@ impl Forward {
         // taken from the prefix's nonzero inputs of layer `next` (the whole layer is never
         // put together).
         let layer = &self.layout.layers()[next];
-        let from = group.neurons.start;
+        let from = neurons.start;
         let forms = self.kernel.form(samples).into();
         self.column_rows
             .fill_spliced(&self.group_act, width, &prefix.inputs[l], from, forms);
@@ -596,6 +665,21 @@ pub struct NeuronGroup<'a> {
     pub neurons: std::ops::Range<usize>,
     /// `fan_in × neurons.len()`, input-major like the layer's weights.
     pub weights: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+/// Several copies of one neuron group, each with incoming weights and biases of its own
+/// ([`Forward::evaluate_group_copies`]): the perturbations of one group side by side.
+#[derive(Clone, Debug)]
+pub struct GroupCopies<'a> {
+    pub layer: usize,
+    /// The neurons (outputs) of the layer, a range of `0..fan_out`.
+    pub neurons: std::ops::Range<usize>,
+    pub copies: usize,
+    /// `fan_in × (copies · neurons.len())`, input-major: each input's row holds copy 0's
+    /// weights of the group, then copy 1's, and so on.
+    pub weights: &'a [f32],
+    /// `copies · neurons.len()`: copy 0's biases, then copy 1's, and so on.
     pub bias: &'a [f32],
 }
 

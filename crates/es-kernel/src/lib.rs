@@ -21,6 +21,6 @@ pub mod reference;
 pub mod sparse;
 
 pub use config::{Arithmetic, ConfigError, NetConfig, ParamLayout};
-pub use forward::{Batch, Fill, Forward, NeuronGroup, Prefix, layer_range};
+pub use forward::{Batch, Fill, Forward, GroupCopies, NeuronGroup, Prefix, layer_range};
 pub use kernels::Kernel;
 pub use loss::Evaluation;

@@ -16,6 +16,34 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
+/// Asks the CPU to start loading the cache lines of `values[range]` into its caches, so a
+/// loop that reaches them later does not wait on memory. A hint only: it reads nothing the
+/// program sees, changes no result and never faults, even for indices past the slice's end
+/// (the addresses are computed with wrapping arithmetic and never dereferenced). Used where
+/// loops walk a table far larger than the caches with a stride the hardware prefetcher does
+/// not follow (a neuron group's noise: one short run per weight row, a row apart).
+#[inline(always)]
+pub fn prefetch(values: &[f32], range: std::ops::Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    if range.start < range.end {
+        let base = values.as_ptr();
+        let first = base.wrapping_add(range.start);
+        let last = base.wrapping_add(range.end - 1);
+        // One hint per 64-byte line from the line holding the first value to the last's.
+        let mut line = first.wrapping_byte_sub(first as usize % 64);
+        while line <= last {
+            // SAFETY: `_mm_prefetch` is a hint that never faults and reads nothing the program
+            // sees; SSE is part of the x86-64 baseline.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.cast())
+            };
+            line = line.wrapping_byte_add(64);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (values, range);
+}
+
 /// Environment variable that forces one kernel (`portable`, `avx2`, `avx512`).
 pub const KERNEL_ENV: &str = "UNDERFLOW_KERNEL";
 

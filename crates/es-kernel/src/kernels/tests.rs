@@ -543,3 +543,74 @@ fn a_neuron_group_evaluated_alone_matches_the_reference_in_every_mode_and_kernel
         }
     });
 }
+
+#[test]
+fn copies_of_a_neuron_group_evaluated_together_match_the_reference_of_each() {
+    use crate::forward::GroupCopies;
+    for_each_prefix_case(6, |case, rng| {
+        let theta = case.theta;
+        // Copy sources: the other vector, θ itself and fresh vectors; 1, 2 and 5 copies.
+        let sources: Vec<Vec<f32>> = [case.other.to_vec(), theta.to_vec()]
+            .into_iter()
+            .chain((0..3).map(|_| random_params(case.config, rng)))
+            .collect();
+        for (l, layer) in case.layout.layers().iter().enumerate() {
+            let n = layer.fan_out;
+            let a = (rng.next_u64() as usize) % n;
+            let b = a + 1 + (rng.next_u64() as usize) % (n - a);
+            for neurons in [0..1, n - 1..n, a..b, 0..n] {
+                for copies in [1, 2, 5] {
+                    let sources = &sources[..copies];
+                    let width = neurons.len();
+                    let mut weights = Vec::new();
+                    for k in 0..layer.fan_in {
+                        let row = layer.weights.start + k * n;
+                        for source in sources {
+                            weights
+                                .extend_from_slice(&source[row + neurons.start..row + neurons.end]);
+                        }
+                    }
+                    let bias_cols =
+                        layer.bias.start + neurons.start..layer.bias.start + neurons.end;
+                    let bias: Vec<f32> = sources
+                        .iter()
+                        .flat_map(|source| source[bias_cols.clone()].to_vec())
+                        .collect();
+                    assert_eq!(weights.len(), layer.fan_in * copies * width);
+                    let group = GroupCopies {
+                        layer: l,
+                        neurons: neurons.clone(),
+                        copies,
+                        weights: &weights,
+                        bias: &bias,
+                    };
+                    let mut got = Vec::new();
+                    case.forward.evaluate_group_copies(
+                        theta,
+                        &group,
+                        case.prefix,
+                        case.batch,
+                        &mut got,
+                    );
+                    assert_eq!(got.len(), copies);
+                    for (c, (source, got)) in sources.iter().zip(&got).enumerate() {
+                        // θ with this copy's group neurons taken from its source.
+                        let mut changed = theta.to_vec();
+                        for k in 0..layer.fan_in {
+                            let row = layer.weights.start + k * n;
+                            let cols = row + neurons.start..row + neurons.end;
+                            changed[cols.clone()].copy_from_slice(&source[cols]);
+                        }
+                        changed[bias_cols.clone()].copy_from_slice(&source[bias_cols.clone()]);
+                        let want = case.reference(&changed);
+                        assert_eq!(
+                            *got, want,
+                            "{} layer={l} {neurons:?} copy {c} of {copies}",
+                            case.what
+                        );
+                    }
+                }
+            }
+        }
+    });
+}
