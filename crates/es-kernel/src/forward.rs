@@ -374,11 +374,10 @@ impl Forward {
         for c in 0..copies.copies {
             // Copy c's outputs: its columns of every sample's row.
             self.group_act.clear();
-            self.group_act.extend(
-                self.copies_act
-                    .chunks_exact(columns)
-                    .flat_map(|row| &row[c * width..(c + 1) * width]),
-            );
+            for row in self.copies_act.chunks_exact(columns) {
+                self.group_act
+                    .extend_from_slice(&row[c * width..(c + 1) * width]);
+            }
             debug_assert_eq!(self.group_act.len(), samples * width);
             let neurons = copies.neurons.clone();
             with_float_env(mode, || {
@@ -454,11 +453,16 @@ impl Forward {
         let forms = self.kernel.form(samples).into();
         self.column_rows
             .fill_spliced(&self.group_act, width, &prefix.inputs[l], from, forms);
-        self.act.clear();
-        self.act.extend_from_slice(sums);
+        // Every entry is written: the sums start from θ's, not from `act`.
+        self.act.resize(sums.len(), 0.0);
         let weights = &theta[layer.weights.start + from * layer.fan_out..layer.weights.end];
-        self.kernel
-            .accumulate_onto(&self.column_rows, weights, layer.fan_out, &mut self.act);
+        self.kernel.accumulate_from(
+            &self.column_rows,
+            weights,
+            layer.fan_out,
+            sums,
+            &mut self.act,
+        );
         self.epilogue.finish(
             next,
             &theta[layer.bias.clone()],

@@ -128,7 +128,14 @@ impl Kernel {
     /// If the shapes disagree, `rows` does not hold the form [`Kernel::form`] names for its
     /// sample count, or the kernel is not supported by this CPU.
     pub fn accumulate(self, rows: &SparseRows, weights: &[f32], n_out: usize, out: &mut [f32]) {
-        self.accumulate_in(self.form(rows.samples()), rows, weights, n_out, out, false);
+        self.accumulate_in(
+            self.form(rows.samples()),
+            rows,
+            weights,
+            n_out,
+            out,
+            Start::Zero,
+        );
     }
 
     /// Like [`Kernel::accumulate`], but each output starts from the value `out` holds instead
@@ -146,7 +153,24 @@ impl Kernel {
         n_out: usize,
         out: &mut [f32],
     ) {
-        self.accumulate_in(self.form(rows.samples()), rows, weights, n_out, out, true);
+        let form = self.form(rows.samples());
+        self.accumulate_in(form, rows, weights, n_out, out, Start::Out);
+    }
+
+    /// [`Kernel::accumulate_onto`] with the sums starting from `start` instead of from
+    /// `out`'s entries: `out = start + Σ …`, each output's terms in the same order. Spares a
+    /// caller that resumes someone else's running sums the copy of them into `out`.
+    pub fn accumulate_from(
+        self,
+        rows: &SparseRows,
+        weights: &[f32],
+        n_out: usize,
+        start: &[f32],
+        out: &mut [f32],
+    ) {
+        assert_eq!(start.len(), out.len(), "start shape");
+        let form = self.form(rows.samples());
+        self.accumulate_in(form, rows, weights, n_out, out, Start::From(start));
     }
 
     /// The form of [`SparseRows`] this kernel reads for `samples` samples: the portable
@@ -159,8 +183,8 @@ impl Kernel {
         }
     }
 
-    /// [`Kernel::accumulate`] (or, with `onto`, [`Kernel::accumulate_onto`]) in a chosen
-    /// form (the portable kernel has only the per-sample one, and reads that whatever `form`
+    /// [`Kernel::accumulate`] (or, by `start`, [`Kernel::accumulate_onto`] or
+    /// [`Kernel::accumulate_from`]) in a chosen form (the portable kernel has only the per-sample one, and reads that whatever `form`
     /// says).
     pub(crate) fn accumulate_in(
         self,
@@ -169,7 +193,7 @@ impl Kernel {
         weights: &[f32],
         n_out: usize,
         out: &mut [f32],
-        onto: bool,
+        start: Start<'_>,
     ) {
         assert_eq!(weights.len(), rows.width() * n_out, "weights shape");
         assert_eq!(out.len(), rows.samples() * n_out, "output shape");
@@ -183,8 +207,16 @@ impl Kernel {
             "{self} kernel reads the {read:?} form, the rows hold {:?}",
             rows.forms()
         );
+        // The SIMD kernels take the start as a pointer to a matrix shaped like `out` (null:
+        // from +0); `Start::Out` points at `out` itself, read before each tile is stored.
+        #[cfg(target_arch = "x86_64")]
+        let start_ptr = match start {
+            Start::Zero => std::ptr::null(),
+            Start::Out => out.as_ptr(),
+            Start::From(start) => start.as_ptr(),
+        };
         match (self, form) {
-            (Kernel::Portable, _) => portable::accumulate(rows, weights, n_out, out, onto),
+            (Kernel::Portable, _) => portable::accumulate(rows, weights, n_out, out, start),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, form) => {
                 assert!(self.is_supported(), "avx2 kernel on a CPU without avx2");
@@ -193,10 +225,10 @@ impl Kernel {
                 unsafe {
                     match form {
                         Form::PerSample => {
-                            x86_64::avx2::accumulate(rows, weights, n_out, out, onto)
+                            x86_64::avx2::accumulate(rows, weights, n_out, out, start_ptr)
                         }
                         Form::Blocked => {
-                            x86_64::avx2::accumulate_blocked(rows, weights, n_out, out, onto)
+                            x86_64::avx2::accumulate_blocked(rows, weights, n_out, out, start_ptr)
                         }
                     }
                 }
@@ -211,10 +243,10 @@ impl Kernel {
                 unsafe {
                     match form {
                         Form::PerSample => {
-                            x86_64::avx512::accumulate(rows, weights, n_out, out, onto)
+                            x86_64::avx512::accumulate(rows, weights, n_out, out, start_ptr)
                         }
                         Form::Blocked => {
-                            x86_64::avx512::accumulate_blocked(rows, weights, n_out, out, onto)
+                            x86_64::avx512::accumulate_blocked(rows, weights, n_out, out, start_ptr)
                         }
                     }
                 }
@@ -223,6 +255,17 @@ impl Kernel {
             _ => panic!("kernel {self} is not supported on this architecture"),
         }
     }
+}
+
+/// Where a kernel's sums start.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Start<'a> {
+    /// From +0.
+    Zero,
+    /// From the output's own entries ([`Kernel::accumulate_onto`]).
+    Out,
+    /// From a matrix shaped like the output ([`Kernel::accumulate_from`]).
+    From(&'a [f32]),
 }
 
 /// The two loop forms of the SIMD kernels (see [`Kernel::accumulate`]), each reading the

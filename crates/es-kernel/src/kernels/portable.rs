@@ -1,6 +1,7 @@
 //! The portable kernel: plain Rust over whole output rows, vectorised by the compiler across
 //! outputs (which keeps the per-output order of operations, hence the bits).
 
+use super::Start;
 use crate::sparse::SparseRows;
 
 pub(super) fn accumulate(
@@ -8,11 +9,13 @@ pub(super) fn accumulate(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
-    onto: bool,
+    start: Start<'_>,
 ) {
     for (s, acc) in out.chunks_exact_mut(n_out).enumerate() {
-        if !onto {
-            acc.fill(0.0);
+        match start {
+            Start::Zero => acc.fill(0.0),
+            Start::Out => {}
+            Start::From(start) => acc.copy_from_slice(&start[s * n_out..(s + 1) * n_out]),
         }
         let (index, value) = rows.row(s);
         for (&k, &x) in index.iter().zip(value) {

@@ -93,7 +93,7 @@ fn assert_both_forms(
     for form in [Form::PerSample, Form::Blocked] {
         let mut out = vec![f32::NAN; samples * n_out];
         with_float_env(mode, || {
-            kernel.accumulate_in(form, rows, weights, n_out, &mut out, false)
+            kernel.accumulate_in(form, rows, weights, n_out, &mut out, Start::Zero)
         });
         assert_same(
             &out,
@@ -212,6 +212,9 @@ fn sums_continued_onto_running_sums_match_one_pass() {
                     for form in [Form::PerSample, Form::Blocked] {
                         let mut out = vec![f32::NAN; samples * n_out];
                         let mut rows = SparseRows::new();
+                        // The tail once onto the running sums in `out`, once from a copy of
+                        // them into an output of NaNs.
+                        let mut from = vec![f32::NAN; samples * n_out];
                         with_float_env(mode, || {
                             // No inputs before a = 0: the running sums are +0.
                             if a == 0 {
@@ -225,22 +228,38 @@ fn sums_continued_onto_running_sums_match_one_pass() {
                                     head_weights,
                                     n_out,
                                     &mut out,
-                                    false,
+                                    Start::Zero,
                                 );
                             }
                             if a < width {
                                 rows.fill_from_dense(&tail, width - a);
                                 let tail_weights = &weights[a * n_out..];
+                                let sums = out.clone();
+                                kernel.accumulate_in(
+                                    form,
+                                    &rows,
+                                    tail_weights,
+                                    n_out,
+                                    &mut from,
+                                    Start::From(&sums),
+                                );
                                 kernel.accumulate_in(
                                     form,
                                     &rows,
                                     tail_weights,
                                     n_out,
                                     &mut out,
-                                    true,
+                                    Start::Out,
                                 );
+                            } else {
+                                from.copy_from_slice(&out);
                             }
                         });
+                        assert_same(
+                            &from,
+                            &want,
+                            &format!("{kernel} {form:?} {mode} from, split at {a} of {width}"),
+                        );
                         assert_same(
                             &out,
                             &want,
@@ -279,7 +298,7 @@ fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
         rows.fill_from_dense(&inputs, config.0);
         let mut out = [f32::NAN; 2];
         with_float_env(Arithmetic::Ftz, || {
-            kernel.accumulate_in(form, &rows, &weights, config.1, &mut out, false)
+            kernel.accumulate_in(form, &rows, &weights, config.1, &mut out, Start::Zero)
         });
         // Reference arithmetic, flushed explicitly.
         let mut want = [0.0f32; 2];

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dispatch_tile;
+use super::{dispatch_tile, offset};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 8;
@@ -19,7 +19,7 @@ pub(crate) unsafe fn accumulate(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
-    onto: bool,
+    start: *const f32,
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
@@ -34,12 +34,14 @@ pub(crate) unsafe fn accumulate(
             let (index, value) = rows.row(s);
             // SAFETY: as in the AVX-512 kernel: offsets stay within `out` and `weights`.
             unsafe {
-                let dst = out.as_mut_ptr().add(s * n_out + v0 * LANES);
+                let at = s * n_out + v0 * LANES;
+                let dst = out.as_mut_ptr().add(at);
+                let init = offset(start, at);
                 let src = weights.as_ptr().add(v0 * LANES);
                 dispatch_tile!(
                     nv,
                     masked,
-                    tile(index, value, src, n_out, dst, tail_mask, onto)
+                    tile(index, value, src, n_out, dst, tail_mask, init)
                 );
             }
         }
@@ -58,13 +60,13 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     n_out: usize,
     out: *mut f32,
     tail_mask: __m256i,
-    onto: bool,
+    init: *const f32,
 ) {
     let mut acc = [_mm256_setzero_ps(); NV];
-    if onto {
+    if !init.is_null() {
         for (v, acc) in acc.iter_mut().enumerate() {
             // SAFETY: room for NV vectors of `out`, the last masked to the row end.
-            *acc = unsafe { load(out.add(v * LANES), MASKED && v + 1 == NV, tail_mask) };
+            *acc = unsafe { load(init.add(v * LANES), MASKED && v + 1 == NV, tail_mask) };
         }
     }
     for (&k, &x) in index.iter().zip(value) {
@@ -112,7 +114,7 @@ pub(crate) unsafe fn accumulate_blocked(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
-    onto: bool,
+    start: *const f32,
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
@@ -130,12 +132,14 @@ pub(crate) unsafe fn accumulate_blocked(
             let count = (samples - first).min(BLOCK);
             // SAFETY: as in the AVX-512 blocked kernel.
             unsafe {
-                let dst = out.as_mut_ptr().add(first * n_out + v0 * LANES);
+                let at = first * n_out + v0 * LANES;
+                let dst = out.as_mut_ptr().add(at);
+                let init = offset(start, at);
                 let src = weights.as_ptr().add(v0 * LANES);
                 dispatch_tile!(
                     nv,
                     masked,
-                    block_tile(index, value, src, n_out, dst, count, tail_mask, onto)
+                    block_tile(index, value, src, n_out, dst, count, tail_mask, init)
                 );
             }
         }
@@ -157,16 +161,16 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     out: *mut f32,
     count: usize,
     tail_mask: __m256i,
-    onto: bool,
+    init: *const f32,
 ) {
     let mut acc = [[_mm256_setzero_ps(); NV]; BLOCK];
-    if onto {
+    if !init.is_null() {
         for (s, acc) in acc.iter_mut().enumerate().take(count) {
             for (v, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: row s < count of the block, NV vectors, the last masked.
                 *acc = unsafe {
                     load(
-                        out.add(s * n_out + v * LANES),
+                        init.add(s * n_out + v * LANES),
                         MASKED && v + 1 == NV,
                         tail_mask,
                     )

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dispatch_tile;
+use super::{dispatch_tile, offset};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 16;
@@ -20,7 +20,7 @@ pub(crate) unsafe fn accumulate(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
-    onto: bool,
+    start: *const f32,
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
@@ -35,12 +35,14 @@ pub(crate) unsafe fn accumulate(
             // the tile's stores stay within the sample's row (the last vector is masked to
             // `n_out`); weight offsets likewise stay within row `k < width` of `weights`.
             unsafe {
-                let dst = out.as_mut_ptr().add(s * n_out + v0 * LANES);
+                let at = s * n_out + v0 * LANES;
+                let dst = out.as_mut_ptr().add(at);
+                let init = offset(start, at);
                 let src = weights.as_ptr().add(v0 * LANES);
                 dispatch_tile!(
                     nv,
                     masked,
-                    tile(index, value, src, n_out, dst, tail_mask, onto)
+                    tile(index, value, src, n_out, dst, tail_mask, init)
                 );
             }
         }
@@ -62,14 +64,14 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     n_out: usize,
     out: *mut f32,
     tail_mask: __mmask16,
-    onto: bool,
+    init: *const f32,
 ) {
     let mask = |v: usize| if MASKED && v + 1 == NV { tail_mask } else { !0 };
     let mut acc = [_mm512_setzero_ps(); NV];
-    if onto {
+    if !init.is_null() {
         for (v, acc) in acc.iter_mut().enumerate() {
             // SAFETY: the caller guarantees NV vectors of `out`, the last masked to the row end.
-            *acc = unsafe { _mm512_maskz_loadu_ps(mask(v), out.add(v * LANES)) };
+            *acc = unsafe { _mm512_maskz_loadu_ps(mask(v), init.add(v * LANES)) };
         }
     }
     for (&k, &x) in index.iter().zip(value) {
@@ -106,7 +108,7 @@ pub(crate) unsafe fn accumulate_blocked(
     weights: &[f32],
     n_out: usize,
     out: &mut [f32],
-    onto: bool,
+    start: *const f32,
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
@@ -124,12 +126,14 @@ pub(crate) unsafe fn accumulate_blocked(
             // each row (the last vector masked to `n_out`); weight offsets stay within row
             // `k < width` of `weights`.
             unsafe {
-                let dst = out.as_mut_ptr().add(first * n_out + v0 * LANES);
+                let at = first * n_out + v0 * LANES;
+                let dst = out.as_mut_ptr().add(at);
+                let init = offset(start, at);
                 let src = weights.as_ptr().add(v0 * LANES);
                 dispatch_tile!(
                     nv,
                     masked,
-                    block_tile(index, value, src, n_out, dst, count, tail_mask, onto)
+                    block_tile(index, value, src, n_out, dst, count, tail_mask, init)
                 );
             }
         }
@@ -155,15 +159,15 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     out: *mut f32,
     count: usize,
     tail_mask: __mmask16,
-    onto: bool,
+    init: *const f32,
 ) {
     let mask = |v: usize| if MASKED && v + 1 == NV { tail_mask } else { !0 };
     let mut acc = [[_mm512_setzero_ps(); NV]; BLOCK];
-    if onto {
+    if !init.is_null() {
         for (s, acc) in acc.iter_mut().enumerate().take(count) {
             for (v, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: row s < count of the block, NV vectors, the last masked.
-                *acc = unsafe { _mm512_maskz_loadu_ps(mask(v), out.add(s * n_out + v * LANES)) };
+                *acc = unsafe { _mm512_maskz_loadu_ps(mask(v), init.add(s * n_out + v * LANES)) };
             }
         }
     }

@@ -29,3 +29,14 @@ macro_rules! dispatch_tile {
     };
 }
 pub(super) use dispatch_tile;
+
+/// Where a tile's sums start: `start` (a `samples × n_out` matrix the sums start from, or
+/// null for sums from +0) moved to the tile's first output `at`; null stays null.
+#[inline(always)]
+pub(super) fn offset(start: *const f32, at: usize) -> *const f32 {
+    if start.is_null() {
+        start
+    } else {
+        start.wrapping_add(at)
+    }
+}
