@@ -175,6 +175,26 @@ async fn with_a_growing_batch_theta_is_bit_identical_with_two_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shifted_images_theta_is_bit_identical_with_two_workers() {
+    let scratch = Arc::new(Scratch::new("cluster-image-shift"));
+    // Every training image moves by up to 2 pixels: workers shift each generation's images
+    // from the spec exactly as the embedded trainer does.
+    let config = RunConfig {
+        image_shift: 2,
+        ..config()
+    };
+    let embedded = embedded_theta(&config, &scratch).await;
+    let plain_scratch = Arc::new(Scratch::new("cluster-shift-plain"));
+    let plain = embedded_theta(&self::config(), &plain_scratch).await;
+    assert!(embedded != plain, "the image shift changed nothing");
+    let two = cluster_theta(&config, &scratch, "two", &[1, 2]).await;
+    assert!(
+        two == embedded,
+        "θ with shifted images and 2 workers differs from the embedded run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_workers_drive_a_run_only_with_audits_off() {
     let scratch = Arc::new(Scratch::new("cluster-fake"));
     let config = config();

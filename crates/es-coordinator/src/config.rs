@@ -53,6 +53,9 @@ pub struct RunConfig {
     /// Per layer, the groups its neurons are split into (empty: all 1; needs layer
     /// populations; see `EsConfig::neuron_groups`).
     pub neuron_groups: Vec<usize>,
+    /// The largest shift, in pixels, of a training image in a minibatch (0: none; see
+    /// `EsConfig::image_shift`).
+    pub image_shift: usize,
     pub mode: String,
     pub hidden: Vec<usize>,
     pub scale_exponents: Vec<i32>,
@@ -91,6 +94,7 @@ impl Default for RunConfig {
             lr_multipliers: es.lr_multipliers,
             layer_populations: es.layer_populations,
             neuron_groups: es.neuron_groups,
+            image_shift: es.image_shift,
             mode: net.arithmetic.name().into(),
             hidden: net.hidden,
             scale_exponents: net.scale_exponents,
@@ -190,6 +194,7 @@ impl RunConfig {
             lr_multipliers: self.lr_multipliers.clone(),
             layer_populations: self.layer_populations.clone(),
             neuron_groups: self.neuron_groups.clone(),
+            image_shift: self.image_shift,
             ..EsConfig::default()
         };
         es.validate_for(&self.net()?)?;

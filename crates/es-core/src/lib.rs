@@ -6,10 +6,12 @@
 //! - [`noise`]: the bit-reproducible standard normal sampler, the shared noise table and the
 //!   stream noise source.
 //! - [`strategy`]: mirrored sampling, centered ranks, the gradient estimate.
+//! - [`minibatch`]: a generation's training images, drawn and (optionally) shifted.
 //! - [`optimizer`]: Adam with L2 and the schedules.
 //! - [`train`]: the single-process training loop on all cores.
 
 pub mod init;
+pub mod minibatch;
 pub mod noise;
 pub mod optimizer;
 pub mod seeds;

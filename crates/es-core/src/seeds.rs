@@ -19,7 +19,8 @@
 //! | purpose         | seed         | generation     | index                          | what is drawn |
 //! |-----------------|--------------|----------------|--------------------------------|---------------|
 //! | `Init`          | `run_seed`   | 0              | parameter block in layout order (W1 = 0, b1 = 1, W2 = 2, …) | [`crate::noise::fill_standard_normal`] over the block, row-major, then scaled by the block's init std |
-//! | `Minibatch`     | `run_seed`   | generation `t` | 0 (further indices free for the sampler) | the minibatch indices of generation `t`, with [`uniform_below`] |
+//! | `Minibatch`     | `run_seed`   | generation `t` | 0                              | the minibatch indices of generation `t`, with [`uniform_below`] |
+//! | `Minibatch`     | `run_seed`   | generation `t` | 1                              | with an image shift `s`, per image of the minibatch `dx` then `dy`, each [`uniform_below`]`(2s + 1) − s` ([`crate::minibatch::image_shifts`]) |
 //! | `NoiseOffset`   | `run_seed`   | generation `t` | perturbation index `i`         | one [`uniform_below`]`(table_len − D + 1)`: the table offset of ε_i |
 //! | `NoiseStream`   | `run_seed`   | generation `t` | perturbation index `i`         | the D normals of ε_i, with [`crate::noise::fill_standard_normal`] |
 //! | `NoiseTable`    | `noise_seed` | 0              | chunk `c` of 2^20 values        | table values `c·2^20 ..`, with [`crate::noise::fill_standard_normal`] |

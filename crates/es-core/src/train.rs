@@ -20,9 +20,10 @@ use es_kernel::{
 };
 
 use crate::init::{init_params, init_std};
+pub use crate::minibatch::minibatch_indices;
+use crate::minibatch::{MinibatchBuilder, square_side};
 use crate::noise::{NoiseError, NoiseKey, NoiseSource};
 use crate::optimizer::{Adam, AdamConfig, AdamStep, Schedule};
-use crate::seeds::{Purpose, rng, uniform_below};
 use crate::strategy::{PairFitness, StrategyError, accumulate_weighted, rank_weights};
 
 /// The largest minibatch a batch schedule may reach: far beyond MNIST's 60,000 training
@@ -71,6 +72,13 @@ pub struct EsConfig {
     /// the `g`-th of `G_l` equal ranges of the layer's neurons. Such a pair costs the group's
     /// share of its layer plus the layers after it: the other neurons' outputs are θ's.
     pub neuron_groups: Vec<usize>,
+    /// The largest move, in pixels, of a training image in a minibatch (0: none). Each image
+    /// of generation `t`'s minibatch is shifted by its own `(dx, dy)`, each uniform in
+    /// `−image_shift..=image_shift` ([`crate::minibatch::image_shifts`]), the uncovered edge
+    /// black. The network then never sees the same pixels twice, which narrows the gap
+    /// between training and test accuracy that many generations on 60,000 images open. Needs
+    /// square images.
+    pub image_shift: usize,
 }
 
 impl Default for EsConfig {
@@ -92,6 +100,7 @@ impl Default for EsConfig {
             lr_multipliers: Vec::new(),
             layer_populations: Vec::new(),
             neuron_groups: Vec::new(),
+            image_shift: 0,
         }
     }
 }
@@ -174,6 +183,11 @@ pub enum TrainError {
         neurons: usize,
         pairs: usize,
     },
+    #[error(
+        "image shift {shift} needs square images wider than {shift} pixels: the network has \
+         {inputs} inputs"
+    )]
+    ImageShift { shift: usize, inputs: usize },
 }
 
 impl EsConfig {
@@ -235,6 +249,14 @@ impl EsConfig {
                     });
                 }
             }
+        }
+        if self.image_shift > 0
+            && square_side(net.inputs).is_none_or(|side| side <= self.image_shift)
+        {
+            return Err(TrainError::ImageShift {
+                shift: self.image_shift,
+                inputs: net.inputs,
+            });
         }
         Ok(())
     }
@@ -628,14 +650,6 @@ impl Dataset<'_> {
     }
 }
 
-/// The minibatch of generation `t`: `batch_size` indices drawn uniformly (with replacement)
-/// from `0..n` by `rng(run_seed, Minibatch, t, 0)`.
-pub fn minibatch_indices(run_seed: u64, t: u32, batch_size: usize, n: usize, out: &mut Vec<usize>) {
-    let mut rng = rng(run_seed, Purpose::Minibatch, t, 0);
-    out.clear();
-    out.extend((0..batch_size).map(|_| uniform_below(&mut rng, n as u64) as usize));
-}
-
 /// The fitnesses of one perturbation, as returned by an evaluator.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PairResult {
@@ -909,14 +923,9 @@ pub fn evaluate_index(
     index: u32,
 ) -> Result<PairResult, TrainError> {
     let net = evaluator.forward.config().clone();
+    es.validate_for(&net)?;
     train.validate(&net)?;
-    let batch = generation_batch(
-        net.inputs,
-        es.batch_at(generation),
-        run_seed,
-        train,
-        generation,
-    );
+    let batch = generation_batch(es, net.inputs, run_seed, train, generation);
     let perturbation = es.perturbation(&net, generation);
     let key = NoiseKey {
         run_seed,
@@ -928,16 +937,14 @@ pub fn evaluate_index(
 
 /// Generation `generation`'s minibatch of `train`, drawn from `run_seed`.
 fn generation_batch(
+    es: &EsConfig,
     inputs: usize,
-    batch_size: usize,
     run_seed: u64,
     train: Dataset<'_>,
     generation: u32,
 ) -> Batch {
-    let mut indices = Vec::new();
-    minibatch_indices(run_seed, generation, batch_size, train.len(), &mut indices);
     let mut batch = Batch::new(inputs);
-    batch.fill(train.images, train.labels, &indices);
+    MinibatchBuilder::new().fill(es, run_seed, train, generation, &mut batch);
     batch
 }
 
@@ -981,13 +988,7 @@ pub fn golden_task(
     // θ₀ ± σε written out, with the same operations as a worker's evaluation.
     let perturbation = es.perturbation(net, generation);
     let (plus, minus) = pair_vectors(&theta, eps, &perturbation, &layout, index);
-    let batch = generation_batch(
-        net.inputs,
-        es.batch_at(generation),
-        run_seed,
-        train,
-        generation,
-    );
+    let batch = generation_batch(es, net.inputs, run_seed, train, generation);
     let classes = net.outputs;
     let forward = &mut Forward::new(net.clone(), kernel)?;
     let run = |params: &[f32], forward: &mut Forward| {
@@ -1452,7 +1453,7 @@ pub struct Trainer {
     state: EsState,
     pool: EvalPool,
     batch: Batch,
-    indices: Vec<usize>,
+    minibatch: MinibatchBuilder,
 }
 
 impl Trainer {
@@ -1500,7 +1501,7 @@ impl Trainer {
             state,
             pool,
             batch,
-            indices: Vec::new(),
+            minibatch: MinibatchBuilder::new(),
         })
     }
 
@@ -1520,14 +1521,8 @@ impl Trainer {
     pub fn step(&mut self, train: Dataset<'_>) -> Result<GenerationReport, TrainError> {
         train.validate(&self.net)?;
         let t = self.state.generation;
-        minibatch_indices(
-            self.run_seed,
-            t,
-            self.es.batch_at(t),
-            train.len(),
-            &mut self.indices,
-        );
-        self.batch.fill(train.images, train.labels, &self.indices);
+        self.minibatch
+            .fill(&self.es, self.run_seed, train, t, &mut self.batch);
         let perturbation = self.es.perturbation(&self.net, t);
         let results = self.pool.evaluate(
             &self.state.theta,
@@ -1579,6 +1574,7 @@ impl Trainer {
 mod tests {
     use super::*;
     use crate::noise::NoiseTable;
+    use crate::seeds::{Purpose, rng, uniform_below};
     use std::sync::Arc;
 
     /// A small network and a synthetic 2-class task whose class decides which half of the
@@ -1641,6 +1637,91 @@ mod tests {
     #[test]
     fn training_with_neuron_groups_is_independent_of_thread_count_and_learns() {
         training_is_independent_of_thread_count_and_learns_with(small_grouped());
+    }
+
+    #[test]
+    fn training_with_image_shift_is_independent_of_thread_count_and_learns() {
+        let (net, es, images, labels) = small_grouped();
+        let shifted = EsConfig {
+            image_shift: 1,
+            ..es.clone()
+        };
+        training_is_independent_of_thread_count_and_learns_with((
+            net.clone(),
+            shifted.clone(),
+            images.clone(),
+            labels.clone(),
+        ));
+        // The shift reaches the evaluations: the same run without it ends elsewhere.
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let states: Vec<EsState> = [es, shifted]
+            .into_iter()
+            .map(|es| {
+                let mut trainer =
+                    Trainer::new(net.clone(), es, 42, table_for(&net), Kernel::Portable, 1)
+                        .unwrap();
+                for _ in 0..3 {
+                    trainer.step(data).unwrap();
+                }
+                trainer.state().clone()
+            })
+            .collect();
+        assert_ne!(states[0].theta, states[1].theta);
+    }
+
+    #[test]
+    fn an_image_shift_needs_square_images_wider_than_the_shift() {
+        let (net, es, ..) = small();
+        for (inputs, shift, ok) in [(16, 1, true), (16, 3, true), (16, 4, false), (15, 1, false)] {
+            let net = NetConfig {
+                inputs,
+                ..net.clone()
+            };
+            let es = EsConfig {
+                image_shift: shift,
+                ..es.clone()
+            };
+            match es.validate_for(&net) {
+                Ok(()) => assert!(ok, "{inputs} inputs, shift {shift} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{inputs} inputs, shift {shift}: {e}");
+                    assert!(matches!(e, TrainError::ImageShift { .. }), "{e}");
+                    assert!(e.to_string().contains(&format!("{inputs} inputs")), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_without_the_image_shift_fails_the_golden_task() {
+        // A peer that predates the shift evaluates the unshifted images.
+        let (net, es, images, labels) = small();
+        let data = Dataset {
+            images: &images,
+            labels: &labels,
+        };
+        let noise = table_for(&net);
+        let shifted = EsConfig {
+            image_shift: 1,
+            ..es.clone()
+        };
+        let golden = |es: &EsConfig| {
+            golden_task(
+                &net,
+                es,
+                3,
+                &noise,
+                data,
+                es.golden_generation(),
+                0,
+                Kernel::Portable,
+            )
+            .unwrap()
+        };
+        assert_ne!(golden(&shifted)[0], golden(&es)[0]);
     }
 
     fn training_is_independent_of_thread_count_and_learns_with(
@@ -1854,7 +1935,7 @@ mod tests {
             let noise = table_for(&net);
             let theta = init_params(&net, 3);
             let perturbation = es.perturbation(&net, 2);
-            let batch = generation_batch(net.inputs, es.batch_size, 3, data, 2);
+            let batch = generation_batch(&es, net.inputs, 3, data, 2);
             // The pool starts pairs past layer 1, and groups, from θ's prefix.
             let mut pool = EvalPool::new(&net, Kernel::Portable, 2).unwrap();
             let pooled = pool

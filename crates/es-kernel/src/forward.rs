@@ -49,12 +49,33 @@ impl Batch {
         self.rows.fill_from_pixels(&self.pixels, self.inputs);
     }
 
+    /// The batch of all `images` (`labels.len() × inputs` pixels) in order.
+    ///
+    /// # Panics
+    /// If the shapes disagree.
+    pub fn fill_all(&mut self, images: &[u8], labels: &[u8]) {
+        assert_eq!(
+            images.len(),
+            labels.len() * self.inputs,
+            "images and labels disagree"
+        );
+        self.pixels.clear();
+        self.pixels.extend_from_slice(images);
+        self.labels.clear();
+        self.labels.extend_from_slice(labels);
+        self.rows.fill_from_pixels(&self.pixels, self.inputs);
+    }
+
     /// A batch holding whole `images` (`labels.len() × inputs` pixels) in order.
     pub fn from_images(inputs: usize, images: &[u8], labels: &[u8]) -> Batch {
         let mut batch = Batch::new(inputs);
-        let all: Vec<usize> = (0..labels.len()).collect();
-        batch.fill(images, labels, &all);
+        batch.fill_all(images, labels);
         batch
+    }
+
+    /// Pixels per sample.
+    pub fn inputs(&self) -> usize {
+        self.inputs
     }
 
     pub fn len(&self) -> usize {

@@ -189,6 +189,7 @@ impl From<&EsConfig> for pb::EsSpec {
             // A constant batch is sent as no schedule, as peers before the field read it.
             batch_schedule: (es.batch_schedule != Schedule::Constant)
                 .then(|| es.batch_schedule.into()),
+            image_shift: es.image_shift as u64,
         }
     }
 }
@@ -229,6 +230,7 @@ impl TryFrom<pb::EsSpec> for EsConfig {
                 .into_iter()
                 .map(|g| to_usize("es.neuron_groups", g))
                 .collect::<Result<_, _>>()?,
+            image_shift: to_usize("es.image_shift", m.image_shift)?,
             ..EsConfig::default()
         };
         es.validate().map_err(|source| ConversionError::Es {
@@ -603,6 +605,21 @@ mod tests {
         );
         let e = RunSpec::try_from(m).unwrap_err();
         assert!(e.to_string().contains("batch schedule"), "{e}");
+    }
+
+    #[test]
+    fn an_image_shift_round_trips_and_one_the_images_cannot_take_is_refused() {
+        let mut s = spec();
+        assert_eq!(pb::EsSpec::from(&s.es).image_shift, 0);
+        s.es.image_shift = 2;
+        let back = round_trip(&s).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.es.image_shift, 2);
+        // A shift as wide as the 28-pixel images is refused on arrival.
+        let mut m = pb::RunSpec::from(&s);
+        m.es.as_mut().unwrap().image_shift = 28;
+        let e = RunSpec::try_from(m).unwrap_err();
+        assert!(e.to_string().contains("image shift 28"), "{e}");
     }
 
     #[test]

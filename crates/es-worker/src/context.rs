@@ -5,8 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use es_core::minibatch::MinibatchBuilder;
 use es_core::noise::NoiseSource;
-use es_core::train::{Dataset, EsConfig, Perturbation, minibatch_indices};
+use es_core::train::{Dataset, EsConfig, Perturbation};
 use es_data::mnist::Mnist;
 use es_kernel::{Batch, NetConfig, ParamLayout};
 use es_proto::{NoiseSpec, RunSpec};
@@ -69,12 +70,8 @@ impl RunContext {
 
     /// The minibatch of generation `t`.
     pub fn minibatch(&self, t: u32) -> Batch {
-        let train = self.train();
-        let size = self.es.batch_at(t);
-        let mut indices = Vec::with_capacity(size);
-        minibatch_indices(self.run_seed, t, size, train.len(), &mut indices);
         let mut batch = Batch::new(self.net.inputs);
-        batch.fill(train.images, train.labels, &indices);
+        MinibatchBuilder::new().fill(&self.es, self.run_seed, self.train(), t, &mut batch);
         batch
     }
 
@@ -94,6 +91,7 @@ fn train_split(data: &Mnist) -> Dataset<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use es_core::minibatch::minibatch_indices;
     use es_core::seeds::{Purpose, rng, uniform_below};
     use es_data::mnist::Split;
     use es_proto::pb;

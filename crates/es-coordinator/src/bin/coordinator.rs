@@ -139,6 +139,10 @@ struct Cli {
     /// --batch × FRACTION over the run, e.g. linear:4).
     #[arg(help_heading = "Run settings", long)]
     batch_schedule: Option<String>,
+    /// Shift each training image of a minibatch by up to this many pixels in x and y, each
+    /// image and generation its own shift (0: none). Augments the 60,000 training images.
+    #[arg(help_heading = "Run settings", long, value_name = "PIXELS")]
+    image_shift: Option<usize>,
     /// Perturbation scale, relative to each layer's init standard deviation.
     #[arg(help_heading = "Run settings", long)]
     sigma: Option<f32>,
@@ -249,6 +253,7 @@ const RUN_SETTINGS: &[&str] = &[
     "population",
     "batch",
     "batch_schedule",
+    "image_shift",
     "sigma",
     "sigma_schedule",
     "lr",
@@ -289,7 +294,7 @@ impl Cli {
              mode => mode, init_multipliers => init_multipliers,
              scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
              lr_multipliers => lr_multipliers, layer_populations => layer_populations,
-             neuron_groups => neuron_groups,
+             neuron_groups => neuron_groups, image_shift => image_shift,
              noise_table_len => noise_table_len);
         self.set_operational(&mut c);
         if let Some(noise) = self.noise {
