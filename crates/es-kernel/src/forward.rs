@@ -5,7 +5,7 @@
 
 use crate::config::{Arithmetic, ConfigError, LayerLayout, NetConfig, ParamLayout};
 use crate::float_env::with_float_env;
-use crate::kernels::Kernel;
+use crate::kernels::{COPY_BLOCK, Kernel, WindowCopies};
 use crate::loss::Evaluation;
 use crate::reference::{epilogue_add, epilogue_mul, pow2_neg};
 use crate::sparse::{Forms, SparseRows};
@@ -115,6 +115,8 @@ pub struct Forward {
     /// The outputs of several copies of a group, rows of `copies · width`
     /// ([`Forward::evaluate_group_copies`]).
     copies_act: Vec<f32>,
+    /// The next layer's sums of a block of those copies, copy after copy.
+    copies_next: Vec<f32>,
     /// Some columns of a layer's inputs, dense, and their nonzeros: what a pass that keeps or
     /// resumes running sums adds over.
     columns: Vec<f32>,
@@ -192,6 +194,7 @@ impl Forward {
             act: Vec::new(),
             group_act: Vec::new(),
             copies_act: Vec::new(),
+            copies_next: Vec::new(),
             columns: Vec::new(),
             column_rows: SparseRows::new(),
             sums: Vec::new(),
@@ -353,7 +356,10 @@ impl Forward {
     /// alone: the kernel sums every output column on its own in the same order whatever the
     /// width, so one pass over the group's inputs computes all copies' outputs at once (full
     /// vectors and one sweep of the inputs, where a narrow group alone fills a fraction of
-    /// each vector); each copy then continues through the layers after it alone.
+    /// each vector). The next layer, when θ's prefix kept its running sums at the group's
+    /// first neuron, runs for blocks of copies together (the terms after the group are θ's,
+    /// so each product is computed once per block: [`Kernel::accumulate_window_copies`]);
+    /// each copy then continues through the layers after it alone.
     ///
     /// # Panics
     /// As [`Forward::evaluate_group`], for any copy.
@@ -392,6 +398,30 @@ impl Forward {
         let mode = self.config.arithmetic;
         with_float_env(mode, || self.run_group_layer(copies, input));
         let samples = input.samples();
+        let next = copies.layer + 1;
+        let resumed = match next < self.layout.layers().len() {
+            true => prefix.running_sums(next, copies.neurons.start),
+            false => None,
+        };
+        if let Some(sums) = resumed {
+            // The next layer of every copy from θ's running sums at the group: the group's
+            // outputs, then θ's inputs after it, shared by the copies of a block.
+            for first in (0..copies.copies).step_by(COPY_BLOCK) {
+                let count = (copies.copies - first).min(COPY_BLOCK);
+                with_float_env(mode, || {
+                    self.run_next_layer_of_copies(theta, copies, first..first + count, prefix, sums)
+                });
+                for i in 0..count {
+                    with_float_env(mode, || self.finish_copy(theta, next, i, samples));
+                    out.push(Evaluation::from_logits(
+                        &self.act,
+                        batch.labels(),
+                        self.config.outputs,
+                    ));
+                }
+            }
+            return;
+        }
         for c in 0..copies.copies {
             // Copy c's outputs: its columns of every sample's row.
             self.group_act.clear();
@@ -428,9 +458,69 @@ impl Forward {
         );
     }
 
+    /// The sums of the layer after the group's for copies `chosen` of `copies` (their
+    /// outputs in `copies_act`), into `copies_next` (copy after copy), from θ's running sums
+    /// `sums` at the group's first neuron, run inside the float environment. Not inlined: see
+    /// `float_env`.
+    #[inline(never)]
+    fn run_next_layer_of_copies(
+        &mut self,
+        theta: &[f32],
+        copies: &GroupCopies<'_>,
+        chosen: std::ops::Range<usize>,
+        prefix: &Prefix,
+        sums: &[f32],
+    ) {
+        let next = copies.layer + 1;
+        let layer = &self.layout.layers()[next];
+        let width = copies.neurons.len();
+        let columns = copies.copies * width;
+        let rest = &prefix.inputs[copies.layer];
+        let samples = rest.samples();
+        self.copies_next
+            .resize(chosen.len() * samples * layer.fan_out, 0.0);
+        self.kernel.accumulate_window_copies(
+            &WindowCopies {
+                window: &self.copies_act,
+                columns,
+                width,
+                copies: chosen,
+                from: copies.neurons.start,
+                rest,
+                start: sums,
+            },
+            &theta[layer.weights.clone()],
+            layer.fan_out,
+            &mut self.copies_next,
+        );
+    }
+
+    /// Copy `i` of the last [`Forward::run_next_layer_of_copies`] on `samples` samples: its
+    /// sums of layer `l`
+    /// finished with the layer's bias and scaling, then the layers after it, leaving the
+    /// logits in `act`; run inside the float environment. Not inlined: see `float_env`.
+    #[inline(never)]
+    fn finish_copy(&mut self, theta: &[f32], l: usize, i: usize, samples: usize) {
+        let layer = &self.layout.layers()[l];
+        let size = samples * layer.fan_out;
+        self.act.clear();
+        self.act
+            .extend_from_slice(&self.copies_next[i * size..(i + 1) * size]);
+        self.epilogue.finish(
+            l,
+            &theta[layer.bias.clone()],
+            &mut self.scaled_bias,
+            &mut self.act,
+        );
+        if l + 1 < self.layout.layers().len() {
+            self.run_layers(Params::Whole(theta), l + 1, None, None);
+        }
+    }
+
     /// θ's outputs of layer `l` with `neurons` replaced by the group's outputs in
-    /// `group_act`, then the layers after it, run inside the float environment. Not inlined:
-    /// see `float_env`.
+    /// `group_act`, then the layers after it (the last layer's group, or a group whose next
+    /// layer kept no running sums at it), run inside the float environment. Not inlined: see
+    /// `float_env`.
     #[inline(never)]
     fn run_after_group(
         &mut self,
@@ -439,59 +529,20 @@ impl Forward {
         neurons: std::ops::Range<usize>,
         prefix: &Prefix,
     ) {
-        let theta_output = &prefix.outputs[l];
         let fan_out = self.layout.layers()[l].fan_out;
         let width = neurons.len();
-        let samples = self.group_act.len() / width;
-        let layers = self.layout.layers().len();
-        let next = l + 1;
-        let sums = match next < layers {
-            true => prefix.running_sums(next, neurons.start),
-            false => None,
-        };
-        let Some(sums) = sums else {
-            // The layer's outputs: θ's, with the group's neurons replaced.
-            self.act.clear();
-            self.act.extend_from_slice(theta_output);
-            for (row, group_row) in self
-                .act
-                .chunks_exact_mut(fan_out)
-                .zip(self.group_act.chunks_exact(width))
-            {
-                row[neurons.clone()].copy_from_slice(group_row);
-            }
-            if next < layers {
-                self.run_layers(Params::Whole(theta), next, None, None);
-            }
-            return;
-        };
-        // Layer `next` from θ's sums over the inputs before the group, plus the terms of the
-        // inputs from the group's first neuron on: the group's outputs, then θ's after it,
-        // taken from the prefix's nonzero inputs of layer `next` (the whole layer is never
-        // put together).
-        let layer = &self.layout.layers()[next];
-        let from = neurons.start;
-        let forms = self.kernel.form(samples).into();
-        self.column_rows
-            .fill_spliced(&self.group_act, width, &prefix.inputs[l], from, forms);
-        // Every entry is written: the sums start from θ's, not from `act`.
-        self.act.resize(sums.len(), 0.0);
-        let weights = &theta[layer.weights.start + from * layer.fan_out..layer.weights.end];
-        self.kernel.accumulate_from(
-            &self.column_rows,
-            weights,
-            layer.fan_out,
-            sums,
-            &mut self.act,
-        );
-        self.epilogue.finish(
-            next,
-            &theta[layer.bias.clone()],
-            &mut self.scaled_bias,
-            &mut self.act,
-        );
-        if next + 1 < layers {
-            self.run_layers(Params::Whole(theta), next + 1, None, None);
+        // The layer's outputs: θ's, with the group's neurons replaced.
+        self.act.clear();
+        self.act.extend_from_slice(&prefix.outputs[l]);
+        for (row, group_row) in self
+            .act
+            .chunks_exact_mut(fan_out)
+            .zip(self.group_act.chunks_exact(width))
+        {
+            row[neurons.clone()].copy_from_slice(group_row);
+        }
+        if l + 1 < self.layout.layers().len() {
+            self.run_layers(Params::Whole(theta), l + 1, None, None);
         }
     }
 

@@ -158,90 +158,6 @@ impl SparseRows {
         self.nonzeros = nonzeros;
     }
 
-    /// Rebuilds `forms` as what [`SparseRows::fill_from_dense_in`] builds from columns
-    /// `from..` of a layer input whose columns `from..from + head_width` are `head` (dense,
-    /// `samples × head_width`) and whose later columns are those `tail` was built from,
-    /// re-indexed so that column `from` is 0: a neuron group's new outputs followed by θ's
-    /// outputs after the group, without putting those columns together. `tail`'s entries
-    /// after the head are copied as they are (its blocks group the same samples), so only
-    /// the head is scanned.
-    ///
-    /// # Panics
-    /// If `tail` does not hold `forms`, has another number of samples than `head`, or the
-    /// head does not end within `tail`'s width.
-    pub fn fill_spliced(
-        &mut self,
-        head: &[f32],
-        head_width: usize,
-        tail: &SparseRows,
-        from: usize,
-        forms: Forms,
-    ) {
-        let tail_from = from + head_width;
-        assert!(
-            head_width > 0 && tail_from <= tail.width,
-            "head of {head_width} columns from {from} in an input of {}",
-            tail.width
-        );
-        assert_eq!(
-            head.len(),
-            tail.samples * head_width,
-            "head rows: expected {} samples of {head_width}",
-            tail.samples
-        );
-        assert!(
-            (!forms.per_sample() || tail.forms.per_sample())
-                && (!forms.blocked() || tail.forms.blocked()),
-            "tail holds {:?}, splice asks for {forms:?}",
-            tail.forms
-        );
-        self.start_fill(tail.width - from, tail.samples, forms);
-        let mut nonzeros = 0;
-        if forms.per_sample() {
-            let mut n = 0;
-            for (s, head_row) in head.chunks_exact(head_width).enumerate() {
-                n += keep_nonzeros(
-                    head_row.iter().copied(),
-                    &mut self.index[n..n + head_width],
-                    &mut self.value[n..n + head_width],
-                );
-                let (tail_index, tail_value) = tail.row(s);
-                let (index, value) = (&mut self.index[n..], &mut self.value[n..]);
-                n += copy_tail(tail_index, tail_value, tail_from, from, index, value);
-                self.starts.push(n);
-            }
-            nonzeros = n;
-        }
-        if forms.blocked() {
-            let mut n = 0;
-            let mut counted = 0;
-            for (b, group) in head.chunks(BLOCK * head_width).enumerate() {
-                let (entries, count) = keep_block_nonzeros(
-                    group,
-                    head_width,
-                    |&v| v,
-                    &mut self.block_index[n..n + head_width],
-                    &mut self.block_value[n..n + head_width],
-                );
-                n += entries;
-                counted += count;
-                let (tail_index, tail_value) = tail.block(b);
-                let (index, value) = (&mut self.block_index[n..], &mut self.block_value[n..]);
-                let copied = copy_tail(tail_index, tail_value, tail_from, from, index, value);
-                // Counted in u32 lanes, which vectorise (a block's count fits easily).
-                counted += value[..copied]
-                    .as_flattened()
-                    .iter()
-                    .map(|&v| u32::from(v != 0.0))
-                    .sum::<u32>() as usize;
-                n += copied;
-                self.block_starts.push(n);
-            }
-            nonzeros = counted;
-        }
-        self.nonzeros = nonzeros;
-    }
-
     /// Empties the lists for `samples` samples of `width` inputs in `forms`, with room in each
     /// form held for a whole dense input (the fills write every input and keep the nonzero).
     fn start_fill(&mut self, width: usize, samples: usize, forms: Forms) {
@@ -408,26 +324,6 @@ fn keep_block_nonzeros<T>(
     (m, counted)
 }
 
-/// Copies the entries of `tail_index`/`tail_value` (ascending indices) from index `first` on
-/// to the start of `index`/`value`, each index less `rebase`; returns how many.
-fn copy_tail<T: Copy>(
-    tail_index: &[u32],
-    tail_value: &[T],
-    first: usize,
-    rebase: usize,
-    index: &mut [u32],
-    value: &mut [T],
-) -> usize {
-    let after = tail_index.partition_point(|&k| (k as usize) < first);
-    let count = tail_index.len() - after;
-    let rebase = rebase as u32;
-    for (i, &k) in index[..count].iter_mut().zip(&tail_index[after..]) {
-        *i = k - rebase;
-    }
-    value[..count].copy_from_slice(&tail_value[after..]);
-    count
-}
-
 /// Lengthens `v` to at least `len` (filling with `fill`); never shortens it.
 fn grow<T: Clone>(v: &mut Vec<T>, len: usize, fill: T) {
     if v.len() < len {
@@ -521,50 +417,6 @@ mod tests {
                     assert_eq!(fast.blocks(), simple.blocks(), "{what}");
                     assert_eq!(fast.block_terms(), simple.block_terms(), "{what}");
                     assert_eq!(blocks, want_blocks, "{what}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_spliced_fill_matches_the_fill_of_the_spliced_columns() {
-        let mut rng = crate::kernels::tests::TestRng::new(11);
-        let mut spliced = SparseRows::new();
-        let mut tail = SparseRows::new();
-        let mut want = SparseRows::new();
-        for (samples, width) in [(9, 13), (1, 1), (4, 64), (17, 31), (0, 5), (6, 2), (5, 40)] {
-            let density = rng.uniform();
-            let mut draw = |n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|_| match rng.uniform() {
-                        u if u < density => rng.normal(),
-                        u if u < (1.0 + density) / 2.0 => 0.0,
-                        _ => -0.0,
-                    })
-                    .collect()
-            };
-            let theta = draw(samples * width);
-            tail.fill_from_dense(&theta, width);
-            for from in 0..width {
-                for head_width in 1..=width - from {
-                    let head = draw(samples * head_width);
-                    // Columns `from..` with the head in place of θ's first `head_width`.
-                    let mut columns = Vec::new();
-                    for (row, head_row) in theta.chunks_exact(width).zip(head.chunks(head_width)) {
-                        columns.extend_from_slice(head_row);
-                        columns.extend_from_slice(&row[from + head_width..]);
-                    }
-                    for forms in [Forms::Both, Forms::PerSample, Forms::Blocked] {
-                        let what = format!(
-                            "{forms:?} samples={samples} width={width} from={from} head={head_width}"
-                        );
-                        spliced.fill_spliced(&head, head_width, &tail, from, forms);
-                        want.fill_from_dense_in(&columns, width - from, forms);
-                        assert_eq!(spliced.width(), want.width(), "{what}");
-                        assert_eq!(spliced.samples(), want.samples(), "{what}");
-                        assert_eq!(spliced.nonzeros(), want.nonzeros(), "{what}");
-                        assert_eq!(contents(&spliced), contents(&want), "{what}");
-                    }
                 }
             }
         }

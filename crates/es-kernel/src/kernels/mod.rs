@@ -8,6 +8,7 @@
 //! from the float environment the caller set (see [`crate::float_env`]).
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use crate::sparse::{BLOCK, Forms, SparseRows};
@@ -255,6 +256,119 @@ impl Kernel {
             _ => panic!("kernel {self} is not supported on this architecture"),
         }
     }
+}
+
+/// Copies of one layer's input that differ only in a window of consecutive inputs: copy `c`'s
+/// inputs `from..from + width` are its own (`window`), every other input is θ's (`rest`), and
+/// its sums over the inputs before the window are θ's too (`start`). These are the perturbed
+/// copies of a neuron group as the next layer sees them.
+#[derive(Clone, Debug)]
+pub struct WindowCopies<'a> {
+    /// Per sample a row of `columns` values; copy `c`'s window is `c·width..(c + 1)·width`
+    /// of it.
+    pub window: &'a [f32],
+    pub columns: usize,
+    pub width: usize,
+    /// The copies to sum, by index in the rows.
+    pub copies: Range<usize>,
+    /// The layer input the window starts at.
+    pub from: usize,
+    /// θ's nonzero inputs of the layer, holding the per-sample form; only those from
+    /// `from + width` on are read.
+    pub rest: &'a SparseRows,
+    /// θ's sums over inputs `0..from`, `rest.samples() × n_out`.
+    pub start: &'a [f32],
+}
+
+/// Copies a SIMD kernel carries through one pass over the shared terms: each product of a
+/// shared input is computed once and added to every copy's sums.
+pub const COPY_BLOCK: usize = 4;
+
+impl Kernel {
+    /// The sums of each copy of `copies.copies` over all inputs, into `out` (copy after copy, each
+    /// `rest.samples() × n_out`): for copy `c`, sample `s`, output `j`, `start[s, j]`, then
+    /// the window's terms `window_c[s, k] · W[from + k, j]` for every `k` (zeros included:
+    /// they change a sum at most in the sign of a zero), then θ's nonzero terms from
+    /// `from + width` on, in ascending input order. Each copy's bits are those of
+    /// [`Kernel::accumulate_from`] over its own spliced inputs.
+    ///
+    /// The terms after the window are the same for every copy, so the SIMD kernels compute
+    /// each product once per block of [`COPY_BLOCK`] copies and add it to each: one multiply
+    /// and `C` adds where the copies alone would take `C` of each, and no spliced input
+    /// rows to build. (The portable kernel runs the copies one by one.)
+    ///
+    /// # Panics
+    /// If the shapes disagree, `rest` lacks the per-sample form, or the kernel is not
+    /// supported by this CPU.
+    pub fn accumulate_window_copies(
+        self,
+        copies: &WindowCopies<'_>,
+        weights: &[f32],
+        n_out: usize,
+        out: &mut [f32],
+    ) {
+        let samples = copies.rest.samples();
+        assert_eq!(weights.len(), copies.rest.width() * n_out, "weights shape");
+        assert_eq!(
+            copies.window.len(),
+            samples * copies.columns,
+            "window shape"
+        );
+        assert!(
+            copies.copies.end * copies.width <= copies.columns,
+            "copies {:?} of {} columns in rows of {}",
+            copies.copies,
+            copies.width,
+            copies.columns
+        );
+        assert!(
+            copies.from + copies.width <= copies.rest.width(),
+            "window {}..{} of {} inputs",
+            copies.from,
+            copies.from + copies.width,
+            copies.rest.width()
+        );
+        assert_eq!(copies.start.len(), samples * n_out, "start shape");
+        assert_eq!(
+            out.len(),
+            copies.copies.len() * samples * n_out,
+            "output shape"
+        );
+        assert!(
+            copies.rest.forms().holds(Form::PerSample),
+            "window copies read the per-sample form, the rows hold {:?}",
+            copies.rest.forms()
+        );
+        match self {
+            Kernel::Portable => portable::accumulate_window_copies(copies, weights, n_out, out),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                assert!(self.is_supported(), "avx2 kernel on a CPU without avx2");
+                // SAFETY: AVX2 is supported and the shapes were checked above.
+                unsafe { x86_64::avx2::accumulate_window_copies(copies, weights, n_out, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                assert!(
+                    self.is_supported(),
+                    "avx512 kernel on a CPU without avx512f"
+                );
+                // SAFETY: AVX-512F is supported and the shapes were checked above.
+                unsafe { x86_64::avx512::accumulate_window_copies(copies, weights, n_out, out) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => panic!("kernel {self} is not supported on this architecture"),
+        }
+    }
+}
+
+/// The per-sample terms of θ's inputs after a window ending at input `end`: the tail of
+/// sample `s`'s nonzero list.
+#[inline]
+pub(crate) fn rest_after(rest: &SparseRows, s: usize, end: usize) -> (&[u32], &[f32]) {
+    let (index, value) = rest.row(s);
+    let skip = index.partition_point(|&k| (k as usize) < end);
+    (&index[skip..], &value[skip..])
 }
 
 /// Where a kernel's sums start.

@@ -1,7 +1,7 @@
 //! The portable kernel: plain Rust over whole output rows, vectorised by the compiler across
 //! outputs (which keeps the per-output order of operations, hence the bits).
 
-use super::Start;
+use super::{Start, WindowCopies, rest_after};
 use crate::sparse::SparseRows;
 
 pub(super) fn accumulate(
@@ -23,6 +23,41 @@ pub(super) fn accumulate(
             let w = &weights[k * n_out..(k + 1) * n_out];
             for (a, &w) in acc.iter_mut().zip(w) {
                 *a += x * w;
+            }
+        }
+    }
+}
+
+/// [`super::Kernel::accumulate_window_copies`], one copy at a time (each product of a shared
+/// term recomputed per copy: the same bits, since a product is a function of its operands).
+pub(super) fn accumulate_window_copies(
+    copies: &WindowCopies<'_>,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let samples = copies.rest.samples();
+    let end = copies.from + copies.width;
+    for (c, out) in copies
+        .copies
+        .clone()
+        .zip(out.chunks_exact_mut(samples * n_out))
+    {
+        for (s, acc) in out.chunks_exact_mut(n_out).enumerate() {
+            acc.copy_from_slice(&copies.start[s * n_out..(s + 1) * n_out]);
+            let row = &copies.window[s * copies.columns..(s + 1) * copies.columns];
+            let window = &row[c * copies.width..(c + 1) * copies.width];
+            let (index, value) = rest_after(copies.rest, s, end);
+            let window_terms = window
+                .iter()
+                .enumerate()
+                .map(|(k, &x)| (copies.from + k, x));
+            let rest_terms = index.iter().zip(value).map(|(&k, &x)| (k as usize, x));
+            for (k, x) in window_terms.chain(rest_terms) {
+                let w = &weights[k * n_out..(k + 1) * n_out];
+                for (a, &w) in acc.iter_mut().zip(w) {
+                    *a += x * w;
+                }
             }
         }
     }

@@ -273,6 +273,100 @@ fn sums_continued_onto_running_sums_match_one_pass() {
 }
 
 #[test]
+fn window_copies_match_the_definition_of_each_spliced_copy() {
+    // Copies of a layer input that differ in a window of inputs (a neuron group's perturbed
+    // outputs), summed from θ's running sums at the window: each copy against the contract
+    // over its own spliced dense input. Copy counts cover a lone copy, a pair, blocks of four
+    // with leftovers of one to three; widths of outputs cover masked and unmasked tails in
+    // both vector widths; windows at the start, inside and at the very end of the inputs.
+    let mut rng = TestRng::new(12);
+    let cases = [
+        // (samples, inputs, outputs, from, width, copies)
+        (3, 40, 17, 0, 5, 1),
+        (5, 64, 16, 8, 8, 2),
+        (4, 64, 33, 60, 4, 3),
+        (6, 130, 10, 32, 32, 4),
+        (2, 97, 64, 90, 7, 5),
+        (7, 512, 130, 256, 32, 8),
+        (3, 50, 9, 20, 1, 9),
+    ];
+    for kernel in Kernel::supported() {
+        for (samples, inputs, n_out, from, width, copies) in cases {
+            for mode in [Arithmetic::Ftz, Arithmetic::Ieee] {
+                let (mut theta_inputs, weights) =
+                    near_underflow_case(&mut rng, samples, inputs, n_out);
+                // Long zero runs in some samples, across the window's end.
+                for s in (0..samples).step_by(2) {
+                    let row = &mut theta_inputs[s * inputs..(s + 1) * inputs];
+                    row[(from + width / 2).min(inputs)..(from + width + 10).min(inputs)].fill(0.0);
+                }
+                let columns = copies * width + 3;
+                let (window, _) = near_underflow_case(&mut rng, samples, columns, 1);
+                let spliced = |c: usize| -> Vec<f32> {
+                    let mut dense = theta_inputs.clone();
+                    for s in 0..samples {
+                        let own = &window[s * columns + c * width..][..width];
+                        dense[s * inputs + from..][..width].copy_from_slice(own);
+                    }
+                    dense
+                };
+                let head: Vec<f32> = theta_inputs
+                    .chunks_exact(inputs)
+                    .flat_map(|row| row[..from].to_vec())
+                    .collect();
+                // θ's running sums at the window (+0 when it starts at input 0).
+                let start = match from {
+                    0 => vec![0.0; samples * n_out],
+                    _ => with_float_env(mode, || {
+                        dense_definition(&head, from, &weights[..from * n_out], n_out)
+                    }),
+                };
+                let mut rest = SparseRows::new();
+                rest.fill_from_dense(&theta_inputs, inputs);
+                let want: Vec<Vec<f32>> = (0..copies)
+                    .map(|c| {
+                        with_float_env(mode, || {
+                            dense_definition(&spliced(c), inputs, &weights, n_out)
+                        })
+                    })
+                    .collect();
+                // All the copies, and the later half alone (a block that starts inside the
+                // rows).
+                for chosen in [0..copies, copies / 2..copies] {
+                    let mut out = vec![f32::NAN; chosen.len() * samples * n_out];
+                    with_float_env(mode, || {
+                        kernel.accumulate_window_copies(
+                            &WindowCopies {
+                                window: &window,
+                                columns,
+                                width,
+                                copies: chosen.clone(),
+                                from,
+                                rest: &rest,
+                                start: &start,
+                            },
+                            &weights,
+                            n_out,
+                            &mut out,
+                        )
+                    });
+                    for (got, c) in out.chunks_exact(samples * n_out).zip(chosen.clone()) {
+                        assert_same(
+                            got,
+                            &want[c],
+                            &format!(
+                                "{kernel} {mode} copy {c} of {chosen:?}, samples={samples} \
+                                 inputs={inputs} n_out={n_out} window {from}+{width}"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
     // Products and sums placed right at the threshold, including products whose exact value is
     // just below MIN_POSITIVE but rounds up to it: the reference flushes after rounding.

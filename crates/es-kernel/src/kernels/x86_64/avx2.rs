@@ -3,6 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::{dispatch_tile, offset};
+use crate::kernels::{COPY_BLOCK, WindowCopies, rest_after};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 8;
@@ -229,6 +230,177 @@ unsafe fn load(p: *const f32, masked: bool, tail_mask: __m256i) -> __m256 {
             _mm256_maskload_ps(p, tail_mask)
         } else {
             _mm256_loadu_ps(p)
+        }
+    }
+}
+
+/// Accumulators of a window-copies tile (`C` copies × `8 / C` vectors): half the 16 ymm
+/// registers, leaving the rest for the weight vectors, the products and the broadcast.
+const COPY_ACCUMULATORS: usize = 8;
+
+/// The AVX2 [`crate::kernels::Kernel::accumulate_window_copies`] (see the AVX-512 one).
+///
+/// # Safety
+/// The CPU must support AVX2; the caller checked the shapes.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn accumulate_window_copies(
+    copies: &WindowCopies<'_>,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let vectors = n_out.div_ceil(LANES);
+    let tail = n_out % LANES;
+    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
+    // SAFETY: reads 32 bytes from a live [i32; 8].
+    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let samples = copies.rest.samples();
+    let end = copies.from + copies.width;
+    let zeros = vec![0.0f32; copies.width];
+    let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
+    for first in (first_copy..end_copy).step_by(COPY_BLOCK) {
+        let count = (end_copy - first).min(COPY_BLOCK);
+        let block = if count > 2 { COPY_BLOCK } else { 2 };
+        let tile_vectors = COPY_ACCUMULATORS / block;
+        let mut v0 = 0;
+        while v0 < vectors {
+            let nv = (vectors - v0).min(tile_vectors);
+            let masked = tail != 0 && v0 + nv == vectors;
+            for s in 0..samples {
+                let (index, value) = rest_after(copies.rest, s, end);
+                let row = s * copies.columns + first * copies.width;
+                let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
+                    if i < count {
+                        copies.window[row + i * copies.width..].as_ptr()
+                    } else {
+                        zeros.as_ptr()
+                    }
+                });
+                // SAFETY: as in the AVX-512 kernel.
+                unsafe {
+                    let at = s * n_out + v0 * LANES;
+                    let tile = CopiesTile {
+                        windows,
+                        width: copies.width,
+                        from: copies.from,
+                        w: weights.as_ptr().add(v0 * LANES),
+                        n_out,
+                        init: copies.start.as_ptr().add(at),
+                        out: out
+                            .as_mut_ptr()
+                            .add((first - first_copy) * samples * n_out + at),
+                        copy_stride: samples * n_out,
+                        count,
+                        tail_mask,
+                    };
+                    if block == COPY_BLOCK {
+                        dispatch_tile!(nv, masked, copies_tile_of_4(&tile, index, value));
+                    } else {
+                        dispatch_tile!(nv, masked, copies_tile_of_2(&tile, index, value));
+                    }
+                }
+            }
+            v0 += nv;
+        }
+    }
+}
+
+/// One sample's tile of a block of window copies (see the AVX-512 `CopiesTile`).
+struct CopiesTile {
+    windows: [*const f32; COPY_BLOCK],
+    width: usize,
+    from: usize,
+    w: *const f32,
+    n_out: usize,
+    init: *const f32,
+    out: *mut f32,
+    copy_stride: usize,
+    count: usize,
+    tail_mask: __m256i,
+}
+
+/// # Safety
+/// As for [`copies_tile`].
+#[target_feature(enable = "avx2")]
+unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
+    tile: &CopiesTile,
+    index: &[u32],
+    value: &[f32],
+) {
+    // SAFETY: forwarded.
+    unsafe { copies_tile::<NV, MASKED, 4>(tile, index, value) }
+}
+
+/// # Safety
+/// As for [`copies_tile`].
+#[target_feature(enable = "avx2")]
+unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
+    tile: &CopiesTile,
+    index: &[u32],
+    value: &[f32],
+) {
+    // SAFETY: forwarded.
+    unsafe { copies_tile::<NV, MASKED, 2>(tile, index, value) }
+}
+
+/// # Safety
+/// AVX2; as for the AVX-512 `copies_tile`, with 8-lane vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
+    tile: &CopiesTile,
+    index: &[u32],
+    value: &[f32],
+) {
+    let masked = |v: usize| MASKED && v + 1 == NV;
+    let mut start = [_mm256_setzero_ps(); NV];
+    for (v, start) in start.iter_mut().enumerate() {
+        // SAFETY: NV vectors of `init`, the last masked to the row end.
+        *start = unsafe { load(tile.init.add(v * LANES), masked(v), tile.tail_mask) };
+    }
+    let mut acc = [start; C];
+    let mut wv = [_mm256_setzero_ps(); NV];
+    for k in 0..tile.width {
+        // SAFETY: from + k < width of the weights (checked by the caller).
+        let row = unsafe { tile.w.add((tile.from + k) * tile.n_out) };
+        for (v, wv) in wv.iter_mut().enumerate() {
+            // SAFETY: see above; masked-off lanes are not read.
+            *wv = unsafe { load(row.add(v * LANES), masked(v), tile.tail_mask) };
+        }
+        for (acc, &window) in acc.iter_mut().zip(&tile.windows) {
+            // SAFETY: each window holds `width` values.
+            let x = _mm256_set1_ps(unsafe { *window.add(k) });
+            for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                // Separate multiply and add: the contract forbids FMA.
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, wv));
+            }
+        }
+    }
+    for (&k, &x) in index.iter().zip(value) {
+        let x = _mm256_set1_ps(x);
+        // SAFETY: k < width (SparseRows invariant).
+        let row = unsafe { tile.w.add(k as usize * tile.n_out) };
+        for v in 0..NV {
+            // SAFETY: see above; masked-off lanes are not read.
+            let wv = unsafe { load(row.add(v * LANES), masked(v), tile.tail_mask) };
+            // One product for every copy: the same operands give the same bits.
+            let product = _mm256_mul_ps(x, wv);
+            for acc in acc.iter_mut() {
+                acc[v] = _mm256_add_ps(acc[v], product);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate().take(tile.count) {
+        for (v, acc) in acc.iter().enumerate() {
+            // SAFETY: copy i < count has NV vectors of room, the last masked to the row end.
+            unsafe {
+                let dst = tile.out.add(i * tile.copy_stride + v * LANES);
+                if masked(v) {
+                    _mm256_maskstore_ps(dst, tile.tail_mask, *acc);
+                } else {
+                    _mm256_storeu_ps(dst, *acc);
+                }
+            }
         }
     }
 }

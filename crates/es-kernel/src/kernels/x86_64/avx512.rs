@@ -3,6 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::{dispatch_tile, offset};
+use crate::kernels::{COPY_BLOCK, WindowCopies, rest_after};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 16;
@@ -192,6 +193,198 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
         for (v, acc) in acc.iter().enumerate() {
             // SAFETY: row s < count of the block, NV vectors, the last masked to the row end.
             unsafe { _mm512_mask_storeu_ps(out.add(s * n_out + v * LANES), mask(v), *acc) };
+        }
+    }
+}
+
+/// Accumulators of a window-copies tile (`C` copies × `16 / C` vectors): half the 32 zmm
+/// registers, leaving the rest for the weight vectors, the products and the broadcast.
+const COPY_ACCUMULATORS: usize = 16;
+
+/// [`crate::kernels::Kernel::accumulate_window_copies`]: blocks of up to
+/// [`COPY_BLOCK`] copies, each tile one sample's `NV` vectors of outputs for every copy of
+/// the block.
+///
+/// # Safety
+/// The CPU must support AVX-512F; the caller checked the shapes
+/// (`Kernel::accumulate_window_copies`).
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn accumulate_window_copies(
+    copies: &WindowCopies<'_>,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let vectors = n_out.div_ceil(LANES);
+    let tail = n_out % LANES;
+    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let samples = copies.rest.samples();
+    let end = copies.from + copies.width;
+    // The window of a copy past the block's count: zeros, read but never stored.
+    let zeros = vec![0.0f32; copies.width];
+    let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
+    for first in (first_copy..end_copy).step_by(COPY_BLOCK) {
+        let count = (end_copy - first).min(COPY_BLOCK);
+        // Two copies (the pair of one perturbation) get twice the vectors per tile.
+        let block = if count > 2 { COPY_BLOCK } else { 2 };
+        let tile_vectors = COPY_ACCUMULATORS / block;
+        let mut v0 = 0;
+        while v0 < vectors {
+            let nv = (vectors - v0).min(tile_vectors);
+            let masked = tail != 0 && v0 + nv == vectors;
+            for s in 0..samples {
+                let (index, value) = rest_after(copies.rest, s, end);
+                let row = s * copies.columns + first * copies.width;
+                let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
+                    if i < count {
+                        copies.window[row + i * copies.width..].as_ptr()
+                    } else {
+                        zeros.as_ptr()
+                    }
+                });
+                // SAFETY: each window pointer has `width` values (a copy's columns of the
+                // sample's row, or `zeros`); `start` and every copy's output have a row of
+                // `n_out` at `s`, of which the tile covers NV vectors from v0 (the last
+                // masked to the row end); weight rows `from..` lie within `weights`.
+                unsafe {
+                    let at = s * n_out + v0 * LANES;
+                    let tile = CopiesTile {
+                        windows,
+                        width: copies.width,
+                        from: copies.from,
+                        w: weights.as_ptr().add(v0 * LANES),
+                        n_out,
+                        init: copies.start.as_ptr().add(at),
+                        out: out
+                            .as_mut_ptr()
+                            .add((first - first_copy) * samples * n_out + at),
+                        copy_stride: samples * n_out,
+                        count,
+                        tail_mask,
+                    };
+                    if block == COPY_BLOCK {
+                        dispatch_tile!(nv, masked, copies_tile_of_4(&tile, index, value));
+                    } else {
+                        dispatch_tile!(nv, masked, copies_tile_of_2(&tile, index, value));
+                    }
+                }
+            }
+            v0 += nv;
+        }
+    }
+}
+
+/// One sample's tile of a block of window copies: where its operands are.
+struct CopiesTile {
+    /// Each copy's window (`width` values).
+    windows: [*const f32; COPY_BLOCK],
+    width: usize,
+    from: usize,
+    /// Column `v0·16` of weight row 0.
+    w: *const f32,
+    n_out: usize,
+    /// θ's sums the copies start from, at the tile's first output.
+    init: *const f32,
+    /// The first copy's output at the tile's first output; copy `i` is `i · copy_stride`
+    /// further.
+    out: *mut f32,
+    copy_stride: usize,
+    /// Copies stored (the rest of the block is padding).
+    count: usize,
+    tail_mask: __mmask16,
+}
+
+/// # Safety
+/// As for [`copies_tile`].
+#[target_feature(enable = "avx512f")]
+unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
+    tile: &CopiesTile,
+    index: &[u32],
+    value: &[f32],
+) {
+    // SAFETY: forwarded.
+    unsafe { copies_tile::<NV, MASKED, 4>(tile, index, value) }
+}
+
+/// # Safety
+/// As for [`copies_tile`].
+#[target_feature(enable = "avx512f")]
+unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
+    tile: &CopiesTile,
+    index: &[u32],
+    value: &[f32],
+) {
+    // SAFETY: forwarded.
+    unsafe { copies_tile::<NV, MASKED, 2>(tile, index, value) }
+}
+
+/// `C` copies of one sample, `NV` vectors of outputs: θ's sums, each copy's window terms,
+/// then the shared terms `index`/`value` (one product each, added to every copy).
+///
+/// # Safety
+/// AVX-512F; the pointers of `tile` as documented there, valid for NV vectors (the last
+/// masked when MASKED), every index `< width` of the weights, and `tile.count <= C`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
+    tile: &CopiesTile,
+    index: &[u32],
+    value: &[f32],
+) {
+    let mask = |v: usize| {
+        if MASKED && v + 1 == NV {
+            tile.tail_mask
+        } else {
+            !0
+        }
+    };
+    let mut start = [_mm512_setzero_ps(); NV];
+    for (v, start) in start.iter_mut().enumerate() {
+        // SAFETY: NV vectors of `init`, the last masked to the row end.
+        *start = unsafe { _mm512_maskz_loadu_ps(mask(v), tile.init.add(v * LANES)) };
+    }
+    let mut acc = [start; C];
+    let mut wv = [_mm512_setzero_ps(); NV];
+    for k in 0..tile.width {
+        // SAFETY: from + k < width of the weights (checked by the caller).
+        let row = unsafe { tile.w.add((tile.from + k) * tile.n_out) };
+        for (v, wv) in wv.iter_mut().enumerate() {
+            // SAFETY: see above; masked-off lanes are not read.
+            *wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
+        }
+        for (acc, &window) in acc.iter_mut().zip(&tile.windows) {
+            // SAFETY: each window holds `width` values.
+            let x = _mm512_set1_ps(unsafe { *window.add(k) });
+            for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                // Separate multiply and add: the contract forbids FMA.
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, wv));
+            }
+        }
+    }
+    for (&k, &x) in index.iter().zip(value) {
+        let x = _mm512_set1_ps(x);
+        // SAFETY: k < width (SparseRows invariant).
+        let row = unsafe { tile.w.add(k as usize * tile.n_out) };
+        for v in 0..NV {
+            // SAFETY: see above; masked-off lanes are not read.
+            let wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
+            // One product for every copy: the same operands give the same bits.
+            let product = _mm512_mul_ps(x, wv);
+            for acc in acc.iter_mut() {
+                acc[v] = _mm512_add_ps(acc[v], product);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate().take(tile.count) {
+        for (v, acc) in acc.iter().enumerate() {
+            // SAFETY: copy i < count has NV vectors of room, the last masked to the row end.
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    tile.out.add(i * tile.copy_stride + v * LANES),
+                    mask(v),
+                    *acc,
+                )
+            };
         }
     }
 }
