@@ -195,6 +195,25 @@ async fn with_shifted_images_theta_is_bit_identical_with_two_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_running_average_the_cluster_writes_the_embedded_average() {
+    let scratch = Arc::new(Scratch::new("cluster-average"));
+    // The run's result is θ̄: the coordinator keeps it beside θ while workers get θ.
+    let config = RunConfig {
+        average_decay: 0.9,
+        ..config()
+    };
+    let embedded = embedded_theta(&config, &scratch).await;
+    let plain_scratch = Arc::new(Scratch::new("cluster-average-plain"));
+    let plain = embedded_theta(&self::config(), &plain_scratch).await;
+    assert!(embedded != plain, "the average is θ itself");
+    let two = cluster_theta(&config, &scratch, "two", &[1, 2]).await;
+    assert!(
+        two == embedded,
+        "θ̄ with 2 workers differs from the embedded run's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_workers_drive_a_run_only_with_audits_off() {
     let scratch = Arc::new(Scratch::new("cluster-fake"));
     let config = config();

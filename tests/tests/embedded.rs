@@ -118,9 +118,12 @@ fn missing_data_is_reported_with_how_to_get_it() {
 #[test]
 fn a_run_resumed_from_its_checkpoint_ends_bit_identical_and_a_corrupt_one_is_refused() {
     let scratch = Scratch::new("embedded-resume");
+    // With a running average, which the checkpoint must carry for theta.f32 (the average)
+    // to come out the same; the fault tests resume runs without one.
     let config = RunConfig {
         eval_every: 0,
         checkpoint_every: 3,
+        average_decay: 0.5,
         ..small_run(7)
     };
     let env = environment(&scratch, "whole", 2);

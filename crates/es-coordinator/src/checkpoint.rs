@@ -10,6 +10,7 @@
 //! | 4                | header length `h` (u32)                                  |
 //! | h                | header: JSON ([`Header`])                                |
 //! | 12 · dim         | θ, then Adam's m, then Adam's v (f32 each)               |
+//! | 4 · dim          | only when the config keeps an average: θ̄ (f32)           |
 //! | 32               | SHA-256 of every byte before it                          |
 //!
 //! Files are `checkpoints/g00000040.ckpt` in the run directory, written atomically
@@ -110,6 +111,10 @@ pub fn encode(
         state.adam.m.len() == dim && state.adam.v.len() == dim,
         "Adam's moments have θ's length"
     );
+    assert!(
+        state.average.is_empty() || state.average.len() == dim,
+        "the running average has θ's length"
+    );
     let header = Header {
         run_id: run_id.to_owned(),
         generation: state.generation,
@@ -119,11 +124,11 @@ pub fn encode(
         config: config.to_toml(),
     };
     let header = serde_json::to_vec(&header).expect("the header serialises");
-    let mut bytes = Vec::with_capacity(8 + 4 + header.len() + 12 * dim + DIGEST_LEN);
+    let mut bytes = Vec::with_capacity(8 + 4 + header.len() + 16 * dim + DIGEST_LEN);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&header);
-    for values in [&state.theta, &state.adam.m, &state.adam.v] {
+    for values in [&state.theta, &state.adam.m, &state.adam.v, &state.average] {
         bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
     }
     let digest = Sha256::digest(&bytes);
@@ -171,16 +176,23 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> 
     let (header, payload) = rest.split_at(header_len);
     let header: Header = serde_json::from_slice(header)
         .map_err(|e| corrupt(format!("header is not the expected JSON: {e}")))?;
-    let expected = header.dim.checked_mul(12);
+    let config = RunConfig::from_toml(&header.config)
+        .map_err(|e| corrupt(format!("its config does not parse: {e}")))?;
+    let es = config
+        .es()
+        .map_err(|e| corrupt(format!("its config is invalid: {e}")))?;
+    // θ, Adam's two moments, and the running average if the run keeps one.
+    let vectors = if es.average_decay > 0.0 { 4 } else { 3 };
+    let expected = header.dim.checked_mul(4 * vectors);
     if expected != Some(payload.len()) {
         return Err(corrupt(format!(
-            "{} payload bytes: expected 12 × dim = 12 × {}",
+            "{} payload bytes: expected {} × dim = {} × {}",
             payload.len(),
+            4 * vectors,
+            4 * vectors,
             header.dim
         )));
     }
-    let config = RunConfig::from_toml(&header.config)
-        .map_err(|e| corrupt(format!("its config does not parse: {e}")))?;
     let data_digest = unhex(&header.data_digest).ok_or_else(|| {
         corrupt(format!(
             "data digest {:?} is not 64 hex digits",
@@ -193,10 +205,8 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> 
             .collect()
     };
     let (theta, moments) = payload.split_at(4 * header.dim);
-    let (m, v) = moments.split_at(4 * header.dim);
-    let es = config
-        .es()
-        .map_err(|e| corrupt(format!("its config is invalid: {e}")))?;
+    let (m, rest) = moments.split_at(4 * header.dim);
+    let (v, average) = rest.split_at(4 * header.dim);
     let state = EsState {
         generation: header.generation,
         theta: floats(theta),
@@ -206,6 +216,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> 
             v: floats(v),
             t: header.adam_steps,
         },
+        average: floats(average),
     };
     Ok(Checkpoint {
         run_id: header.run_id,
@@ -388,6 +399,7 @@ mod tests {
             generation: 41,
             theta: (0..dim).map(|i| (i as f32).sin()).collect(),
             adam,
+            average: Vec::new(),
         }
     }
 
@@ -412,6 +424,29 @@ mod tests {
         assert_eq!(bits(&back.state.theta), bits(&state.theta));
         assert_eq!(bits(&back.state.adam.m), bits(&state.adam.m));
         assert_eq!(bits(&back.state.adam.v), bits(&state.adam.v));
+    }
+
+    #[test]
+    fn a_running_average_round_trips_and_its_absence_is_refused() {
+        let config = RunConfig {
+            average_decay: 0.99,
+            ..RunConfig::default()
+        };
+        let digest = [7u8; 32];
+        let mut state = state(37);
+        state.average = (0..37).map(|i| (i as f32).cos()).collect();
+        let bytes = encode("run-1", &config, &digest, &state);
+        let back = decode(Path::new("x"), &bytes).unwrap();
+        assert_eq!(back.config.average_decay, 0.99);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.state.average), bits(&state.average));
+        assert_eq!(bits(&back.state.theta), bits(&state.theta));
+        assert_eq!(back.state.model(), &state.average[..]);
+        // A config that keeps an average with a payload that does not carry one.
+        state.average.clear();
+        let bytes = encode("run-1", &config, &digest, &state);
+        let e = decode(Path::new("t.ckpt"), &bytes).unwrap_err();
+        assert!(e.to_string().contains("expected 16 × dim"), "{e}");
     }
 
     #[test]

@@ -1371,7 +1371,7 @@ async fn train(
         let evaluate = config.eval_every > 0 && done.is_multiple_of(config.eval_every);
         let test_eval = if evaluate {
             let (e, pool) =
-                evaluate_test(net, env, test_pool.take(), &es_state.theta, data).await?;
+                evaluate_test(net, env, test_pool.take(), es_state.model(), data).await?;
             test_pool = Some(pool);
             last_test = Some(e);
             Some(e)
@@ -1507,7 +1507,8 @@ async fn finish(
             .await
             .expect("saving a checkpoint does not panic")?;
     }
-    run_dir.write_theta("theta.f32", &es_state.theta)?;
+    // The run's result: θ, or its running average when the run keeps one.
+    run_dir.write_theta("theta.f32", es_state.model())?;
     let (net, env, data) = (net.clone(), env.clone(), Arc::clone(data));
     let generations = es_state.generation;
     let mode = net.arithmetic.name().to_string();
@@ -1516,12 +1517,12 @@ async fn finish(
             images: &data.test.images,
             labels: &data.test.labels,
         };
-        let flushed = embedded::evaluate_with(&net, net.arithmetic, &env, &es_state.theta, test)?;
+        let flushed = embedded::evaluate_with(&net, net.arithmetic, &env, es_state.model(), test)?;
         let unflushed = embedded::evaluate_with(
             &net,
             es_kernel::Arithmetic::Ieee,
             &env,
-            &es_state.theta,
+            es_state.model(),
             test,
         )?;
         Ok::<_, RunError>((flushed, unflushed))

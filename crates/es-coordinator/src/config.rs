@@ -56,6 +56,9 @@ pub struct RunConfig {
     /// The largest shift, in pixels, of a training image in a minibatch (0: none; see
     /// `EsConfig::image_shift`).
     pub image_shift: usize,
+    /// Decay of the running average of θ the run reports, evaluates and exports (0: none;
+    /// see `EsConfig::average_decay`).
+    pub average_decay: f32,
     pub mode: String,
     pub hidden: Vec<usize>,
     pub scale_exponents: Vec<i32>,
@@ -95,6 +98,7 @@ impl Default for RunConfig {
             layer_populations: es.layer_populations,
             neuron_groups: es.neuron_groups,
             image_shift: es.image_shift,
+            average_decay: es.average_decay,
             mode: net.arithmetic.name().into(),
             hidden: net.hidden,
             scale_exponents: net.scale_exponents,
@@ -195,6 +199,7 @@ impl RunConfig {
             layer_populations: self.layer_populations.clone(),
             neuron_groups: self.neuron_groups.clone(),
             image_shift: self.image_shift,
+            average_decay: self.average_decay,
             ..EsConfig::default()
         };
         es.validate_for(&self.net()?)?;

@@ -320,7 +320,8 @@ pub fn run_from(
     if interrupted && checkpointer.enabled() {
         checkpointer.save(trainer.state())?;
     }
-    let theta = trainer.state().theta.clone();
+    // The run's result: θ, or its running average when the run keeps one.
+    let theta = trainer.state().model().to_vec();
     run_dir.write_theta("theta.f32", &theta)?;
     let final_test = trainer.evaluate(test)?;
     let unflushed = evaluate_with(&net, Arithmetic::Ieee, env, &theta, test)?;

@@ -30,17 +30,26 @@ pub struct Parameters {
     pub generation: Option<u32>,
 }
 
+/// The parameters a checkpoint's run reports: θ, or its running average when it keeps one.
+fn model(state: es_core::train::EsState) -> Vec<f32> {
+    match state.average.is_empty() {
+        true => state.theta,
+        false => state.average,
+    }
+}
+
 /// Reads parameters from a run directory (`theta.f32` with its `config.toml`, else its newest
-/// checkpoint), a checkpoint file, or a `theta.f32` file beside a `config.toml`.
+/// checkpoint), a checkpoint file, or a `theta.f32` file beside a `config.toml`: a run's
+/// result, so for a run that keeps a running average of θ, that average.
 pub fn load_parameters(path: &Path) -> Result<Parameters, RunError> {
     let is_checkpoint = path.extension().is_some_and(|e| e == "ckpt");
     if path.is_file() && is_checkpoint {
         let c = checkpoint::read(path)?;
         return Ok(Parameters {
             config: c.config,
-            theta: c.state.theta,
-            source: path.to_owned(),
             generation: Some(c.state.generation),
+            theta: model(c.state),
+            source: path.to_owned(),
         });
     }
     let (dir, theta_path) = if path.is_file() {
@@ -56,9 +65,9 @@ pub fn load_parameters(path: &Path) -> Result<Parameters, RunError> {
         let (file, c) = checkpoint::load_for_resume(&dir)?;
         return Ok(Parameters {
             config: c.config,
-            theta: c.state.theta,
-            source: file,
             generation: Some(c.state.generation),
+            theta: model(c.state),
+            source: file,
         });
     }
     let config = RunConfig::from_file(&dir.join("config.toml"))?;

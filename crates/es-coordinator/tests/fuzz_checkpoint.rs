@@ -36,6 +36,7 @@ fn valid(dim: usize) -> Vec<u8> {
         generation: 3,
         theta: (0..dim).map(|i| -(i as f32)).collect(),
         adam,
+        average: Vec::new(),
     };
     encode("run-7", &RunConfig::default(), &[9; 32], &state)
 }

@@ -143,6 +143,11 @@ struct Cli {
     /// image and generation its own shift (0: none). Augments the 60,000 training images.
     #[arg(help_heading = "Run settings", long, value_name = "PIXELS")]
     image_shift: Option<usize>,
+    /// Report, evaluate and export a running average of θ instead of θ: after each update
+    /// avg += (1 - DECAY)·(θ - avg), an average over about the last 1/(1 - DECAY)
+    /// generations (e.g. 0.999: a thousand). 0: θ itself.
+    #[arg(help_heading = "Run settings", long, value_name = "DECAY")]
+    average_decay: Option<f32>,
     /// Perturbation scale, relative to each layer's init standard deviation.
     #[arg(help_heading = "Run settings", long)]
     sigma: Option<f32>,
@@ -254,6 +259,7 @@ const RUN_SETTINGS: &[&str] = &[
     "batch",
     "batch_schedule",
     "image_shift",
+    "average_decay",
     "sigma",
     "sigma_schedule",
     "lr",
@@ -295,6 +301,7 @@ impl Cli {
              scale_exponents => scale_exponents, output_exponent => output_exponent, sigma_multipliers => sigma_multipliers,
              lr_multipliers => lr_multipliers, layer_populations => layer_populations,
              neuron_groups => neuron_groups, image_shift => image_shift,
+             average_decay => average_decay,
              noise_table_len => noise_table_len);
         self.set_operational(&mut c);
         if let Some(noise) = self.noise {
