@@ -2,9 +2,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{CopiesTile, TileShape, window_copies_tiles};
 use super::{dispatch_tile, offset};
-use crate::kernels::{COPY_BLOCK, WindowCopies};
+use crate::kernels::{COPY_BLOCK, WindowCopies, rest_after};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 8;
@@ -250,42 +249,81 @@ pub(crate) unsafe fn accumulate_window_copies(
     n_out: usize,
     out: &mut [f32],
 ) {
+    let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
     // SAFETY: reads 32 bytes from a live [i32; 8].
     let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
-    let tile = |tile: &CopiesTile<__m256i>, index: &[u32], value: &[f32], shape: TileShape| {
-        let TileShape { nv, masked, block } = shape;
-        // SAFETY: AVX2 is supported (this function's contract), and the shared loop hands
-        // out tiles whose pointers are valid for their shape.
-        unsafe {
-            if block == COPY_BLOCK {
-                dispatch_tile!(nv, masked, copies_tile_of_4(tile, index, value));
-            } else {
-                dispatch_tile!(nv, masked, copies_tile_of_2(tile, index, value));
+    let samples = copies.rest.samples();
+    let end = copies.from + copies.width;
+    let zeros = vec![0.0f32; copies.width];
+    let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
+    for first in (first_copy..end_copy).step_by(COPY_BLOCK) {
+        let count = (end_copy - first).min(COPY_BLOCK);
+        let block = if count > 2 { COPY_BLOCK } else { 2 };
+        let tile_vectors = COPY_ACCUMULATORS / block;
+        let mut v0 = 0;
+        while v0 < vectors {
+            let nv = (vectors - v0).min(tile_vectors);
+            let masked = tail != 0 && v0 + nv == vectors;
+            for s in 0..samples {
+                let (index, value) = rest_after(copies.rest, s, end);
+                let row = s * copies.columns + first * copies.width;
+                let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
+                    if i < count {
+                        copies.window[row + i * copies.width..].as_ptr()
+                    } else {
+                        zeros.as_ptr()
+                    }
+                });
+                // SAFETY: as in the AVX-512 kernel.
+                unsafe {
+                    let at = s * n_out + v0 * LANES;
+                    let tile = CopiesTile {
+                        windows,
+                        width: copies.width,
+                        from: copies.from,
+                        w: weights.as_ptr().add(v0 * LANES),
+                        n_out,
+                        init: copies.start.as_ptr().add(at),
+                        out: out
+                            .as_mut_ptr()
+                            .add((first - first_copy) * samples * n_out + at),
+                        copy_stride: samples * n_out,
+                        count,
+                        tail_mask,
+                    };
+                    if block == COPY_BLOCK {
+                        dispatch_tile!(nv, masked, copies_tile_of_4(&tile, index, value));
+                    } else {
+                        dispatch_tile!(nv, masked, copies_tile_of_2(&tile, index, value));
+                    }
+                }
             }
+            v0 += nv;
         }
-    };
-    // SAFETY: the tile is sound for every tile the loop hands out (above).
-    unsafe {
-        window_copies_tiles(
-            copies,
-            weights,
-            n_out,
-            out,
-            LANES,
-            COPY_ACCUMULATORS,
-            tail_mask,
-            tile,
-        )
     }
+}
+
+/// One sample's tile of a block of window copies (see the AVX-512 `CopiesTile`).
+struct CopiesTile {
+    windows: [*const f32; COPY_BLOCK],
+    width: usize,
+    from: usize,
+    w: *const f32,
+    n_out: usize,
+    init: *const f32,
+    out: *mut f32,
+    copy_stride: usize,
+    count: usize,
+    tail_mask: __m256i,
 }
 
 /// # Safety
 /// As for [`copies_tile`].
 #[target_feature(enable = "avx2")]
 unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
-    tile: &CopiesTile<__m256i>,
+    tile: &CopiesTile,
     index: &[u32],
     value: &[f32],
 ) {
@@ -297,7 +335,7 @@ unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
 /// As for [`copies_tile`].
 #[target_feature(enable = "avx2")]
 unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
-    tile: &CopiesTile<__m256i>,
+    tile: &CopiesTile,
     index: &[u32],
     value: &[f32],
 ) {
@@ -310,7 +348,7 @@ unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
-    tile: &CopiesTile<__m256i>,
+    tile: &CopiesTile,
     index: &[u32],
     value: &[f32],
 ) {

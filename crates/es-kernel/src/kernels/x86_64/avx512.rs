@@ -2,9 +2,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{CopiesTile, TileShape, window_copies_tiles};
 use super::{dispatch_tile, offset};
-use crate::kernels::{COPY_BLOCK, WindowCopies};
+use crate::kernels::{COPY_BLOCK, WindowCopies, rest_after};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 16;
@@ -202,8 +201,9 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
 /// registers, leaving the rest for the weight vectors, the products and the broadcast.
 const COPY_ACCUMULATORS: usize = 16;
 
-/// [`crate::kernels::Kernel::accumulate_window_copies`]: blocks of up to [`COPY_BLOCK`]
-/// copies, each tile one sample's `NV` vectors of outputs for every copy of the block.
+/// [`crate::kernels::Kernel::accumulate_window_copies`]: blocks of up to
+/// [`COPY_BLOCK`] copies, each tile one sample's `NV` vectors of outputs for every copy of
+/// the block.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; the caller checked the shapes
@@ -215,40 +215,90 @@ pub(crate) unsafe fn accumulate_window_copies(
     n_out: usize,
     out: &mut [f32],
 ) {
+    let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
-    let tile = |tile: &CopiesTile<__mmask16>, index: &[u32], value: &[f32], shape: TileShape| {
-        let TileShape { nv, masked, block } = shape;
-        // SAFETY: AVX-512F is supported (this function's contract), and the shared loop
-        // hands out tiles whose pointers are valid for their shape.
-        unsafe {
-            if block == COPY_BLOCK {
-                dispatch_tile!(nv, masked, copies_tile_of_4(tile, index, value));
-            } else {
-                dispatch_tile!(nv, masked, copies_tile_of_2(tile, index, value));
+    let samples = copies.rest.samples();
+    let end = copies.from + copies.width;
+    // The window of a copy past the block's count: zeros, read but never stored.
+    let zeros = vec![0.0f32; copies.width];
+    let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
+    for first in (first_copy..end_copy).step_by(COPY_BLOCK) {
+        let count = (end_copy - first).min(COPY_BLOCK);
+        // Two copies (the pair of one perturbation) get twice the vectors per tile.
+        let block = if count > 2 { COPY_BLOCK } else { 2 };
+        let tile_vectors = COPY_ACCUMULATORS / block;
+        let mut v0 = 0;
+        while v0 < vectors {
+            let nv = (vectors - v0).min(tile_vectors);
+            let masked = tail != 0 && v0 + nv == vectors;
+            for s in 0..samples {
+                let (index, value) = rest_after(copies.rest, s, end);
+                let row = s * copies.columns + first * copies.width;
+                let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
+                    if i < count {
+                        copies.window[row + i * copies.width..].as_ptr()
+                    } else {
+                        zeros.as_ptr()
+                    }
+                });
+                // SAFETY: each window pointer has `width` values (a copy's columns of the
+                // sample's row, or `zeros`); `start` and every copy's output have a row of
+                // `n_out` at `s`, of which the tile covers NV vectors from v0 (the last
+                // masked to the row end); weight rows `from..` lie within `weights`.
+                unsafe {
+                    let at = s * n_out + v0 * LANES;
+                    let tile = CopiesTile {
+                        windows,
+                        width: copies.width,
+                        from: copies.from,
+                        w: weights.as_ptr().add(v0 * LANES),
+                        n_out,
+                        init: copies.start.as_ptr().add(at),
+                        out: out
+                            .as_mut_ptr()
+                            .add((first - first_copy) * samples * n_out + at),
+                        copy_stride: samples * n_out,
+                        count,
+                        tail_mask,
+                    };
+                    if block == COPY_BLOCK {
+                        dispatch_tile!(nv, masked, copies_tile_of_4(&tile, index, value));
+                    } else {
+                        dispatch_tile!(nv, masked, copies_tile_of_2(&tile, index, value));
+                    }
+                }
             }
+            v0 += nv;
         }
-    };
-    // SAFETY: the tile is sound for every tile the loop hands out (above).
-    unsafe {
-        window_copies_tiles(
-            copies,
-            weights,
-            n_out,
-            out,
-            LANES,
-            COPY_ACCUMULATORS,
-            tail_mask,
-            tile,
-        )
     }
+}
+
+/// One sample's tile of a block of window copies: where its operands are.
+struct CopiesTile {
+    /// Each copy's window (`width` values).
+    windows: [*const f32; COPY_BLOCK],
+    width: usize,
+    from: usize,
+    /// Column `v0·16` of weight row 0.
+    w: *const f32,
+    n_out: usize,
+    /// θ's sums the copies start from, at the tile's first output.
+    init: *const f32,
+    /// The first copy's output at the tile's first output; copy `i` is `i · copy_stride`
+    /// further.
+    out: *mut f32,
+    copy_stride: usize,
+    /// Copies stored (the rest of the block is padding).
+    count: usize,
+    tail_mask: __mmask16,
 }
 
 /// # Safety
 /// As for [`copies_tile`].
 #[target_feature(enable = "avx512f")]
 unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
-    tile: &CopiesTile<__mmask16>,
+    tile: &CopiesTile,
     index: &[u32],
     value: &[f32],
 ) {
@@ -260,7 +310,7 @@ unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
 /// As for [`copies_tile`].
 #[target_feature(enable = "avx512f")]
 unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
-    tile: &CopiesTile<__mmask16>,
+    tile: &CopiesTile,
     index: &[u32],
     value: &[f32],
 ) {
@@ -277,7 +327,7 @@ unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
-    tile: &CopiesTile<__mmask16>,
+    tile: &CopiesTile,
     index: &[u32],
     value: &[f32],
 ) {
