@@ -30,14 +30,6 @@ pub struct Parameters {
     pub generation: Option<u32>,
 }
 
-/// The parameters a checkpoint's run reports: θ, or its running average when it keeps one.
-fn model(state: es_core::train::EsState) -> Vec<f32> {
-    match state.average.is_empty() {
-        true => state.theta,
-        false => state.average,
-    }
-}
-
 /// Reads parameters from a run directory (`theta.f32` with its `config.toml`, else its newest
 /// checkpoint), a checkpoint file, or a `theta.f32` file beside a `config.toml`: a run's
 /// result, so for a run that keeps a running average of θ, that average.
@@ -48,7 +40,7 @@ pub fn load_parameters(path: &Path) -> Result<Parameters, RunError> {
         return Ok(Parameters {
             config: c.config,
             generation: Some(c.state.generation),
-            theta: model(c.state),
+            theta: c.state.into_model(),
             source: path.to_owned(),
         });
     }
@@ -66,7 +58,7 @@ pub fn load_parameters(path: &Path) -> Result<Parameters, RunError> {
         return Ok(Parameters {
             config: c.config,
             generation: Some(c.state.generation),
-            theta: model(c.state),
+            theta: c.state.into_model(),
             source: file,
         });
     }

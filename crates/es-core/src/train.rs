@@ -1209,6 +1209,14 @@ impl EsState {
             false => &self.average,
         }
     }
+
+    /// [`EsState::model`], taken out of the state.
+    pub fn into_model(self) -> Vec<f32> {
+        match self.average.is_empty() {
+            true => self.theta,
+            false => self.average,
+        }
+    }
 }
 
 /// One step of the running average: `average ← average + (1 − decay)·(theta − average)`,
