@@ -12,11 +12,14 @@
 #     --fake-fitness --connections N --threads 2` process, so chunks are sized as for real
 #     2-core workers; real gRPC on loopback; audits off since the fitnesses are fake, and the
 #     per-stream results rate limit raised): time per generation, its update, the
-#     coordinator's CPU time, and
+#     coordinator's CPU time, and (LOCAL_UPDATE_WORKERS: with 32 of them again with
+#     --local-update, the whole update on the coordinator, side by side with the spread
+#     update, in which the fake workers answer the noise sums with fake values too), and
 #     the overhead against the generation time 32 real workers of this machine (2 cores
 #     each) would need, derived from the embedded run's evaluations per second per core.
 #
-# Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOAD_GENERATIONS (6),
+# Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOCAL_UPDATE_WORKERS
+# ("32"; empty: none), LOAD_GENERATIONS (6),
 # LOAD_POPULATION (10000), GENERATIONS (30, for step 3), REPORT_JSON (also keep the raw
 # numbers there).
 set -euo pipefail
@@ -24,6 +27,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 export UNDERFLOW_DATA="${UNDERFLOW_DATA:-$root/../shared/data/mnist}"
 fake_workers="${FAKE_WORKERS:-1 32 256 1000}"
+local_update_workers="${LOCAL_UPDATE_WORKERS-32}"
 load_generations="${LOAD_GENERATIONS:-6}"
 load_population="${LOAD_POPULATION:-10000}"
 generations="${GENERATIONS:-30}"
@@ -53,9 +57,12 @@ log "embedded generation, $generations generations"
 "$bin/coordinator" --generations "$generations" "${common[@]}" --run-dir "$out/embedded" \
   >/dev/null 2>"$out/embedded.log"
 
-cluster() { # name workers population generations worker-args...
+cluster() { # name workers population generations coordinator-args -- worker-args...
   local name=$1 workers=$2 population=$3 gens=$4
   shift 4
+  local extra=()
+  while [[ $1 != -- ]]; do extra+=("$1"); shift; done
+  shift
   local port
   port=$(free_port)
   # Fake workers answer at once, so one stream sends results far faster than a real worker
@@ -68,7 +75,7 @@ cluster() { # name workers population generations worker-args...
   timeout 900 "$bin/coordinator" --workers "$workers" --listen "127.0.0.1:$port" \
     --generations "$gens" --population "$population" "${common[@]}" \
     --max-workers "$workers" --max-connections $((workers + 16)) --audit-every 0 \
-    --max-results-per-sec 1000000 --heartbeat 10 \
+    --max-results-per-sec 1000000 --heartbeat 10 "${extra[@]}" \
     --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
   local coordinator=$!
   "$@" --connect "127.0.0.1:$port" --data "$UNDERFLOW_DATA" 2>"$out/$name.workers.log" &
@@ -93,14 +100,20 @@ wait
 
 for n in $fake_workers; do
   log "coordinator with $n fake workers, P=$load_population, $load_generations generations"
-  cluster "fake$n" "$n" "$load_population" "$load_generations" \
+  cluster "fake$n" "$n" "$load_population" "$load_generations" -- \
+    "$bin/worker" --fake-fitness --connections "$n" --threads 2 --give-up-after 30
+done
+for n in $local_update_workers; do
+  log "coordinator with $n fake workers and --local-update, P=$load_population"
+  cluster "local$n" "$n" "$load_population" "$load_generations" --local-update -- \
     "$bin/worker" --fake-fitness --connections "$n" --threads 2 --give-up-after 30
 done
 
-python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" <<'PY'
+python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" <<'PY'
 import json, os, statistics, sys
 
 out, trained, fakes, population, keep = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
+locals_ = sys.argv[6].split()
 bench = json.load(open(f"{out}/bench.json"))
 rows = []  # (section, case, value, unit, ratio, note)
 
@@ -151,19 +164,31 @@ add("generation", "2 local workers × 1 thread, P=256 B=100", loc_gen, "s/genera
 per_core = emb_eps / threads
 real32 = 2 * population / (32 * 2 * per_core)
 add("cluster", f"32 real workers × 2 cores, P={population:,} (derived)", real32, "s/generation", "", f"2P evaluations at {per_core:.0f} per core per s")
-for n in fakes:
-    m = metrics(f"fake{n}")[1:]
+# The noise the update reads: P windows of D parameters (the default network).
+dim = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+for name, n, how in [(f"fake{n}", n, "") for n in fakes] + [(f"local{n}", n, ", --local-update") for n in locals_]:
+    m = metrics(name)[1:]
     if not m:
-        add("cluster", f"{n} fake workers, P={population:,}", "no generation", "")
+        add("cluster", f"{n} fake workers{how}, P={population:,}", "no generation", "")
         continue
-    gen = statistics.median(gen_times(metrics(f"fake{n}")))
+    gen = statistics.median(gen_times(metrics(name)))
     upd = statistics.median(x["update_secs"] for x in m)
     col = statistics.median(x["collect_secs"] for x in m)
     cpu = statistics.median(x["cpu_secs"] for x in m)
     sent = statistics.median(x["wire_bytes_sent"] for x in m)
-    add("cluster", f"coordinator, {n} fake workers, P={population:,}", gen, "s/generation",
-        f"{gen / real32:.0%} of 32 real",
-        f"collect {col:.3f} s, update {upd:.3f} s, coordinator CPU {cpu:.2f} s; sent {sent / 1e6:.0f} MB; workers {min(x['workers'] for x in m)}–{max(x['workers'] for x in m)}")
+    note = f"collect {col:.3f} s, update {upd:.3f} s, coordinator CPU {cpu:.2f} s; sent {sent / 1e6:.0f} MB; workers {min(x['workers'] for x in m)}–{max(x['workers'] for x in m)}"
+    if "sums_delivered" in m[-1]:
+        delivered = statistics.median(x["sums_delivered"] for x in m)
+        local = statistics.median(x["sums_local"] for x in m)
+        # What each real worker would add for its share of the sums, at this machine's read
+        # bandwidth (its 2 cores): the fake workers answer with fake sums at once.
+        # The ranges as the coordinator plans them (sums.rs): the busiest worker's share.
+        length = min(1 << 16, -(-(-(-dim // n)) // 4096) * 4096)
+        ranges = -(-dim // length)
+        share = population * length * 4 * -(-ranges // n) / (read["value"] * 1e9)
+        note += f"; ranges summed by workers {delivered:.0f}, by the coordinator {local:.0f}; a real worker's share {share:.3f} s"
+    add("cluster", f"coordinator, {n} fake workers{how}, P={population:,}", gen, "s/generation",
+        f"{gen / real32:.0%} of 32 real", note)
 
 print("# Underflow benchmark report")
 for k in ("cpu", "kernel", "threads", "load at start", "build", "trained"):

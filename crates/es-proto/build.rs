@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // θ is encoded once per generation and shared by the messages to every worker: a
         // `Bytes` clone is a reference count, a `Vec<u8>` clone would copy 2.7 MB each time.
         .bytes(".underflow.es.v1.Generation.theta")
+        // The weights go to many workers per generation: encoded once, shared the same way.
+        .bytes(".underflow.es.v1.SumNoise.weights")
         // Its derived `Debug` would print those megabytes; `work.rs` shows the digest instead.
         .skip_debug([".underflow.es.v1.Generation"])
         .compile_fds(descriptors)?;

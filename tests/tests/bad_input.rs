@@ -18,6 +18,7 @@ use es_proto::pb::{self, coordinator_message, join_reply::Outcome};
 use es_proto::{GoldenEval, GoldenProof, NoiseSpec, RunSpec};
 use es_worker::{DataSource, WorkerExit, WorkerOptions};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -91,27 +92,33 @@ fn results(generation: u32, pairs: Vec<pb::PairResult>) -> pb::WorkerMessage {
     pb::Results { generation, pairs }.into()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
-    // The coordinator's log, shown when the test fails.
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let scratch = Scratch::new("bad-input");
-    let reference = {
-        let env = environment(&scratch, "reference", 2);
-        let dir = env.run_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            embedded::run(&config(), &env, &AtomicBool::new(false)).unwrap()
-        })
-        .await
-        .unwrap();
-        std::fs::read(dir.join("theta.f32")).unwrap()
-    };
+/// The embedded run of `config()`: θ's bytes, which no rogue may change.
+async fn reference_theta(scratch: &Scratch) -> Vec<u8> {
+    let env = environment(scratch, "reference", 2);
+    let dir = env.run_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        embedded::run(&config(), &env, &AtomicBool::new(false)).unwrap()
+    })
+    .await
+    .unwrap();
+    std::fs::read(dir.join("theta.f32")).unwrap()
+}
 
+/// A coordinator of `config()` waiting for two workers (the first generation waits for the
+/// rogue), and one honest in-process worker of one thread.
+struct Cluster {
+    addr: String,
+    run_dir: std::path::PathBuf,
+    mnist: Arc<es_data::mnist::Mnist>,
+    coordinator: JoinHandle<Result<embedded::RunSummary, es_coordinator::RunError>>,
+    honest: JoinHandle<Result<WorkerExit, es_worker::WorkerError>>,
+}
+
+async fn start_cluster(scratch: &Scratch) -> Cluster {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    let env = environment(&scratch, "cluster", 1);
+    let env = environment(scratch, "cluster", 1);
     let run_dir = env.run_dir.clone();
-    // Two workers: the first generation waits for the rogue.
     let options = ClusterOptions {
         workers: 2,
         ..ClusterOptions::default()
@@ -129,16 +136,33 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
     honest_options.cache_dir = scratch.path().join("cache");
     honest_options.name = "honest".into();
     let honest = tokio::spawn(es_worker::run(honest_options, std::future::pending::<()>()));
+    Cluster {
+        addr,
+        run_dir,
+        mnist,
+        coordinator,
+        honest,
+    }
+}
 
-    // The rogue joins and proves like an honest worker.
-    let mut rogue = client(&addr).await;
+/// A client that joins (offering to sum noise or not) and proves itself honestly; then it
+/// may do as it likes on its open Work stream.
+struct Rogue {
+    out: mpsc::Sender<pb::WorkerMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    prove: pb::Prove,
+}
+
+async fn join_rogue(cluster: &Cluster, scratch: &Scratch, sums_noise: bool) -> Rogue {
+    let mut rogue = client(&cluster.addr).await;
     let join = pb::JoinRequest {
         protocol_version: es_proto::PROTOCOL_VERSION,
         run_id: String::new(),
-        data_digest: mnist.digest.to_vec(),
+        data_digest: cluster.mnist.digest.to_vec(),
         threads: 1,
         name: "rogue".into(),
         kernel: "avx512".into(),
+        sums_noise,
     };
     let accepted = loop {
         match rogue.join(join.clone()).await {
@@ -164,11 +188,51 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
         cached_theta_digest: Vec::new(),
     };
     out.send(prove.clone().into()).await.unwrap();
-    let mut inbound = rogue
+    let inbound = rogue
         .work(ReceiverStream::new(outbox))
         .await
         .unwrap()
         .into_inner();
+    Rogue {
+        out,
+        inbound,
+        prove,
+    }
+}
+
+/// Waits for the run to finish and the honest worker with it; checks that θ is
+/// `reference`'s and returns the run's metrics.
+async fn finish(cluster: Cluster, reference: &[u8]) -> Vec<serde_json::Value> {
+    let summary = tokio::time::timeout(Duration::from_secs(120), cluster.coordinator)
+        .await
+        .expect("the run finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.generations, 4);
+    let exit = tokio::time::timeout(Duration::from_secs(30), cluster.honest)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, WorkerExit::Finished);
+    let theta = std::fs::read(cluster.run_dir.join("theta.f32")).unwrap();
+    assert!(theta == reference, "the rogue changed θ");
+    underflow_tests::processes::metrics(&cluster.run_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
+    // The coordinator's log, shown when the test fails.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let scratch = Scratch::new("bad-input");
+    let reference = reference_theta(&scratch).await;
+    let cluster = start_cluster(&scratch).await;
+    // Not asked for noise sums: this rogue's bad messages are its results.
+    let Rogue {
+        out,
+        mut inbound,
+        prove,
+    } = join_rogue(&cluster, &scratch, false).await;
     let mut next = async |limit: Duration| -> Option<coordinator_message::Kind> {
         match tokio::time::timeout(limit, inbound.next()).await {
             Err(_) => None,
@@ -253,22 +317,7 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
         refusal.message
     );
     drop(out);
-
-    let summary = tokio::time::timeout(Duration::from_secs(120), coordinator)
-        .await
-        .expect("the run finishes")
-        .unwrap()
-        .unwrap();
-    assert_eq!(summary.generations, 4);
-    let exit = tokio::time::timeout(Duration::from_secs(30), honest)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, WorkerExit::Finished);
-    let theta = std::fs::read(run_dir.join("theta.f32")).unwrap();
-    assert!(theta == reference, "the rogue changed θ");
-    let metrics = underflow_tests::processes::metrics(&run_dir);
+    let metrics = finish(cluster, &reference).await;
     let total = |field: &str| -> u64 { metrics.iter().filter_map(|l| l[field].as_u64()).sum() };
     assert_eq!(
         total("rejected_messages"),
@@ -280,4 +329,100 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
         total("reassigned") >= u64::from(assign.count),
         "its indices evaluated again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_false_noise_sums_are_refused_or_caught_and_theta_is_unaffected() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let scratch = Scratch::new("bad-sums");
+    let reference = reference_theta(&scratch).await;
+    let cluster = start_cluster(&scratch).await;
+    // The rogue takes no indices (it never grants credits), but offers to sum noise.
+    let Rogue {
+        out, mut inbound, ..
+    } = join_rogue(&cluster, &scratch, true).await;
+    // The first SumNoise (the honest worker evaluates the whole generation meanwhile).
+    let sum_noise = loop {
+        let message = tokio::time::timeout(Duration::from_secs(60), inbound.next())
+            .await
+            .expect("the coordinator asks for sums")
+            .expect("the stream is open")
+            .expect("no stream error");
+        if let Some(coordinator_message::Kind::SumNoise(m)) = message.kind {
+            break m;
+        }
+    };
+    let t = sum_noise.generation;
+    let ranges = sum_noise.checked_ranges(usize::MAX).unwrap();
+    assert_eq!(
+        sum_noise
+            .checked_weights(config().population)
+            .unwrap()
+            .len(),
+        24
+    );
+    let first = ranges[0].clone();
+    let sums = |generation: u32, start: usize, values: Vec<f32>| -> pb::WorkerMessage {
+        pb::NoiseSums::new(generation, start, &values).into()
+    };
+    // Each refused: a future generation, a range not asked for, the wrong length, NaN.
+    for bad in [
+        sums(t + 3, first.start, vec![0.0; first.len()]),
+        sums(t, first.start + 1, vec![0.0; first.len()]),
+        sums(t, first.start, vec![0.0; first.len() - 1]),
+        sums(t, first.start, {
+            let mut v = vec![0.0; first.len()];
+            v[5] = f32::NAN;
+            v
+        }),
+    ] {
+        out.send(bad).await.unwrap();
+    }
+    // Then well-formed lies for all its ranges: the audit catches them.
+    for range in &ranges {
+        out.send(sums(t, range.start, vec![0.25; range.len()]))
+            .await
+            .unwrap();
+    }
+    let shutdown = loop {
+        let message = tokio::time::timeout(Duration::from_secs(60), inbound.next())
+            .await
+            .expect("the coordinator answers")
+            .expect("the stream is open")
+            .expect("no stream error");
+        if let Some(coordinator_message::Kind::Shutdown(s)) = message.kind {
+            break s;
+        }
+    };
+    let refusal = shutdown.refusal.expect("a quarantine says why");
+    assert_eq!(refusal.reason(), pb::RefusalReason::GoldenMismatch);
+    assert!(
+        refusal.message.contains("noise sum of parameter")
+            && refusal.message.contains("where the coordinator's is"),
+        "{}",
+        refusal.message
+    );
+    drop(out);
+    let metrics = finish(cluster, &reference).await;
+    let total = |field: &str| -> u64 { metrics.iter().filter_map(|l| l[field].as_u64()).sum() };
+    assert_eq!(
+        total("rejected_messages"),
+        4,
+        "each bad message refused once"
+    );
+    assert_eq!(total("quarantined"), 1, "the liar quarantined");
+    let line = &metrics[t as usize];
+    assert_eq!(
+        line["sums_local"].as_u64(),
+        Some(ranges.len() as u64),
+        "the coordinator summed the liar's ranges itself"
+    );
+    assert!(
+        line["sums_delivered"].as_u64().unwrap() > 0,
+        "the honest worker's"
+    );
+    // Later generations: the honest worker sums everything.
+    for line in &metrics[t as usize + 1..] {
+        assert_eq!(line["sums_local"].as_u64(), Some(0), "{line}");
+    }
 }

@@ -28,15 +28,17 @@ struct TestWorker {
     fake: bool,
 }
 
-/// Runs `config` on a coordinator (auditing every `audit_every` generations) with one
-/// in-process worker per entry of `workers`; returns the final θ's bytes and how each worker
-/// ended.
+/// Runs `config` on a coordinator (auditing every `audit_every` generations, spreading the
+/// update over the workers unless `local_update`) with one in-process worker per entry of
+/// `workers`; returns the final θ's bytes and how each worker ended. A spread update must
+/// have come from the workers alone.
 async fn cluster_run(
     config: &RunConfig,
     scratch: &Scratch,
     name: &str,
     workers: &[TestWorker],
     audit_every: u32,
+    local_update: bool,
 ) -> (Vec<u8>, Vec<Result<WorkerExit, es_worker::WorkerError>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -45,6 +47,7 @@ async fn cluster_run(
     let options = ClusterOptions {
         workers: workers.len(),
         audit_every,
+        spread_update: !local_update,
         ..ClusterOptions::default()
     };
     let coordinator = tokio::spawn(cluster::run(
@@ -78,6 +81,17 @@ async fn cluster_run(
             .unwrap();
         exits.push(exit);
     }
+    let metrics = underflow_tests::processes::metrics(&run_dir);
+    for line in &metrics {
+        let (delivered, local) = (&line["sums_delivered"], &line["sums_local"]);
+        if local_update {
+            assert!(delivered.is_null() && local.is_null(), "{line}");
+        } else if exits.iter().all(Result::is_ok) {
+            // Every worker stayed: none of the update was left to the coordinator.
+            assert!(delivered.as_u64().unwrap() > 0, "{line}");
+            assert_eq!(local.as_u64(), Some(0), "{line}");
+        }
+    }
     (std::fs::read(run_dir.join("theta.f32")).unwrap(), exits)
 }
 
@@ -96,7 +110,7 @@ async fn cluster_theta(
             fake: false,
         })
         .collect();
-    let (theta, exits) = cluster_run(config, scratch, name, &workers, 1).await;
+    let (theta, exits) = cluster_run(config, scratch, name, &workers, 1, false).await;
     for exit in exits {
         assert_eq!(exit.unwrap(), WorkerExit::Finished);
     }
@@ -130,6 +144,21 @@ async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
     assert!(
         three == embedded,
         "θ with 3 workers differs from the embedded run"
+    );
+    // The coordinator computing the whole update itself (--local-update): the same bits.
+    let real = TestWorker {
+        threads: 1,
+        fake: false,
+    };
+    let (local, exits) = cluster_run(&config, &scratch, "local", &[real, real], 1, true).await;
+    assert!(
+        exits
+            .into_iter()
+            .all(|e| e.unwrap() == WorkerExit::Finished)
+    );
+    assert!(
+        local == embedded,
+        "θ with the update on the coordinator differs from the embedded run"
     );
 }
 
@@ -224,7 +253,15 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
     };
     // Audits off (the load test): fake workers prove the golden task, join and finish the
     // run; θ follows their fake fitnesses, so it is not the embedded run's.
-    let (theta, exits) = cluster_run(&config, &scratch, "fake-only", &[fake, fake, fake], 0).await;
+    let (theta, exits) = cluster_run(
+        &config,
+        &scratch,
+        "fake-only",
+        &[fake, fake, fake],
+        0,
+        false,
+    )
+    .await;
     for exit in exits {
         assert_eq!(exit.unwrap(), WorkerExit::Finished);
     }
@@ -237,7 +274,8 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
         threads: 1,
         fake: false,
     };
-    let (theta, exits) = cluster_run(&config, &scratch, "fake-audited", &[fake, real], 1).await;
+    let (theta, exits) =
+        cluster_run(&config, &scratch, "fake-audited", &[fake, real], 1, false).await;
     let mut exits = exits.into_iter();
     let e = exits.next().unwrap().unwrap_err();
     assert!(e.is_refusal(), "{e}");

@@ -64,6 +64,7 @@ fn request(digest: Vec<u8>) -> pb::JoinRequest {
         threads: 1,
         name: "test".into(),
         kernel: "portable".into(),
+        sums_noise: false,
     }
 }
 

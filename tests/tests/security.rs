@@ -65,6 +65,7 @@ fn join_request(digest: &[u8]) -> pb::JoinRequest {
         threads: 1,
         name: "test".into(),
         kernel: "portable".into(),
+        sums_noise: false,
     }
 }
 

@@ -8,18 +8,21 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use es_core::noise::NoiseSource;
+use es_core::strategy::PairFitness;
 use es_core::train::{
-    Dataset, EsConfig, EsState, EvalPool, Evaluator, GenerationReport, PairResult, UpdateStats,
-    apply_update, evaluate_index, golden_task,
+    Dataset, EsConfig, EsState, EvalPool, Evaluator, GenerationReport, PairResult, TrainError,
+    UpdateStats, apply_update, evaluate_index, finish_update, golden_task, noise_sums,
+    update_weights,
 };
 use es_data::mnist::Mnist;
-use es_kernel::{Evaluation, NetConfig};
+use es_kernel::{Evaluation, NetConfig, ParamLayout};
 use es_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use es_proto::pb::{self, RefusalReason};
 use es_proto::{Digest, EncodedTheta, GoldenEval, GoldenProof, PROTOCOL_VERSION};
@@ -37,6 +40,7 @@ use crate::limits::{Incoming, TokenBucket, inbound_message_limit};
 use crate::monitor::{Monitor, Phase};
 use crate::run_dir::RunDir;
 use crate::scheduler::{GenerationWork, Submitted, WorkerId, same_result};
+use crate::sums::{SumWork, SumsSubmitted};
 
 /// How the cluster waits for and watches its workers, who may take part, and what each may
 /// cost (see `auth` and `limits`).
@@ -71,6 +75,10 @@ pub struct ClusterOptions {
     /// holding one second's worth); each one beyond is rejected unread, and counts towards
     /// [`ClusterOptions::max_rejected`].
     pub results_per_sec: f64,
+    /// Spread the update's noise sums over the workers that can compute them (a noise table
+    /// only: with a stream every worker would regenerate all the noise); the coordinator
+    /// checks samples of them and steps Adam. Off: it computes the whole update itself.
+    pub spread_update: bool,
 }
 
 impl Default for ClusterOptions {
@@ -88,6 +96,7 @@ impl Default for ClusterOptions {
             max_workers: 64,
             max_connections: 128,
             results_per_sec: 1000.0,
+            spread_update: true,
         }
     }
 }
@@ -136,6 +145,8 @@ struct WorkerSlot {
     accepted: u64,
     /// The generation of the last `ThetaRequest` and how many came for it.
     theta_requests: (u32, u32),
+    /// It answers `SumNoise` (its `JoinRequest` said so).
+    sums_noise: bool,
 }
 
 /// A worker that joined but has not proven itself yet.
@@ -143,6 +154,7 @@ struct Joined {
     threads: u32,
     name: String,
     at: Instant,
+    sums_noise: bool,
 }
 
 #[derive(Default)]
@@ -176,6 +188,11 @@ struct State {
     /// Protobuf payload bytes sent and received on work streams, since the last generation.
     bytes_sent: u64,
     bytes_received: u64,
+    /// The update being spread over the workers, between a generation's results and its
+    /// update.
+    sums: Option<SumWork>,
+    /// Seconds the last spread update waited for its workers (their leases follow from it).
+    sums_secs: Option<f64>,
 }
 
 /// Sends `message` to a worker, counting its payload bytes. A closed channel means the stream
@@ -306,6 +323,10 @@ fn quarantine(state: &mut State, worker: WorkerId, reason: &str, options: &Clust
         .work
         .as_mut()
         .map_or(0, |work| work.discard_worker(worker));
+    // Noise sums it delivered may be wrong too: the coordinator computes them.
+    if let Some(sums) = state.sums.as_mut() {
+        sums.release_worker(worker, true);
+    }
     tracing::error!(worker_id = worker, %name, reason, returned, "worker quarantined");
     assign_all(state, options);
 }
@@ -417,6 +438,7 @@ impl Coordinator for Service {
                     threads: join.threads,
                     name: name.clone(),
                     at: now,
+                    sums_noise: join.sums_noise,
                 },
             );
             id
@@ -555,10 +577,16 @@ async fn serve_worker(
     };
     {
         let mut state = shared.lock();
-        let Joined { threads, name, .. } = state.joined.remove(&worker).unwrap_or(Joined {
+        let Joined {
+            threads,
+            name,
+            sums_noise,
+            ..
+        } = state.joined.remove(&worker).unwrap_or(Joined {
             threads: 1,
             name: String::new(),
             at: Instant::now(),
+            sums_noise: false,
         });
         if let Some(completed) = state.finished {
             let reason = if completed {
@@ -582,6 +610,7 @@ async fn serve_worker(
                 rejected: 0,
                 accepted: 0,
                 theta_requests: (0, 0),
+                sums_noise,
             },
         );
         announce(&mut state, worker);
@@ -605,7 +634,10 @@ async fn serve_worker(
             Ok(Ok(Some(m))) => m,
         };
         use pb::worker_message::Kind;
-        let costly = matches!(message.kind, Some(Kind::Results(_) | Kind::ThetaRequest(_)));
+        let costly = matches!(
+            message.kind,
+            Some(Kind::Results(_) | Kind::ThetaRequest(_) | Kind::NoiseSums(_))
+        );
         let handled = if costly && !bucket.take(Instant::now()) {
             Handled::error(format!(
                 "more than {rate} results or theta requests per second: message dropped"
@@ -659,7 +691,11 @@ async fn serve_worker(
         }
         shared.publish_workers(&state);
         let (name, accepted) = removed.map(|s| (s.name, s.accepted)).unwrap_or_default();
-        let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker));
+        let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker))
+            + state
+                .sums
+                .as_mut()
+                .map_or(0, |s| s.release_worker(worker, false) as u32);
         assign_all(&mut state, &shared.options);
         tracing::info!(worker_id = worker, %name, reason = %end, released, pairs_accepted = accepted, workers = state.workers.len(), "worker left");
     }
@@ -851,6 +887,43 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 "worker asked for theta"
             );
             announce(&mut state, worker);
+            Handled::default()
+        }
+        Some(Kind::NoiseSums(answer)) => {
+            let Some(sums) = state.sums.as_mut() else {
+                // Between spread updates: a late answer (its range was summed meanwhile).
+                return Handled::default();
+            };
+            if answer.generation != sums.generation() {
+                return if answer.generation > sums.generation() {
+                    Handled::error(format!(
+                        "noise sums for generation {}: the update being spread is generation {}'s",
+                        answer.generation,
+                        sums.generation()
+                    ))
+                } else {
+                    Handled::default()
+                };
+            }
+            let start = usize::try_from(answer.start).unwrap_or(usize::MAX);
+            let Some(len) = sums.expected_len(worker, start) else {
+                return Handled::error(format!(
+                    "noise sums from parameter {start} of generation {}, which were not asked of worker {worker} (or arrived already)",
+                    answer.generation
+                ));
+            };
+            let values = match answer.checked_sums(len) {
+                Ok(values) => values,
+                Err(e) => return Handled::error(format!("malformed noise sums: {e}")),
+            };
+            let complete = matches!(
+                sums.submit(worker, answer.generation, start, values),
+                SumsSubmitted::Accepted { complete: true }
+            );
+            drop(state);
+            if complete {
+                shared.changed.notify_waiters();
+            }
             Handled::default()
         }
         Some(Kind::Heartbeat(_)) => Handled::default(),
@@ -1342,22 +1415,38 @@ async fn train(
         }
         let eval_secs = gen_started.elapsed().as_secs_f64();
         let update_started = Instant::now();
+        let pairs: Vec<_> = results.iter().map(PairResult::fitness).collect();
+        let (sums, spread_counts) =
+            if options.spread_update && matches!(*noise, NoiseSource::Table(_)) {
+                let update = SpreadUpdate {
+                    net,
+                    es: &es,
+                    noise: &noise,
+                    run_seed: config.seed,
+                    threads: env.threads,
+                };
+                let (g, counts) = update.noise_sums(shared, options, t, &pairs).await?;
+                (Some(g), Some(counts))
+            } else {
+                (None, None)
+            };
         let (state_back, update) = {
             let (es, noise) = (Arc::clone(&es), Arc::clone(&noise));
             let net = net.clone();
             let seed = config.seed;
             let threads = env.threads;
             let checkpointer = Arc::clone(&checkpointer);
-            let pairs: Vec<_> = results.iter().map(PairResult::fitness).collect();
             tokio::task::spawn_blocking(move || {
-                let update = apply_update(&mut es_state, &net, &es, &noise, seed, &pairs, threads)
-                    .map_err(RunError::from)
-                    .and_then(|update| {
-                        if checkpointer.due(es_state.generation) {
-                            checkpointer.save(&es_state)?;
-                        }
-                        Ok(update)
-                    });
+                let update = match sums {
+                    Some(g) => finish_update(&mut es_state, &net, &es, g, threads),
+                    None => apply_update(&mut es_state, &net, &es, &noise, seed, &pairs, threads),
+                };
+                let update = update.map_err(RunError::from).and_then(|update| {
+                    if checkpointer.due(es_state.generation) {
+                        checkpointer.save(&es_state)?;
+                    }
+                    Ok(update)
+                });
                 (es_state, update)
             })
             .await
@@ -1390,6 +1479,8 @@ async fn train(
         line.cpu_secs = cpu_started
             .zip(process_cpu_secs())
             .map(|(start, end)| end - start);
+        line.sums_delivered = spread_counts.map(|(delivered, _)| delivered);
+        line.sums_local = spread_counts.map(|(_, local)| local);
         run_dir.append_metrics(&line)?;
         shared.monitor.generation(&line, report.evaluations as u64);
         shared.publish_workers(&shared.lock());
@@ -1423,6 +1514,146 @@ async fn train(
         &checkpointer,
     )
     .await
+}
+
+/// What the coordinator needs to spread a generation's update and check the answers.
+struct SpreadUpdate<'a> {
+    net: &'a NetConfig,
+    es: &'a Arc<EsConfig>,
+    noise: &'a Arc<NoiseSource>,
+    run_seed: u64,
+    threads: usize,
+}
+
+/// Parameters of each delivered range that an audit sums again on the coordinator.
+const AUDIT_SUMS: usize = 64;
+
+impl SpreadUpdate<'_> {
+    /// Generation `t`'s noise sums over all of θ, spread over the workers that can compute
+    /// them: each gets the weights and its share of θ's ranges. The coordinator waits until
+    /// every range is answered or its worker gone, or the lease (the last spread's time, four
+    /// times over, plus the configured slack) runs out; in audited generations it sums
+    /// [`AUDIT_SUMS`] parameters at a random place of every delivered range itself and
+    /// quarantines a worker that differs; then it sums every range still missing itself.
+    async fn noise_sums(
+        &self,
+        shared: &Arc<Shared>,
+        options: &ClusterOptions,
+        t: u32,
+        pairs: &[PairFitness],
+    ) -> Result<(Vec<f32>, (u32, u32)), RunError> {
+        let weights = Arc::new(update_weights(self.es, pairs)?);
+        let dim = ParamLayout::new(self.net).len();
+        let started = Instant::now();
+        let lease = {
+            let mut state = shared.lock();
+            let mut ids: Vec<WorkerId> = state
+                .workers
+                .iter()
+                .filter(|(_, w)| w.sums_noise)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.sort_unstable();
+            let (work, assigned) = SumWork::plan(t, dim, &ids);
+            let encoded = es_proto::work::f32s_to_bytes(&weights);
+            let State {
+                workers,
+                bytes_sent,
+                ..
+            } = &mut *state;
+            for (id, ranges) in &assigned {
+                if let Some(slot) = workers.get(id) {
+                    let message = pb::SumNoise::new(t, encoded.clone(), ranges);
+                    send(bytes_sent, &slot.tx, message.into());
+                }
+            }
+            state.sums = Some(work);
+            match state.sums_secs {
+                Some(secs) => options.lease + Duration::from_secs_f64((4.0 * secs).min(3600.0)),
+                None => options.first_lease,
+            }
+        };
+        loop {
+            let notified = shared.changed.notified();
+            let settled = shared.lock().sums.as_ref().is_none_or(SumWork::is_settled);
+            if settled || started.elapsed() >= lease {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
+        }
+        let work = {
+            let mut state = shared.lock();
+            state.sums_secs = Some(started.elapsed().as_secs_f64());
+            state.sums.take().expect("set above and taken only here")
+        };
+        let audit = options.audit_every > 0 && t.is_multiple_of(options.audit_every);
+        let (net, es, noise) = (
+            self.net.clone(),
+            Arc::clone(self.es),
+            Arc::clone(self.noise),
+        );
+        let (run_seed, threads) = (self.run_seed, self.threads);
+        let (work, wrong, counts) = tokio::task::spawn_blocking(move || {
+            let sum = |range: Range<usize>, threads: usize| {
+                noise_sums(&net, &es, &noise, run_seed, t, &weights, range, threads)
+            };
+            let mut work = work;
+            // Each audit's place is unpredictable to the workers: a per-process random hash.
+            let places = std::hash::RandomState::new();
+            let mut wrong: Vec<(WorkerId, String)> = Vec::new();
+            if audit {
+                let delivered: Vec<(WorkerId, Range<usize>, Vec<f32>)> = work
+                    .delivered()
+                    .map(|(w, r, s)| (w, r, s.to_vec()))
+                    .collect();
+                for (worker, range, sums) in delivered {
+                    if wrong.iter().any(|(w, _)| *w == worker) {
+                        continue;
+                    }
+                    let len = AUDIT_SUMS.min(range.len());
+                    let at = (std::hash::BuildHasher::hash_one(&places, (t, worker, range.start))
+                        as usize)
+                        % (range.len() - len + 1);
+                    let mine = sum(range.start + at..range.start + at + len, 1)?;
+                    let theirs = &sums[at..at + len];
+                    if let Some(k) = (0..len).find(|&k| mine[k].to_bits() != theirs[k].to_bits())
+                    {
+                        let j = range.start + at + k;
+                        wrong.push((
+                            worker,
+                            format!(
+                                "its noise sum of parameter {j} in generation {t} is {} where the coordinator's is {}",
+                                theirs[k], mine[k]
+                            ),
+                        ));
+                    }
+                }
+                for (worker, _) in &wrong {
+                    work.release_worker(*worker, true);
+                }
+            }
+            let missing = work.missing();
+            let delivered = work.delivered().count() as u32;
+            if !missing.is_empty() {
+                tracing::debug!(generation = t, ranges = missing.len(), "summing noise ranges no worker delivered");
+            }
+            let missing_count = missing.len() as u32;
+            for range in missing {
+                let start = range.start;
+                work.fill(start, sum(range, threads)?);
+            }
+            Ok::<_, TrainError>((work, wrong, (delivered, missing_count)))
+        })
+        .await
+        .expect("summing noise does not panic")?;
+        if !wrong.is_empty() {
+            let mut state = shared.lock();
+            for (worker, reason) in &wrong {
+                quarantine(&mut state, *worker, reason, options);
+            }
+        }
+        Ok((work.assemble().expect("every range was filled"), counts))
+    }
 }
 
 /// CPU seconds (user and system, all threads) this process has used so far, where the OS

@@ -404,5 +404,7 @@ pub(crate) fn metrics_line(
         quarantined: None,
         collect_secs: None,
         cpu_secs: None,
+        sums_delivered: None,
+        sums_local: None,
     }
 }

@@ -16,6 +16,8 @@
 //! - [`progress`]: the live progress line on a terminal, kept intact by the log writer.
 //! - [`run_dir`]: `config.toml`, `metrics.jsonl`, `theta.f32`, `summary.json`.
 //! - [`scheduler`]: one generation's leases and results (synchronous; the server locks it).
+//! - [`sums`]: one generation's spread update: which worker sums the noise of which share of
+//!   θ, and what came back (synchronous, like `scheduler`).
 
 use std::path::PathBuf;
 
@@ -32,6 +34,7 @@ pub mod plot;
 pub mod progress;
 pub mod run_dir;
 pub mod scheduler;
+pub mod sums;
 
 /// Why a run could not start or go on. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]

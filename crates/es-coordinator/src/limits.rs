@@ -61,11 +61,13 @@ impl TokenBucket {
 
 /// The largest message the coordinator decodes from a worker of a run with `population`
 /// pairs: one `Results` message holds at most a whole generation (each pair is under 64
-/// bytes on the wire), every other message is far smaller. At least 64 KiB, at most
+/// bytes on the wire), one `NoiseSums` at most [`crate::sums::MAX_RANGE_LEN`] f32 values,
+/// every other message is far smaller. At least 64 KiB more than either, at most
 /// [`es_proto::MAX_MESSAGE_BYTES`].
 pub fn inbound_message_limit(population: usize) -> usize {
     population
         .saturating_mul(64)
+        .max(4 * crate::sums::MAX_RANGE_LEN)
         .saturating_add(64 << 10)
         .min(es_proto::MAX_MESSAGE_BYTES)
 }
@@ -210,8 +212,18 @@ mod tests {
     }
 
     #[test]
-    fn the_inbound_limit_fits_a_generation_of_results() {
-        assert_eq!(inbound_message_limit(0), 64 << 10);
+    fn the_inbound_limit_fits_a_generation_of_results_and_a_range_of_noise_sums() {
+        let sums =
+            es_proto::pb::NoiseSums::new(u32::MAX, usize::MAX, &[1.0; crate::sums::MAX_RANGE_LEN]);
+        let sums_len = prost::Message::encoded_len(&sums);
+        assert!(
+            inbound_message_limit(0) > sums_len,
+            "{sums_len} bytes of sums"
+        );
+        assert_eq!(
+            inbound_message_limit(0),
+            4 * crate::sums::MAX_RANGE_LEN + (64 << 10)
+        );
         assert!(inbound_message_limit(10_000) >= 10_000 * 64);
         assert_eq!(
             inbound_message_limit(usize::MAX),

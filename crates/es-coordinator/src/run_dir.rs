@@ -58,6 +58,13 @@ pub struct MetricsLine {
     /// (cluster only, where the OS reports it): its own cost apart from the workers' time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_secs: Option<f64>,
+    /// Ranges of θ whose noise sums workers delivered for the update, and ranges the
+    /// coordinator summed itself (no worker could, one was lost or late, or an audit found
+    /// wrong sums) (cluster only, with a spread update).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sums_delivered: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sums_local: Option<u32>,
 }
 
 /// Writes into one run directory.
@@ -217,6 +224,8 @@ pub(crate) mod tests {
             quarantined: None,
             collect_secs: None,
             cpu_secs: None,
+            sums_delivered: None,
+            sums_local: None,
         }
     }
 

@@ -4,7 +4,8 @@
 //! A generation `t` is: the minibatch ([`minibatch_indices`]), the per-layer σ
 //! ([`EsConfig::layer_sigmas`]), the evaluation of each mirrored pair ([`Evaluator`], run by
 //! whoever holds θ and the noise source: in-process threads or remote workers), and the update
-//! ([`apply_update`]) from the 2P fitnesses alone. Every part is a pure function of the config,
+//! ([`apply_update`]; its weighted sum of the noise, [`noise_sums`], in slices if need be) from
+//! the 2P fitnesses alone. Every part is a pure function of the config,
 //! `run_seed`, `t`, θ and the fitnesses, so θ after `t` generations does not depend on who
 //! evaluated what.
 
@@ -165,6 +166,14 @@ pub enum TrainError {
     },
     #[error("parameter vector has {got} values: expected {expected}")]
     ThetaLength { got: usize, expected: usize },
+    #[error("gradient sums have {got} values: expected one per parameter, {expected}")]
+    GradientLength { got: usize, expected: usize },
+    #[error("parameter range {start}..{end} is not within θ: expected a range inside 0..{dim}")]
+    ParamRange {
+        start: usize,
+        end: usize,
+        dim: usize,
+    },
     #[error(
         "running average of θ has {got} values: expected {expected} (a run with an average \
          decay keeps one from its start)"
@@ -1246,6 +1255,9 @@ const UPDATE_BLOCK: usize = 4096;
 /// Applies generation `state.generation`'s update from its fitness pairs (index order) and
 /// advances the state to the next generation. Parallel over parameter blocks on `threads`
 /// threads; the result does not depend on `threads`.
+///
+/// It is [`update_weights`], then [`noise_sums`] over all of θ, then [`finish_update`]: a
+/// cluster computes the middle part in slices on its workers, with the same bits.
 pub fn apply_update(
     state: &mut EsState,
     net: &NetConfig,
@@ -1255,45 +1267,92 @@ pub fn apply_update(
     pairs: &[PairFitness],
     threads: usize,
 ) -> Result<UpdateStats, TrainError> {
+    let weights = update_weights(es, pairs)?;
+    let dim = ParamLayout::new(net).len();
+    let g = noise_sums(
+        net,
+        es,
+        noise,
+        run_seed,
+        state.generation,
+        &weights,
+        0..dim,
+        threads,
+    )?;
+    finish_update(state, net, es, g, threads)
+}
+
+/// The weight of each perturbation `ε_i` in a generation's gradient estimate, from its
+/// fitness pairs in index order: `r⁺_i − r⁻_i`, where each layer's pairs are ranked among
+/// themselves (perturbing different layers moves the loss by different amounts, and one
+/// layer's pairs must not outrank another's).
+pub fn update_weights(es: &EsConfig, pairs: &[PairFitness]) -> Result<Vec<f32>, TrainError> {
     if pairs.len() != es.population {
         return Err(TrainError::PairCount {
             got: pairs.len(),
             population: es.population,
         });
     }
-    let dim = state.theta.len();
-    if dim != ParamLayout::new(net).len() {
-        return Err(TrainError::ThetaLength {
-            got: dim,
-            expected: ParamLayout::new(net).len(),
-        });
-    }
-    noise.check_dim(dim)?;
-    es.validate_for(net)?;
-    let layout = ParamLayout::new(net);
-    let segments = es.segments(&layout);
-    // Each layer's pairs are ranked among themselves: perturbing different layers moves the
-    // loss by different amounts, and one layer's pairs must not outrank another's.
     let mut weights = Vec::with_capacity(pairs.len());
     for layer_pairs in es.layer_pairs() {
         if !layer_pairs.is_empty() {
             weights.extend(rank_weights(&pairs[layer_pairs])?);
         }
     }
-    let t = state.generation;
+    Ok(weights)
+}
+
+/// `Σ_i weights[i]·ε_i[j]` for each parameter `j` of `range`, over the pairs of generation
+/// `generation` that perturb `j` (all of them, or those of its layer and neuron group), in
+/// index order, each product and sum rounded in f32; 0 where no pair perturbs `j`. Not yet
+/// divided by 2P: that is [`finish_update`]'s.
+///
+/// Every element is summed on its own, so a slice of θ gets exactly the bits of the same
+/// elements in the whole vector: workers can each compute a slice. Parallel over parameter
+/// blocks on `threads` threads. A table source reads each window's part in `range` once; a
+/// stream source must regenerate every ε_i in full, whatever the range.
+#[allow(clippy::too_many_arguments)] // the generation's inputs, each its own thing
+pub fn noise_sums(
+    net: &NetConfig,
+    es: &EsConfig,
+    noise: &NoiseSource,
+    run_seed: u64,
+    generation: u32,
+    weights: &[f32],
+    range: Range<usize>,
+    threads: usize,
+) -> Result<Vec<f32>, TrainError> {
+    let layout = ParamLayout::new(net);
+    let dim = layout.len();
+    if weights.len() != es.population {
+        return Err(TrainError::PairCount {
+            got: weights.len(),
+            population: es.population,
+        });
+    }
+    if range.start > range.end || range.end > dim {
+        return Err(TrainError::ParamRange {
+            start: range.start,
+            end: range.end,
+            dim,
+        });
+    }
+    noise.check_dim(dim)?;
+    es.validate_for(net)?;
+    let segments = es.segments(&layout);
     let keys = |i: usize| NoiseKey {
         run_seed,
-        generation: t,
+        generation,
         index: i as u32,
     };
-    let mut g = vec![0.0f32; dim];
+    let mut g = vec![0.0f32; range.len()];
     match noise {
         NoiseSource::Table(_) => {
             // A table hands out borrowed windows and never touches the scratch.
-            let windows: Vec<&[f32]> = (0..pairs.len())
+            let windows: Vec<&[f32]> = (0..weights.len())
                 .map(|i| noise.perturbation(keys(i), dim, &mut []))
                 .collect::<Result<_, _>>()?;
-            for_pieces(&mut pieces(&mut g, &segments), threads, |piece| {
+            for_pieces(&mut pieces(&mut g, &range, &segments), threads, |piece| {
                 let pairs = piece.pairs.clone();
                 let slices: Vec<&[f32]> = windows[pairs.clone()]
                     .iter()
@@ -1306,9 +1365,9 @@ pub fn apply_update(
             // Regenerate ε in groups (in parallel), then add each group in index order.
             let group = threads.max(1) * 2;
             let mut buffers = vec![vec![0.0f32; dim]; group];
-            let mut pieces = pieces(&mut g, &segments);
-            for first in (0..pairs.len()).step_by(group) {
-                let count = group.min(pairs.len() - first);
+            let mut pieces = pieces(&mut g, &range, &segments);
+            for first in (0..weights.len()).step_by(group) {
+                let count = group.min(weights.len() - first);
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = buffers[..count]
                         .iter_mut()
@@ -1339,6 +1398,42 @@ pub fn apply_update(
             }
         }
     }
+    Ok(g)
+}
+
+/// Finishes generation `state.generation`'s update from `g`, the [`noise_sums`] of all of θ:
+/// divides each layer's sums by its 2P, steps Adam (and the running average, if the run keeps
+/// one) and advances the state to the next generation. Parallel over parameter blocks on
+/// `threads` threads; the result does not depend on `threads`.
+pub fn finish_update(
+    state: &mut EsState,
+    net: &NetConfig,
+    es: &EsConfig,
+    mut g: Vec<f32>,
+    threads: usize,
+) -> Result<UpdateStats, TrainError> {
+    let layout = ParamLayout::new(net);
+    let dim = layout.len();
+    if state.theta.len() != dim {
+        return Err(TrainError::ThetaLength {
+            got: state.theta.len(),
+            expected: dim,
+        });
+    }
+    if g.len() != dim {
+        return Err(TrainError::GradientLength {
+            got: g.len(),
+            expected: dim,
+        });
+    }
+    if es.average_decay > 0.0 && state.average.len() != dim {
+        return Err(TrainError::AverageLength {
+            got: state.average.len(),
+            expected: dim,
+        });
+    }
+    es.validate_for(net)?;
+    let t = state.generation;
     let lr = es.lr_at(t);
     let step = state.adam.begin_step(lr, es.l2);
     // Per layer: its share of θ, its step and the divisor 2P of the pairs that moved it.
@@ -1357,12 +1452,6 @@ pub fn apply_update(
         .collect();
     let grad_sq = adam_blocks(state, &mut g, &steps, threads);
     if es.average_decay > 0.0 {
-        if state.average.len() != dim {
-            return Err(TrainError::AverageLength {
-                got: state.average.len(),
-                expected: dim,
-            });
-        }
         update_average(&mut state.average, &state.theta, es.average_decay);
     }
     state.generation += 1;
@@ -1387,25 +1476,27 @@ struct Piece<'g> {
     pairs: Range<usize>,
 }
 
-/// `g` cut into the segments' ranges (those with pairs), each in pieces of at most
-/// `UPDATE_BLOCK`, in θ's order.
-fn pieces<'g>(mut g: &'g mut [f32], segments: &[Segment]) -> Vec<Piece<'g>> {
+/// `g`, θ's `range`, cut into the segments' ranges (those with pairs) within it, each in
+/// pieces of at most `UPDATE_BLOCK`, in θ's order.
+fn pieces<'g>(mut g: &'g mut [f32], range: &Range<usize>, segments: &[Segment]) -> Vec<Piece<'g>> {
     let mut ranges: Vec<(Range<usize>, Range<usize>)> = segments
         .iter()
         .filter(|s| !s.pairs.is_empty())
         .flat_map(|s| s.params.iter().map(|r| (r.clone(), s.pairs.clone())))
+        .map(|(r, pairs)| (r.start.max(range.start)..r.end.min(range.end), pairs))
+        .filter(|(r, _)| r.start < r.end)
         .collect();
     ranges.sort_by_key(|(r, _)| r.start);
     let mut pieces = Vec::new();
-    let mut offset = 0;
-    for (range, pairs) in ranges {
+    let mut offset = range.start;
+    for (params, pairs) in ranges {
         let rest = std::mem::take(&mut g);
-        let (_, rest) = rest.split_at_mut(range.start - offset);
-        let (this, rest) = rest.split_at_mut(range.len());
-        (g, offset) = (rest, range.end);
+        let (_, rest) = rest.split_at_mut(params.start - offset);
+        let (this, rest) = rest.split_at_mut(params.len());
+        (g, offset) = (rest, params.end);
         for (c, chunk) in this.chunks_mut(UPDATE_BLOCK).enumerate() {
             pieces.push(Piece {
-                at: range.start + c * UPDATE_BLOCK,
+                at: params.start + c * UPDATE_BLOCK,
                 g: chunk,
                 pairs: pairs.clone(),
             });
@@ -2159,6 +2250,119 @@ mod tests {
             with(vec![12, 8, 4], vec![3, 4, 4]).unwrap_err().to_string(),
             "layer 3 has 4 neuron groups: expected 1 to its 2 neurons, dividing its 4 pairs"
         );
+    }
+
+    /// Weights of distinct magnitudes for every pair of `es`, from made-up fitnesses.
+    fn some_weights(es: &EsConfig) -> Vec<f32> {
+        let pairs: Vec<PairFitness> = (0..es.population)
+            .map(|i| PairFitness {
+                plus: -((i * 7919 % 23) as f64),
+                minus: -((i * 104_729 % 31) as f64) / 3.0,
+            })
+            .collect();
+        update_weights(es, &pairs).unwrap()
+    }
+
+    #[test]
+    fn noise_sums_follow_their_definition_and_any_slices_have_the_same_bits() {
+        for (name, (net, es, ..)) in [
+            ("whole θ", small()),
+            ("layer populations", small_layered()),
+            ("neuron groups", small_grouped()),
+        ] {
+            let dim = ParamLayout::new(&net).len();
+            let weights = some_weights(&es);
+            for noise in [table_for(&net), NoiseSource::Stream] {
+                let t = 3;
+                let whole = noise_sums(&net, &es, &noise, 1, t, &weights, 0..dim, 2).unwrap();
+                // The definition: each parameter sums the pairs of its segment in index order.
+                let eps: Vec<Vec<f32>> = (0..es.population)
+                    .map(|i| {
+                        let key = NoiseKey {
+                            run_seed: 1,
+                            generation: t,
+                            index: i as u32,
+                        };
+                        let mut buf = vec![0.0; dim];
+                        noise.perturbation(key, dim, &mut buf).unwrap().to_vec()
+                    })
+                    .collect();
+                let mut want = vec![0.0f32; dim];
+                for segment in es.segments(&ParamLayout::new(&net)) {
+                    for j in segment.params.iter().flat_map(|r| r.clone()) {
+                        for i in segment.pairs.clone() {
+                            want[j] += weights[i] * eps[i][j];
+                        }
+                    }
+                }
+                assert!(
+                    whole
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}: noise sums differ from their definition"
+                );
+                assert!(whole.iter().any(|&x| x != 0.0), "{name}: all sums are zero");
+                // Cuts inside layers, at layer edges, empty and one-element slices.
+                let layers = ParamLayout::new(&net).layers().to_vec();
+                let mut cuts = vec![0, 1, 1, 17, layers[0].bias.start, layers[1].weights.start];
+                cuts.extend([
+                    layers[1].weights.start + 5,
+                    layers[2].bias.start,
+                    dim - 1,
+                    dim,
+                ]);
+                cuts.sort_unstable();
+                let mut sliced = Vec::with_capacity(dim);
+                for cut in cuts.windows(2) {
+                    let threads = 1 + cut[0] % 3;
+                    let part =
+                        noise_sums(&net, &es, &noise, 1, t, &weights, cut[0]..cut[1], threads)
+                            .unwrap();
+                    assert_eq!(part.len(), cut[1] - cut[0], "{name}: slice length");
+                    sliced.extend(part);
+                }
+                assert!(
+                    sliced
+                        .iter()
+                        .zip(&whole)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}: slices differ from the whole"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn update_parts_refuse_inputs_of_the_wrong_size() {
+        let (net, es, ..) = small_grouped();
+        let dim = ParamLayout::new(&net).len();
+        let noise = table_for(&net);
+        let weights = some_weights(&es);
+        let e = noise_sums(&net, &es, &noise, 1, 0, &weights[1..], 0..dim, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "23 fitness pairs for population 24: expected one per perturbation"
+        );
+        let e = noise_sums(&net, &es, &noise, 1, 0, &weights, 5..dim + 1, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "parameter range 5..{} is not within θ: expected a range inside 0..{dim}",
+                dim + 1
+            )
+        );
+        let mut state = EsState::new(&net, &es, 1);
+        let before = state.clone();
+        let e = finish_update(&mut state, &net, &es, vec![0.0; dim - 1], 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "gradient sums have {} values: expected one per parameter, {dim}",
+                dim - 1
+            )
+        );
+        assert_eq!(state, before, "a refused update changes nothing");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! proof, `Generation` with θ, refusals, and each message wrapped into the stream's envelope
 //! (`WorkerMessage`, `CoordinatorMessage`) by `From`.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use es_core::strategy::PairFitness;
 use es_core::train::PairResult;
@@ -300,6 +302,98 @@ impl std::fmt::Debug for pb::Generation {
     }
 }
 
+/// Values as the wire's little-endian f32 bytes.
+pub fn f32s_to_bytes(values: &[f32]) -> Bytes {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// `values` decoded from `bytes` as exactly `len` little-endian f32 values, each finite.
+fn finite_f32s(field: &'static str, bytes: &[u8], len: usize) -> Result<Vec<f32>, ConversionError> {
+    let values = f32s_from_bytes(field, bytes, len)?;
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(ConversionError::value(
+            field,
+            format!("{v} at {i}"),
+            "finite values",
+        ));
+    }
+    Ok(values)
+}
+
+impl pb::SumNoise {
+    /// Asks for the noise sums of `ranges` of `generation` under `weights` (the wire bytes of
+    /// [`f32s_to_bytes`], shared, not copied, by every worker's message).
+    pub fn new(generation: u32, weights: Bytes, ranges: &[Range<usize>]) -> Self {
+        pb::SumNoise {
+            generation,
+            weights,
+            ranges: ranges
+                .iter()
+                .map(|r| pb::ParamRange {
+                    start: r.start as u64,
+                    len: r.len() as u64,
+                })
+                .collect(),
+        }
+    }
+
+    /// The weights: one finite value per perturbation of `population`.
+    pub fn checked_weights(&self, population: usize) -> Result<Vec<f32>, ConversionError> {
+        finite_f32s("sum_noise.weights", &self.weights, population)
+    }
+
+    /// The ranges: at least one, each non-empty and inside θ's `dim` parameters, none
+    /// overlapping another.
+    pub fn checked_ranges(&self, dim: usize) -> Result<Vec<Range<usize>>, ConversionError> {
+        if self.ranges.is_empty() {
+            return Err(ConversionError::Missing {
+                field: "sum_noise.ranges",
+                expected: "at least one range of θ",
+            });
+        }
+        let mut ranges = Vec::with_capacity(self.ranges.len());
+        for r in &self.ranges {
+            let start = to_usize("sum_noise.ranges.start", r.start)?;
+            let len = to_usize("sum_noise.ranges.len", r.len)?;
+            if len == 0 || start >= dim || len > dim - start {
+                return Err(ConversionError::value(
+                    "sum_noise.ranges",
+                    format!("{start}..{}", start.saturating_add(len)),
+                    format!("a non-empty range inside θ's 0..{dim}"),
+                ));
+            }
+            ranges.push(start..start + len);
+        }
+        let mut sorted = ranges.clone();
+        sorted.sort_by_key(|r| r.start);
+        if let Some(w) = sorted.windows(2).find(|w| w[0].end > w[1].start) {
+            return Err(ConversionError::value(
+                "sum_noise.ranges",
+                format!("{:?} and {:?}", w[0], w[1]),
+                "ranges that do not overlap",
+            ));
+        }
+        Ok(ranges)
+    }
+}
+
+impl pb::NoiseSums {
+    /// The sums of the range starting at `start` of `generation`.
+    pub fn new(generation: u32, start: usize, sums: &[f32]) -> Self {
+        pb::NoiseSums {
+            generation,
+            start: start as u64,
+            sums: f32s_to_bytes(sums).to_vec(),
+        }
+    }
+
+    /// The sums: exactly `len` finite values (the weights are finite and at most 1 in size,
+    /// the noise finite, so a correct sum is too).
+    pub fn checked_sums(&self, len: usize) -> Result<Vec<f32>, ConversionError> {
+        finite_f32s("noise_sums.sums", &self.sums, len)
+    }
+}
+
 impl pb::ThetaRequest {
     /// Asks for the θ named `theta_digest` of `generation`.
     pub fn new(generation: u32, theta_digest: &Digest) -> Self {
@@ -373,13 +467,22 @@ macro_rules! envelope {
     };
 }
 
-envelope!(WorkerMessage, worker_message: Prove, Ready, Results, ThetaRequest, Heartbeat);
+envelope!(
+    WorkerMessage,
+    worker_message: Prove,
+    Ready,
+    Results,
+    ThetaRequest,
+    Heartbeat,
+    NoiseSums,
+);
 envelope!(
     CoordinatorMessage,
     coordinator_message: ProofAccepted,
     Generation,
     Assign,
     Shutdown,
+    SumNoise,
 );
 
 #[cfg(test)]
@@ -644,6 +747,79 @@ mod tests {
         let mut m = good.clone();
         m.theta_digest.clear();
         assert!(m.checked_theta(3).is_err());
+    }
+
+    #[test]
+    fn noise_sum_messages_round_trip_bit_for_bit() {
+        let weights = [0.5, -0.25, -0.0, 1.0];
+        let m = wire(&pb::SumNoise::new(
+            7,
+            f32s_to_bytes(&weights),
+            &[8..20, 0..3],
+        ));
+        assert_eq!(m.generation, 7);
+        let back = m.checked_weights(4).unwrap();
+        assert!(
+            back.iter()
+                .zip(&weights)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_eq!(m.checked_ranges(20).unwrap(), vec![8..20, 0..3]);
+        let sums = [f32::MIN_POSITIVE, -3.5, 0.0];
+        let m = wire(&pb::NoiseSums::new(7, 8, &sums));
+        assert_eq!((m.generation, m.start), (7, 8));
+        let back = m.checked_sums(3).unwrap();
+        assert!(
+            back.iter()
+                .zip(&sums)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
+
+    #[test]
+    fn bad_noise_sum_messages_are_refused() {
+        let good = pb::SumNoise::new(7, f32s_to_bytes(&[0.5, -0.5]), &[0..4, 4..10]);
+        assert_eq!(
+            good.checked_weights(3).unwrap_err().to_string(),
+            "sum_noise.weights has 8 bytes: expected 12"
+        );
+        let nan = pb::SumNoise::new(7, f32s_to_bytes(&[0.5, f32::NAN]), &[0..4, 5..6]);
+        assert_eq!(
+            nan.checked_weights(2).unwrap_err().to_string(),
+            "sum_noise.weights is NaN at 1: expected finite values"
+        );
+        assert_eq!(
+            good.checked_ranges(9).unwrap_err().to_string(),
+            "sum_noise.ranges is 4..10: expected a non-empty range inside θ's 0..9"
+        );
+        let overlapping = pb::SumNoise::new(7, Bytes::new(), &[3..8, 0..4]);
+        assert_eq!(
+            overlapping.checked_ranges(10).unwrap_err().to_string(),
+            "sum_noise.ranges is 0..4 and 3..8: expected ranges that do not overlap"
+        );
+        let empty = pb::SumNoise::new(7, Bytes::new(), &[0..1, 2..2]);
+        assert!(empty.checked_ranges(10).is_err());
+        let none = pb::SumNoise::new(7, Bytes::new(), &[]);
+        assert_eq!(
+            none.checked_ranges(10).unwrap_err().to_string(),
+            "sum_noise.ranges is missing: expected at least one range of θ"
+        );
+        let mut huge = good.clone();
+        huge.ranges[0].len = u64::MAX;
+        assert!(huge.checked_ranges(10).is_err());
+        let sums = pb::NoiseSums::new(7, 0, &[1.0, f32::INFINITY]);
+        assert_eq!(
+            sums.checked_sums(2).unwrap_err().to_string(),
+            "noise_sums.sums is inf at 1: expected finite values"
+        );
+        assert!(matches!(
+            sums.checked_sums(3).unwrap_err(),
+            ConversionError::Length {
+                got: 8,
+                expected: 12,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -49,6 +49,11 @@ fn coordinator_receives(message: &pb::WorkerMessage) {
                 }
             }
         }
+        Some(Kind::NoiseSums(sums)) => {
+            if let Ok(values) = sums.checked_sums(DIM) {
+                assert!(values.iter().all(|v| v.is_finite()));
+            }
+        }
         Some(Kind::Ready(_) | Kind::ThetaRequest(_) | Kind::Heartbeat(_)) | None => {}
     }
 }
@@ -69,6 +74,14 @@ fn worker_receives(message: &pb::CoordinatorMessage) {
             if let Some(refusal) = &shutdown.refusal {
                 let _ = refusal.reason();
                 let _ = tonic::Status::from(refusal.clone());
+            }
+        }
+        Some(Kind::SumNoise(sum)) => {
+            if let Ok(weights) = sum.checked_weights(BATCH) {
+                assert!(weights.iter().all(|v| v.is_finite()));
+            }
+            if let Ok(ranges) = sum.checked_ranges(DIM) {
+                assert!(ranges.iter().all(|r| !r.is_empty() && r.end <= DIM));
             }
         }
         Some(Kind::ProofAccepted(_) | Kind::Assign(_)) | None => {}
@@ -178,6 +191,7 @@ fn seeds() -> Vec<Vec<u8>> {
         .into(),
         pb::ThetaRequest::new(4, theta.digest()).into(),
         pb::Heartbeat {}.into(),
+        pb::NoiseSums::new(4, 1, &[0.5, -1.0]).into(),
     ];
     let coordinator: Vec<pb::CoordinatorMessage> = vec![
         pb::Generation::with_theta(5, &theta).into(),
@@ -189,6 +203,12 @@ fn seeds() -> Vec<Vec<u8>> {
         }
         .into(),
         pb::ProofAccepted {}.into(),
+        pb::SumNoise::new(
+            5,
+            es_proto::work::f32s_to_bytes(&[0.5, -0.5, 0.0]),
+            &[0..1, 2..3],
+        )
+        .into(),
         pb::Shutdown {
             reason: "over".into(),
             refusal: Some(pb::Refusal::new(RefusalReason::Full, "full")),
@@ -203,6 +223,7 @@ fn seeds() -> Vec<Vec<u8>> {
         threads: 2,
         name: "node/1".into(),
         kernel: "avx2".into(),
+        sums_noise: true,
     };
     let accepted = pb::JoinReply::from(pb::JoinAccepted {
         protocol_version: es_proto::PROTOCOL_VERSION,
@@ -305,9 +326,16 @@ fn the_seeds_are_valid_messages() {
     for bytes in seeds() {
         receive_all(&bytes);
     }
-    let generation = pb::CoordinatorMessage::decode(&*seeds()[5]).unwrap();
-    let Some(pb::coordinator_message::Kind::Generation(g)) = generation.kind else {
-        panic!("seed 5 is a generation");
-    };
+    let g = seeds()
+        .iter()
+        .find_map(
+            |bytes| match pb::CoordinatorMessage::decode(&**bytes).ok()?.kind {
+                Some(pb::coordinator_message::Kind::Generation(g)) if !g.theta.is_empty() => {
+                    Some(g)
+                }
+                _ => None,
+            },
+        )
+        .expect("a seed is a generation with θ");
     assert_eq!(g.checked_theta(DIM).unwrap().unwrap(), vec![1.0, -0.0, 3.5]);
 }

@@ -9,7 +9,8 @@
 //!
 //! A load-testing worker ([`Fitnesses::Fake`]) still computes the golden proof honestly but
 //! answers chunks with [`fake_pair`], a pure function of (generation, index), without
-//! evaluating: one process can then drive a coordinator with hundreds of connections.
+//! evaluating: one process can then drive a coordinator with hundreds of connections. It
+//! answers a share of the update ([`SumsJob`]) with [`fake_sums`] the same way.
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 
-use es_core::train::{EvalPool, PairResult, Perturbation, golden_task};
+use es_core::train::{EvalPool, PairResult, Perturbation, golden_task, noise_sums};
 use es_kernel::{Batch, Evaluation, Kernel};
 use es_proto::{GoldenEval, GoldenProof};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
@@ -50,17 +51,45 @@ pub(crate) struct ChunkDone {
     pub outcome: ChunkOutcome,
 }
 
+/// What became of a job.
 #[derive(Debug)]
-pub(crate) enum ChunkOutcome {
-    /// The pair results, in index order.
-    Evaluated(Vec<PairResult>),
-    /// Not evaluated: its generation was no longer current when its turn came.
+pub(crate) enum Outcome<T> {
+    /// Computed: a chunk's pair results in index order, or one sum per parameter of a range.
+    Done(T),
+    /// Not computed: its generation was no longer current when its turn came.
     Skipped,
-    /// The evaluation failed (or panicked); the thread has stopped.
+    /// The computation failed (or panicked); the thread has stopped.
     Failed(String),
 }
 
+pub(crate) type ChunkOutcome = Outcome<Vec<PairResult>>;
+pub(crate) type SumsOutcome = Outcome<Vec<f32>>;
+
+/// One range of a generation's noise sums (`es_core::train::noise_sums`), the worker's share
+/// of the update.
+#[derive(Clone, Debug)]
+pub(crate) struct SumsJob {
+    /// The generation announcement the sums belong to (see the module docs).
+    pub ticket: u64,
+    pub generation: u32,
+    pub weights: Arc<Vec<f32>>,
+    pub range: Range<usize>,
+}
+
+/// What became of a [`SumsJob`].
+#[derive(Debug)]
+pub(crate) struct SumsDone {
+    pub ticket: u64,
+    pub generation: u32,
+    pub range: Range<usize>,
+    pub outcome: SumsOutcome,
+}
+
 enum Job {
+    Sums {
+        job: SumsJob,
+        reply: tokio_mpsc::UnboundedSender<SumsDone>,
+    },
     Golden {
         generation: u32,
         index: u32,
@@ -104,6 +133,18 @@ pub(crate) fn fake_pair(generation: u32, index: u32, samples: usize) -> PairResu
         plus: fake(0x0123_4567_89ab_cdef),
         minus: fake(0xfedc_ba98_7654_3210),
     }
+}
+
+/// The fake noise sums of `range` in `generation`: a pure function of its arguments, finite
+/// and of the size of real sums, so a load test's update runs on values like a real one.
+pub(crate) fn fake_sums(generation: u32, range: Range<usize>) -> Vec<f32> {
+    range
+        .map(|j| {
+            let h = splitmix64((u64::from(generation) << 40) ^ j as u64);
+            // 24 random bits → a uniform value in [-1, 1).
+            (h >> 40) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
 }
 
 /// SplitMix64's output function: a cheap, well-mixed hash of one word.
@@ -181,6 +222,18 @@ impl ComputeThread {
         })
     }
 
+    /// Queues `job`; its [`SumsDone`] is sent on `reply`.
+    pub fn submit_sums(
+        &self,
+        job: SumsJob,
+        reply: &tokio_mpsc::UnboundedSender<SumsDone>,
+    ) -> Result<(), WorkerError> {
+        self.send(Job::Sums {
+            job,
+            reply: reply.clone(),
+        })
+    }
+
     fn send(&self, job: Job) -> Result<(), WorkerError> {
         self.jobs.send(job).map_err(|_| stopped())
     }
@@ -217,6 +270,26 @@ fn compute_loop(
 ) {
     while let Ok(job) = jobs.recv() {
         match job {
+            Job::Sums { job, reply } => {
+                let outcome = if current.load(Ordering::SeqCst) != job.ticket {
+                    SumsOutcome::Skipped
+                } else if let Some(pool) = &pool {
+                    sum(context, pool.threads(), &job)
+                } else {
+                    SumsOutcome::Done(fake_sums(job.generation, job.range.clone()))
+                };
+                let failed = matches!(outcome, SumsOutcome::Failed(_));
+                // The session may be gone; then nobody wants the sums.
+                let _ = reply.send(SumsDone {
+                    ticket: job.ticket,
+                    generation: job.generation,
+                    range: job.range,
+                    outcome,
+                });
+                if failed {
+                    return;
+                }
+            }
             Job::Golden {
                 generation,
                 index,
@@ -239,7 +312,7 @@ fn compute_loop(
                     evaluate(context, pool, &job)
                 } else {
                     let samples = job.batch.len();
-                    ChunkOutcome::Evaluated(
+                    ChunkOutcome::Done(
                         job.indices
                             .clone()
                             .map(|i| fake_pair(job.generation, i, samples))
@@ -289,7 +362,13 @@ fn golden(
 }
 
 fn evaluate(context: &RunContext, pool: &mut EvalPool, job: &ChunkJob) -> ChunkOutcome {
-    let result = catch_unwind(AssertUnwindSafe(|| {
+    let what = || {
+        format!(
+            "evaluating indices {:?} of generation {}",
+            job.indices, job.generation
+        )
+    };
+    guarded(what, || {
         pool.evaluate(
             &job.theta,
             &context.noise,
@@ -299,19 +378,39 @@ fn evaluate(context: &RunContext, pool: &mut EvalPool, job: &ChunkJob) -> ChunkO
             &job.batch,
             job.indices.clone(),
         )
-    }));
-    match result {
-        Ok(Ok(pairs)) => ChunkOutcome::Evaluated(pairs),
-        Ok(Err(e)) => ChunkOutcome::Failed(format!(
-            "evaluating indices {:?} of generation {}: {e}",
-            job.indices, job.generation
-        )),
-        Err(panic) => ChunkOutcome::Failed(format!(
-            "evaluating indices {:?} of generation {} panicked: {}",
-            job.indices,
+    })
+}
+
+fn sum(context: &RunContext, threads: usize, job: &SumsJob) -> SumsOutcome {
+    let what = || {
+        format!(
+            "summing the noise of parameters {:?} of generation {}",
+            job.range, job.generation
+        )
+    };
+    guarded(what, || {
+        noise_sums(
+            &context.net,
+            &context.es,
+            &context.noise,
+            context.run_seed,
             job.generation,
-            panic_message(&panic)
-        )),
+            &job.weights,
+            job.range.clone(),
+            threads,
+        )
+    })
+}
+
+/// Runs `compute`; an error or a panic becomes a failure that says `what` was computed.
+fn guarded<T, E: std::fmt::Display>(
+    what: impl Fn() -> String,
+    compute: impl FnOnce() -> Result<T, E>,
+) -> Outcome<T> {
+    match catch_unwind(AssertUnwindSafe(compute)) {
+        Ok(Ok(value)) => Outcome::Done(value),
+        Ok(Err(e)) => Outcome::Failed(format!("{}: {e}", what())),
+        Err(panic) => Outcome::Failed(format!("{} panicked: {}", what(), panic_message(&panic))),
     }
 }
 
@@ -373,7 +472,7 @@ mod tests {
             compute.submit(job.clone(), &tx).unwrap();
             let done = rx.recv().await.unwrap();
             assert_eq!((done.ticket, done.generation, done.indices), (5, 2, 3..17));
-            let ChunkOutcome::Evaluated(pairs) = done.outcome else {
+            let ChunkOutcome::Done(pairs) = done.outcome else {
                 panic!("expected results, got {:?}", done.outcome);
             };
             let mut pool = EvalPool::new(&context.net, Kernel::Portable, 1).unwrap();
@@ -423,7 +522,7 @@ mod tests {
         assert_eq!(outcomes[0].indices, 0..4);
         assert!(matches!(outcomes[0].outcome, ChunkOutcome::Skipped));
         assert_eq!(outcomes[1].indices, 4..6);
-        assert!(matches!(&outcomes[1].outcome, ChunkOutcome::Evaluated(p) if p.len() == 2));
+        assert!(matches!(&outcomes[1].outcome, ChunkOutcome::Done(p) if p.len() == 2));
         assert_eq!(outcomes[2].indices, 6..8);
         assert!(matches!(outcomes[2].outcome, ChunkOutcome::Skipped));
 
@@ -498,6 +597,102 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn noise_sums_equal_the_core_computing_them_and_stale_ones_are_skipped() {
+        let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
+        let compute = ComputeThread::spawn(
+            Arc::clone(&context),
+            Kernel::Portable,
+            2,
+            Fitnesses::Evaluated,
+        )
+        .unwrap();
+        let population = context.es.population;
+        let weights: Vec<f32> = (0..population)
+            .map(|i| (i as f32 - 3.5) / population as f32)
+            .collect();
+        let range = 10..context.dim - 7;
+        let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+        compute.set_current(4);
+        let job = |ticket| SumsJob {
+            ticket,
+            generation: 2,
+            weights: Arc::new(weights.clone()),
+            range: range.clone(),
+        };
+        compute.submit_sums(job(4), &tx).unwrap();
+        let done = rx.recv().await.unwrap();
+        assert_eq!(
+            (done.ticket, done.generation, done.range.clone()),
+            (4, 2, range.clone())
+        );
+        let SumsOutcome::Done(sums) = done.outcome else {
+            panic!("expected sums, got {:?}", done.outcome);
+        };
+        let want = noise_sums(
+            &context.net,
+            &context.es,
+            &context.noise,
+            context.run_seed,
+            2,
+            &weights,
+            range.clone(),
+            1,
+        )
+        .unwrap();
+        assert!(
+            sums.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_eq!(sums.len(), range.len());
+        compute.submit_sums(job(3), &tx).unwrap();
+        assert!(matches!(
+            rx.recv().await.unwrap().outcome,
+            SumsOutcome::Skipped
+        ));
+        // Weights of the wrong length fail with the core's message, and stop the thread.
+        let mut bad = job(4);
+        bad.weights = Arc::new(vec![0.5]);
+        compute.submit_sums(bad, &tx).unwrap();
+        let SumsOutcome::Failed(message) = rx.recv().await.unwrap().outcome else {
+            panic!("expected a failure");
+        };
+        assert!(
+            message.contains(&format!("1 fitness pairs for population {population}")),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fake_sums_answer_without_reading_noise_and_repeat_bit_for_bit() {
+        let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
+        let compute =
+            ComputeThread::spawn(Arc::clone(&context), Kernel::Portable, 1, Fitnesses::Fake)
+                .unwrap();
+        let (tx, mut rx) = tokio_mpsc::unbounded_channel();
+        compute.set_current(1);
+        // Weights of the wrong length: summing for real would fail.
+        let job = SumsJob {
+            ticket: 1,
+            generation: 5,
+            weights: Arc::new(vec![]),
+            range: 3..40,
+        };
+        compute.submit_sums(job, &tx).unwrap();
+        let SumsOutcome::Done(sums) = rx.recv().await.unwrap().outcome else {
+            panic!("expected fake sums");
+        };
+        assert_eq!(sums, fake_sums(5, 3..40));
+        assert!(sums.iter().all(|v| v.is_finite() && v.abs() <= 1.0));
+        assert_ne!(sums, fake_sums(6, 3..40), "another generation, other sums");
+        assert_eq!(
+            &fake_sums(5, 0..40)[3..],
+            &sums[..],
+            "a value depends on its index only"
+        );
+    }
+
+    #[tokio::test]
     async fn fake_fitnesses_answer_without_evaluating_and_repeat_bit_for_bit() {
         let context = context(NoiseSpec::Stream, Path::new("/nonexistent"));
         let compute =
@@ -515,7 +710,7 @@ mod tests {
         compute.set_current(1);
         compute.submit(fake, &tx).unwrap();
         let done = rx.recv().await.unwrap();
-        let ChunkOutcome::Evaluated(pairs) = done.outcome else {
+        let ChunkOutcome::Done(pairs) = done.outcome else {
             panic!("expected fake results, got {:?}", done.outcome);
         };
         let samples = context.es.batch_size;

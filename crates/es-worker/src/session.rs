@@ -26,7 +26,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::compute::{ChunkDone, ChunkJob, ChunkOutcome, ComputeThread, Fitnesses};
+use crate::compute::{
+    ChunkDone, ChunkJob, ChunkOutcome, ComputeThread, Fitnesses, SumsDone, SumsJob, SumsOutcome,
+};
 use crate::context::RunContext;
 use crate::error::WorkerError;
 use crate::options::{AUTHORIZATION_KEY, DataSource, WorkerOptions};
@@ -393,6 +395,7 @@ impl Worker {
             threads: u32::try_from(threads).unwrap_or(u32::MAX),
             name: self.options.name.clone(),
             kernel: self.options.kernel.name().to_owned(),
+            sums_noise: true,
         });
         request.set_timeout(JOIN_TIMEOUT);
         // The deadline is also enforced here: over a network that swallows packets the
@@ -477,8 +480,10 @@ impl Worker {
         let heartbeat = (accepted.heartbeat_interval_ms > 0)
             .then(|| Duration::from_millis(accepted.heartbeat_interval_ms.into()));
         let (done, finished) = mpsc::unbounded_channel();
+        let (sums_done, sums_finished) = mpsc::unbounded_channel();
         let serving = Serving {
             cache,
+            sums_done,
             credits: CREDITS_PER_THREAD.saturating_mul(u32::try_from(threads).unwrap_or(u32::MAX)),
             out,
             done,
@@ -490,7 +495,7 @@ impl Worker {
         };
         let span = info_span!("stream", worker_id = accepted.worker_id);
         serving
-            .serve(inbound, finished, heartbeat)
+            .serve(inbound, finished, sums_finished, heartbeat)
             .instrument(span)
             .await
     }
@@ -564,6 +569,7 @@ struct Serving<'a> {
     credits: u32,
     out: mpsc::Sender<pb::WorkerMessage>,
     done: mpsc::UnboundedSender<ChunkDone>,
+    sums_done: mpsc::UnboundedSender<SumsDone>,
     current: Option<Current>,
     next_ticket: &'a mut u64,
     failures: &'a mut Failures,
@@ -579,6 +585,7 @@ impl Serving<'_> {
         mut self,
         mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
         mut finished: mpsc::UnboundedReceiver<ChunkDone>,
+        mut sums_finished: mpsc::UnboundedReceiver<SumsDone>,
         heartbeat: Option<Duration>,
     ) -> Result<SessionEnd, WorkerError> {
         // However the stream ends, its queued chunks are skipped.
@@ -597,6 +604,7 @@ impl Serving<'_> {
                     None => Ok(Some(SessionEnd::retry("coordinator closed the work stream"))),
                 },
                 Some(done) = finished.recv() => self.on_done(done).await,
+                Some(done) = sums_finished.recv() => self.on_sums_done(done).await,
                 _ = async {
                     match &mut heartbeat {
                         Some(interval) => interval.tick().await,
@@ -616,6 +624,7 @@ impl Serving<'_> {
             Some(Kind::ProofAccepted(_)) => self.on_proof_accepted().await,
             Some(Kind::Generation(generation)) => self.on_generation(generation).await,
             Some(Kind::Assign(assign)) => self.on_assign(assign).await,
+            Some(Kind::SumNoise(sum)) => self.on_sum_noise(sum),
             Some(Kind::Shutdown(shutdown)) => on_shutdown(shutdown).map(Some),
             None => {
                 // A kind added after this worker was built: nothing it could act on.
@@ -738,6 +747,66 @@ impl Serving<'_> {
         }
     }
 
+    /// Queues one job per range; a SumNoise of a generation other than the current one is
+    /// ignored (the coordinator sums what nobody answers itself).
+    fn on_sum_noise(&mut self, message: pb::SumNoise) -> Step {
+        let context = &self.cache.context;
+        let weights = message
+            .checked_weights(context.es.population)
+            .map_err(|source| malformed("sum_noise", source))?;
+        let ranges = message
+            .checked_ranges(context.dim)
+            .map_err(|source| malformed("sum_noise", source))?;
+        let generation = message.generation;
+        let Some(current) = self.current.as_ref().filter(|c| c.generation == generation) else {
+            warn!(
+                generation,
+                current = self.current.as_ref().map(|c| c.generation),
+                "ignoring a sum-noise request of another generation"
+            );
+            return Ok(None);
+        };
+        let weights = Arc::new(weights);
+        for range in ranges {
+            let job = SumsJob {
+                ticket: current.ticket,
+                generation,
+                weights: Arc::clone(&weights),
+                range,
+            };
+            self.cache.compute.submit_sums(job, &self.sums_done)?;
+        }
+        Ok(None)
+    }
+
+    /// Sums of the current generation go back to the coordinator; older ones are dropped.
+    async fn on_sums_done(&mut self, done: SumsDone) -> Step {
+        let current = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.ticket == done.ticket);
+        match done.outcome {
+            SumsOutcome::Failed(message) => Err(WorkerError::Compute(message)),
+            SumsOutcome::Done(sums) if current => {
+                debug!(
+                    generation = done.generation,
+                    range = ?done.range,
+                    "noise summed"
+                );
+                self.send(pb::NoiseSums::new(done.generation, done.range.start, &sums))
+                    .await
+            }
+            SumsOutcome::Done(_) | SumsOutcome::Skipped => {
+                debug!(
+                    generation = done.generation,
+                    range = ?done.range,
+                    "noise sums abandoned"
+                );
+                Ok(None)
+            }
+        }
+    }
+
     fn submit_chunk(&mut self, indices: Range<u32>) -> Result<(), WorkerError> {
         let current = self
             .current
@@ -765,7 +834,7 @@ impl Serving<'_> {
             .is_some_and(|c| c.ticket == done.ticket);
         match done.outcome {
             ChunkOutcome::Failed(message) => Err(WorkerError::Compute(message)),
-            ChunkOutcome::Evaluated(pairs) if current => {
+            ChunkOutcome::Done(pairs) if current => {
                 debug!(
                     generation = done.generation,
                     first = done.indices.start,
@@ -783,7 +852,7 @@ impl Serving<'_> {
                 })
                 .await
             }
-            ChunkOutcome::Evaluated(_) | ChunkOutcome::Skipped => {
+            ChunkOutcome::Done(_) | ChunkOutcome::Skipped => {
                 debug!(
                     generation = done.generation,
                     first = done.indices.start,

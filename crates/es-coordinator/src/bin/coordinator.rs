@@ -97,6 +97,11 @@ struct Cli {
     /// quarantines workers that computed other bits (0: no audits).
     #[arg(help_heading = "Cluster", long, default_value_t = 1)]
     audit_every: u32,
+    /// Compute the whole update on the coordinator. By default the workers each sum the
+    /// noise of a share of θ (with a noise table; the coordinator checks samples of every
+    /// share in audited generations) and the coordinator only steps Adam: the same bits.
+    #[arg(help_heading = "Cluster", long)]
+    local_update: bool,
     /// Continue the run in this run directory from its newest checkpoint (or from this
     /// checkpoint file), with the run's own settings.
     #[arg(help_heading = "Checkpoints and resuming", long, conflicts_with_all = RUN_SETTINGS)]
@@ -516,6 +521,7 @@ fn run_cluster(
         max_workers: cli.max_workers.max(workers),
         max_connections: cli.max_connections.max(1),
         results_per_sec: cli.max_results_per_sec,
+        spread_update: !cli.local_update,
         ..ClusterOptions::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
