@@ -166,7 +166,7 @@ real32 = 2 * population / (32 * 2 * per_core)
 add("cluster", f"32 real workers × 2 cores, P={population:,} (derived)", real32, "s/generation", "", f"2P evaluations at {per_core:.0f} per core per s")
 # The noise the update reads: P windows of D parameters (the default network).
 dim = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
-for name, n, how in [(f"fake{n}", n, "") for n in fakes] + [(f"local{n}", n, ", --local-update") for n in locals_]:
+for name, n, how in [(f"fake{n}", int(n), "") for n in fakes] + [(f"local{n}", int(n), ", --local-update") for n in locals_]:
     m = metrics(name)[1:]
     if not m:
         add("cluster", f"{n} fake workers{how}, P={population:,}", "no generation", "")
