@@ -5,6 +5,7 @@
 use std::hint::black_box;
 
 use anyhow::Context;
+use es_kernel::loss::MathPath;
 use es_kernel::{Arithmetic, Batch, Fill, Forward, Kernel, NetConfig};
 
 use crate::report::{Row, sig3};
@@ -125,6 +126,70 @@ fn forward_rows(
                 &paired,
                 batch.len() as f64,
                 "samples/s/core",
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// A function of [`MathPath`] that replaces each value by its image.
+type InPlace = fn(MathPath, &mut [f64]);
+
+/// libm's `exp` and `log`, one value at a time, against each vector [`MathPath`] of this CPU,
+/// on the loss's own inputs (`Evaluation::from_logits`): each logit minus its sample's
+/// largest for `exp`, each sample's sum of those exponentials for `log`. `logits` are a
+/// forward pass's, `classes` per sample.
+pub fn math_rows(budget: Budget, logits: &[f32], classes: usize) -> anyhow::Result<Vec<Row>> {
+    let shifted: Vec<f64> = logits
+        .chunks_exact(classes)
+        .flat_map(|o| {
+            let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            o.iter().map(move |&v| v as f64 - max)
+        })
+        .collect();
+    let mut exps = shifted.clone();
+    MathPath::Scalar.exp_in_place(&mut exps);
+    let sums: Vec<f64> = exps.chunks_exact(classes).map(|e| e.iter().sum()).collect();
+    let functions: [(&str, &[f64], InPlace); 2] = [
+        ("exp of logit − row max", &shifted, MathPath::exp_in_place),
+        ("log of a sample's sum of exp", &sums, MathPath::ln_in_place),
+    ];
+    let mut rows = Vec::new();
+    for (what, inputs, function) in functions {
+        for path in MathPath::supported() {
+            if path == MathPath::Scalar {
+                continue;
+            }
+            crate::progress(&format!("a/b {what} {path:?} ({} values)", inputs.len()));
+            let (mut old, mut new) = (inputs.to_vec(), inputs.to_vec());
+            function(MathPath::Scalar, &mut old);
+            function(path, &mut new);
+            // Same bits both ways, or the comparison means nothing.
+            anyhow::ensure!(
+                old.iter()
+                    .zip(&new)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what} {path:?}: the vector path differs from libm's bits"
+            );
+            let paired = measure_pair(
+                budget,
+                || {
+                    old.copy_from_slice(inputs);
+                    function(MathPath::Scalar, black_box(&mut old));
+                },
+                || {
+                    new.copy_from_slice(inputs);
+                    function(path, black_box(&mut new));
+                },
+            );
+            rows.push(paired_row(
+                format!(
+                    "{what} ({} loss inputs): libm one at a time → {path:?}",
+                    inputs.len()
+                ),
+                &paired,
+                inputs.len() as f64,
+                "values/s",
             ));
         }
     }

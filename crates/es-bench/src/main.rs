@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Parser;
 use es_core::init::init_params;
 use es_core::noise::{DEFAULT_TABLE_LEN, NoiseSource};
-use es_kernel::{Arithmetic, Batch, Kernel, NetConfig, ParamLayout};
+use es_kernel::{Arithmetic, Batch, Forward, Kernel, NetConfig, ParamLayout};
 
 use crate::report::{Header, Row, human, sig3};
 use crate::timing::{Budget, secs};
@@ -61,6 +61,8 @@ struct Plan {
     read_bytes: usize,
     /// Budget of a side-by-side row (both paths together).
     ab: Budget,
+    /// Budget of a side-by-side row of the loss's exp or log (microseconds per call).
+    math: Budget,
 }
 
 impl Plan {
@@ -80,6 +82,10 @@ impl Plan {
                 read_bytes: 1 << 30,
                 ab: Budget {
                     per_row: secs(0.5),
+                    rounds: 4,
+                },
+                math: Budget {
+                    per_row: secs(0.3),
                     rounds: 4,
                 },
             }
@@ -102,6 +108,10 @@ impl Plan {
                 // process disturbed.
                 ab: Budget {
                     per_row: secs(6.0),
+                    rounds: 15,
+                },
+                math: Budget {
+                    per_row: secs(1.5),
                     rounds: 15,
                 },
             }
@@ -189,6 +199,11 @@ fn ab_section(
     }
     let mut rows = ab::fill_rows(plan.ab, &kernels, &params, &batch)?;
     rows.extend(ab::flush_rows(plan.ab, &kernels, &params, &batch)?);
+    // The loss's exp and log, on the logits of the last parameter set (trained if given).
+    let theta = params.last().expect("init is always there").1;
+    let mut forward = Forward::new(net.clone(), kernel).context("building the forward pass")?;
+    let logits = forward.logits(theta, &batch).to_vec();
+    rows.extend(ab::math_rows(plan.math, &logits, net.outputs)?);
     Ok(rows)
 }
 
