@@ -1602,11 +1602,8 @@ impl SpreadUpdate<'_> {
             let places = std::hash::RandomState::new();
             let mut wrong: Vec<(WorkerId, String)> = Vec::new();
             if audit {
-                let delivered: Vec<(WorkerId, Range<usize>, Vec<f32>)> = work
-                    .delivered()
-                    .map(|(w, r, s)| (w, r, s.to_vec()))
-                    .collect();
-                for (worker, range, sums) in delivered {
+                // Judged in place; the wrong workers' ranges are released after the loop.
+                for (worker, range, sums) in work.delivered() {
                     if wrong.iter().any(|(w, _)| *w == worker) {
                         continue;
                     }

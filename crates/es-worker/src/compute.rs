@@ -271,14 +271,10 @@ fn compute_loop(
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Sums { job, reply } => {
-                let outcome = if current.load(Ordering::SeqCst) != job.ticket {
-                    SumsOutcome::Skipped
-                } else if let Some(pool) = &pool {
-                    sum(context, pool.threads(), &job)
-                } else {
-                    SumsOutcome::Done(fake_sums(job.generation, job.range.clone()))
-                };
-                let failed = matches!(outcome, SumsOutcome::Failed(_));
+                let (outcome, failed) = run_current(current, job.ticket, || match &pool {
+                    Some(pool) => sum(context, pool.threads(), &job),
+                    None => Outcome::Done(fake_sums(job.generation, job.range.clone())),
+                });
                 // The session may be gone; then nobody wants the sums.
                 let _ = reply.send(SumsDone {
                     ticket: job.ticket,
@@ -306,20 +302,15 @@ fn compute_loop(
                 }
             }
             Job::Chunk { job, reply } => {
-                let outcome = if current.load(Ordering::SeqCst) != job.ticket {
-                    ChunkOutcome::Skipped
-                } else if let Some(pool) = &mut pool {
-                    evaluate(context, pool, &job)
-                } else {
-                    let samples = job.batch.len();
-                    ChunkOutcome::Done(
+                let (outcome, failed) = run_current(current, job.ticket, || match &mut pool {
+                    Some(pool) => evaluate(context, pool, &job),
+                    None => Outcome::Done(
                         job.indices
                             .clone()
-                            .map(|i| fake_pair(job.generation, i, samples))
+                            .map(|i| fake_pair(job.generation, i, job.batch.len()))
                             .collect(),
-                    )
-                };
-                let failed = matches!(outcome, ChunkOutcome::Failed(_));
+                    ),
+                });
                 // The session may be gone; then nobody wants the result.
                 let _ = reply.send(ChunkDone {
                     ticket: job.ticket,
@@ -334,6 +325,23 @@ fn compute_loop(
             }
         }
     }
+}
+
+/// Computes a job of generation announcement `ticket` unless a newer announcement has made
+/// it stale (then it is skipped); also says whether it failed, after which the compute
+/// thread stops.
+fn run_current<T>(
+    current: &AtomicU64,
+    ticket: u64,
+    compute: impl FnOnce() -> Outcome<T>,
+) -> (Outcome<T>, bool) {
+    let outcome = if current.load(Ordering::SeqCst) != ticket {
+        Outcome::Skipped
+    } else {
+        compute()
+    };
+    let failed = matches!(outcome, Outcome::Failed(_));
+    (outcome, failed)
 }
 
 fn golden(
