@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use anyhow::Context;
-use es_kernel::loss::MathPath;
+use es_kernel::loss::{MathPath, row_max};
 use es_kernel::{Arithmetic, Batch, Fill, Forward, Kernel, NetConfig};
 
 use crate::report::{Row, sig3};
@@ -143,7 +143,7 @@ pub fn math_rows(budget: Budget, logits: &[f32], classes: usize) -> anyhow::Resu
     let shifted: Vec<f64> = logits
         .chunks_exact(classes)
         .flat_map(|o| {
-            let max = o.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let max = row_max(o);
             o.iter().map(move |&v| v as f64 - max)
         })
         .collect();

@@ -19,8 +19,8 @@ pub fn cross_entropy(logits: &[f32], label: usize) -> f64 {
     max + libm::log(sum) - logits[label] as f64
 }
 
-/// The largest logit, in f64.
-fn row_max(logits: &[f32]) -> f64 {
+/// The largest logit, in f64 (from which the loss's exponentials are taken).
+pub fn row_max(logits: &[f32]) -> f64 {
     logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &o| m.max(o as f64))
@@ -184,7 +184,8 @@ fn lanes_in_place<const N: usize>(
     }
 }
 
-/// libm's (FreeBSD's) `exp` constants and branch thresholds, shared by the vector paths.
+/// libm's (FreeBSD's) `exp` constants and branch thresholds, shared by the vector paths
+/// (`log` uses the same two-part ln2).
 #[cfg(target_arch = "x86_64")]
 mod exp_constants {
     // The constants, by the bits libm's source gives beside them.
@@ -293,9 +294,10 @@ mod exp_avx2 {
 mod ln_avx2 {
     use std::arch::x86_64::*;
 
+    // ln2 in two parts, the same split as `exp`'s.
+    use super::exp_constants::{LN2HI, LN2LO};
+
     // libm's (FreeBSD's) constants, by the bits its source gives beside them.
-    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
-    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
     const LG1: f64 = f64::from_bits(0x3fe5_5555_5555_5593);
     const LG2: f64 = f64::from_bits(0x3fd9_9999_9997_fa04);
     const LG3: f64 = f64::from_bits(0x3fd2_4924_9422_9359);
@@ -397,12 +399,12 @@ mod ln_avx2 {
             )),
             _mm256_set1_pd(ROUNDING_MAGIC),
         );
-        // s·(hfsq + r) + dk·LN2_LO − hfsq + f + dk·LN2_HI, left to right.
+        // s·(hfsq + r) + dk·LN2LO − hfsq + f + dk·LN2HI, left to right.
         let y = _mm256_mul_pd(s, _mm256_add_pd(hfsq, r));
-        let y = _mm256_add_pd(y, _mm256_mul_pd(dk, _mm256_set1_pd(LN2_LO)));
+        let y = _mm256_add_pd(y, _mm256_mul_pd(dk, _mm256_set1_pd(LN2LO)));
         let y = _mm256_sub_pd(y, hfsq);
         let y = _mm256_add_pd(y, f);
-        let y = _mm256_add_pd(y, _mm256_mul_pd(dk, _mm256_set1_pd(LN2_HI)));
+        let y = _mm256_add_pd(y, _mm256_mul_pd(dk, _mm256_set1_pd(LN2HI)));
         (_mm256_blendv_pd(y, x, special), _mm256_movemask_pd(special))
     }
 }
@@ -626,18 +628,29 @@ mod tests {
                 _ => f64::from_bits(rng.next_u64()),
             });
         }
-        // Every length up to two vectors and past them, so the remainder path runs too.
-        let paths = MathPath::supported();
-        assert_eq!(paths.last(), Some(&MathPath::widest()));
-        for path in paths {
-            for len in (0..=17).chain([values.len()]) {
+        assert_eq!(MathPath::supported().last(), Some(&MathPath::widest()));
+        // Every length up to two AVX-512 vectors and past them: the remainder path runs too.
+        assert_every_path_is_libms("exp", &values, 17, MathPath::exp_in_place, libm::exp);
+    }
+
+    /// Each supported path of `function` on the first 0..=`short` values and on all of them,
+    /// against `reference` (libm's scalar function) bit for bit; NaN matches any NaN.
+    fn assert_every_path_is_libms(
+        name: &str,
+        values: &[f64],
+        short: usize,
+        function: fn(MathPath, &mut [f64]),
+        reference: fn(f64) -> f64,
+    ) {
+        for path in MathPath::supported() {
+            for len in (0..=short).chain([values.len()]) {
                 let mut got = values[..len].to_vec();
-                path.exp_in_place(&mut got);
+                function(path, &mut got);
                 for (x, y) in values[..len].iter().zip(&got) {
-                    let want = libm::exp(*x);
+                    let want = reference(*x);
                     assert!(
                         y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
-                        "{path:?}: exp({x:e} = {:#x}): {y:e} against libm's {want:e}",
+                        "{path:?}: {name}({x:e} = {:#x}): {y:e} against libm's {want:e}",
                         x.to_bits()
                     );
                 }
@@ -694,20 +707,8 @@ mod tests {
                 _ => f64::from_bits(rng.next_u64()),
             });
         }
-        for path in MathPath::supported() {
-            for len in (0..=9).chain([values.len()]) {
-                let mut got = values[..len].to_vec();
-                path.ln_in_place(&mut got);
-                for (x, y) in values[..len].iter().zip(&got) {
-                    let want = libm::log(*x);
-                    assert!(
-                        y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
-                        "{path:?}: log({x:e} = {:#x}): {y:e} against libm's {want:e}",
-                        x.to_bits()
-                    );
-                }
-            }
-        }
+        // Every length up to two AVX2 vectors and past them.
+        assert_every_path_is_libms("log", &values, 9, MathPath::ln_in_place, libm::log);
     }
 
     #[test]
