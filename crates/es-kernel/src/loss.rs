@@ -33,9 +33,11 @@ pub fn row_max(logits: &[f32]) -> f64 {
 /// 8% of a training generation on AVX-512 machines and 15% on an AVX2 one (perf, session 10).
 /// The vector paths perform `libm::exp`'s own operations (FreeBSD's `e_exp.c`: reduction by
 /// `k·ln2` in two parts, the degree-5 rational approximation, scaling by `2^k`) in the same
-/// order, with no FMA, so each lane rounds exactly as the scalar code does; lanes outside the
-/// range where that code takes its main path (`|x| ≤ 2^-28`, `|x| ≥ 708.39`, NaN) are
-/// recomputed by `libm::exp` itself.
+/// order, with no FMA, so each lane rounds exactly as the scalar code does. Off that code's
+/// main path, the lanes where libm returns at once (`1 + x` for `|x| ≤ 2^-28`, +0 below
+/// −745.13) get the same in the vector; the rest (`|x| ≥ 708.39` otherwise, NaN) are
+/// recomputed by `libm::exp` itself. (Every sample's largest logit gives `exp(0)`: on the
+/// scalar fallback, that was one libm call per sample, 1% of a generation.)
 pub fn exp_in_place(values: &mut [f64]) {
     MathPath::widest().exp_in_place(values);
 }
@@ -203,6 +205,10 @@ mod exp_constants {
     /// (`0.5·ln2`) it reduces by `k ≠ 0`, from `ONE_HALF_LN2` (`1.5·ln2`) on with `k` from
     /// `x / ln2`, below that with `k = ±1`.
     pub(super) const BIG: u64 = 0x4086232b;
+    /// Below this libm's `exp` returns +0 (its `x < -745.13321910194110842` test: these are
+    /// that literal's bits): like `1 + x` at or below `TINY`, a result the vector paths give
+    /// themselves.
+    pub(super) const UNDERFLOW: f64 = f64::from_bits(0xc087_4910_d52d_3051);
     pub(super) const TINY: u64 = 0x3e300000;
     pub(super) const HALF_LN2: u64 = 0x3fd62e42;
     pub(super) const ONE_HALF_LN2: u64 = 0x3ff0a2b2;
@@ -243,11 +249,9 @@ mod exp_avx2 {
         let bits = _mm256_castpd_si256(x);
         let abs_bits = _mm256_and_si256(bits, _mm256_set1_epi64x(i64::MAX));
         let all_ones = _mm256_set1_epi64x(-1);
-        let not_tiny = at_least(abs_bits, TINY + 1);
-        let special = _mm256_castsi256_pd(_mm256_or_si256(
-            at_least(abs_bits, BIG),
-            _mm256_xor_si256(not_tiny, all_ones),
-        ));
+        let tiny = _mm256_castsi256_pd(_mm256_xor_si256(at_least(abs_bits, TINY + 1), all_ones));
+        let underflow = _mm256_cmp_pd::<_CMP_LT_OQ>(x, _mm256_set1_pd(UNDERFLOW));
+        let special = _mm256_andnot_pd(underflow, _mm256_castsi256_pd(at_least(abs_bits, BIG)));
         let reduce = _mm256_castsi256_pd(at_least(abs_bits, HALF_LN2 + 1));
         let from_quotient = _mm256_castsi256_pd(at_least(abs_bits, ONE_HALF_LN2));
         let negative = _mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_setzero_si256(), bits));
@@ -283,6 +287,9 @@ mod exp_avx2 {
             _mm256_set1_epi64x(1023),
         )));
         let result = _mm256_mul_pd(y, scale);
+        // libm's own results off the main path: 1 + x when tiny, +0 below UNDERFLOW.
+        let result = _mm256_blendv_pd(result, _mm256_add_pd(_mm256_set1_pd(1.0), x), tiny);
+        let result = _mm256_andnot_pd(underflow, result);
         (
             _mm256_blendv_pd(result, x, special),
             _mm256_movemask_pd(special),
@@ -443,7 +450,9 @@ mod exp_avx512 {
         let abs_bits = _mm512_and_si512(bits, _mm512_set1_epi64(i64::MAX));
         // libm's `hx >= H` on the high word hx of |x| is `at_least(H)`; `hx > H` is
         // `at_least(H + 1)`.
-        let special = at_least(abs_bits, BIG) | !at_least(abs_bits, TINY + 1);
+        let tiny = !at_least(abs_bits, TINY + 1);
+        let underflow = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(x, _mm512_set1_pd(UNDERFLOW));
+        let special = at_least(abs_bits, BIG) & !underflow;
         let reduce = at_least(abs_bits, HALF_LN2 + 1);
         let from_quotient = at_least(abs_bits, ONE_HALF_LN2);
         let negative = _mm512_cmplt_epi64_mask(bits, _mm512_setzero_si512());
@@ -478,6 +487,9 @@ mod exp_avx512 {
             _mm512_set1_epi64(1023),
         )));
         let result = _mm512_mul_pd(y, scale);
+        // libm's own results off the main path: 1 + x when tiny, +0 below UNDERFLOW.
+        let result = _mm512_mask_blend_pd(tiny, result, _mm512_add_pd(_mm512_set1_pd(1.0), x));
+        let result = _mm512_maskz_mov_pd(!underflow, result);
         (_mm512_mask_blend_pd(special, result, x), special)
     }
 }
@@ -592,8 +604,14 @@ mod tests {
             -f64::NAN,
         ];
         edges.extend([f64::MIN_POSITIVE, 5e-324, f64::MAX, 1.0, 0.5, 2.0]);
-        // libm's overflow and underflow bounds.
-        edges.extend([709.782712893384, 708.3964185322641, 745.1332191019411]);
+        // libm's overflow and underflow bounds (below -745.13 it returns 0, which the vector
+        // paths give themselves), with their neighbours, of both signs.
+        for bound in [709.782712893384f64, 708.3964185322641, 745.1332191019411] {
+            for delta in [-2i64, -1, 0, 1, 2] {
+                let x = f64::from_bits((bound.to_bits() as i64 + delta) as u64);
+                edges.extend([x, -x]);
+            }
+        }
         // The thresholds on the high word of |x|, each with its low word 0 and all ones.
         for high in [0x4086232bu64, 0x3e300000, 0x3fd62e42, 0x3ff0a2b2] {
             for word in [(high << 32), (high << 32) | 0xffff_ffff] {
@@ -611,6 +629,13 @@ mod tests {
             }
         }
         edges
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_underflow_bound_is_libms_literal() {
+        // The shortest form of libm's `-745.13321910194110842`: the same double.
+        assert_eq!(exp_constants::UNDERFLOW, -745.1332191019411);
     }
 
     #[test]
@@ -714,16 +739,50 @@ mod tests {
     #[test]
     fn a_batchs_loss_is_the_sum_of_its_samples_cross_entropies() {
         let mut rng = crate::kernels::tests::TestRng::new(9);
-        for (samples, classes) in [(0, 10), (1, 10), (7, 10), (33, 3), (5, 1), (16, 17)] {
+        let shapes = [
+            (0, 10),
+            (1, 10),
+            (7, 10),
+            (8, 10),
+            (9, 10),
+            (33, 3),
+            (5, 1),
+            (16, 17),
+            (150, 10),
+            (11, 300),
+        ];
+        for (samples, classes) in shapes {
             let mut logits: Vec<f32> = (0..samples * classes)
-                .map(|_| rng.normal() * 10f32.powi((rng.uniform() * 6.0) as i32 - 2))
+                .map(|i| match i % 7 {
+                    // Ties for argmax and equal maxima.
+                    0 => (rng.normal() * 2.0).round(),
+                    // Spreads wide enough that exponentials underflow to 0 and subnormals.
+                    1 => rng.normal() * 1e3,
+                    2 => f32::from_bits(rng.next_u64() as u32 & 0x807f_ffff),
+                    // A trained network's range, where the order of the sum shows in its bits.
+                    3 | 4 => rng.normal() * 3.0,
+                    _ => rng.normal() * 10f32.powi((rng.uniform() * 6.0) as i32 - 2),
+                })
                 .collect();
-            if samples > 3 {
-                logits[classes] = f32::INFINITY;
-                logits[2 * classes] = f32::NAN;
+            // Non-finite logits first, last and in the middle of rows, in both halves of a
+            // block; and a row of equal logits.
+            let specials = [
+                (1, 0, f32::INFINITY),
+                (2, classes - 1, f32::NAN),
+                (4, classes / 2, f32::NEG_INFINITY),
+                (6, 0, f32::NAN),
+            ];
+            for (sample, class, value) in specials {
+                if sample < samples {
+                    logits[sample * classes + class] = value;
+                }
             }
-            let labels: Vec<u8> = (0..samples).map(|i| (i * 7 % classes) as u8).collect();
-            let got = Evaluation::from_logits(&logits, &labels, classes);
+            if samples > 3 {
+                logits[3 * classes..4 * classes].fill(-0.5);
+            }
+            let labels: Vec<u8> = (0..samples)
+                .map(|i| (i * 7 % classes.min(256)) as u8)
+                .collect();
             let mut loss = 0.0;
             let mut correct = 0;
             for (o, &label) in logits.chunks_exact(classes).zip(&labels) {
@@ -735,9 +794,31 @@ mod tests {
             } else {
                 -loss / samples as f64
             };
+            let got = Evaluation::from_logits(&logits, &labels, classes);
             let what = format!("samples={samples} classes={classes}");
             assert_eq!(got.fitness.to_bits(), want.to_bits(), "{what}");
             assert_eq!((got.correct, got.samples), (correct, samples), "{what}");
+        }
+    }
+
+    /// One sample whose label holds its largest logit, exactly 0: its loss is the logarithm of
+    /// its sum of exponentials with nothing added, so every bit of that sum (the order of its
+    /// terms included) shows in the fitness.
+    #[test]
+    fn a_single_samples_loss_shows_every_bit_of_its_sum() {
+        let mut rng = crate::kernels::tests::TestRng::new(10);
+        for _ in 0..500 {
+            let label = (rng.next_u64() % 10) as u8;
+            let logits: Vec<f32> = (0..10)
+                .map(|j| match j == label as usize {
+                    true => 0.0,
+                    false => -(rng.normal() * 2.0).abs(),
+                })
+                .collect();
+            let want = -cross_entropy(&logits, label as usize);
+            let got = Evaluation::from_logits(&logits, &[label], 10);
+            assert_eq!(got.fitness.to_bits(), want.to_bits(), "{logits:?}");
+            assert_eq!(got.correct, 1, "{logits:?}");
         }
     }
 
