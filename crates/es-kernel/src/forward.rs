@@ -117,6 +117,9 @@ pub struct Forward {
     copies_act: Vec<f32>,
     /// The next layer's sums of a block of those copies, copy after copy.
     copies_next: Vec<f32>,
+    /// Per sample, where θ's inputs of that next layer after the group begin in its row
+    /// (`SparseRows::positions_at`), found once for all the blocks of copies.
+    rest_positions: Vec<u32>,
     /// Some columns of a layer's inputs, dense, and their nonzeros: what a pass that keeps or
     /// resumes running sums adds over.
     columns: Vec<f32>,
@@ -195,6 +198,7 @@ impl Forward {
             group_act: Vec::new(),
             copies_act: Vec::new(),
             copies_next: Vec::new(),
+            rest_positions: Vec::new(),
             columns: Vec::new(),
             column_rows: SparseRows::new(),
             sums: Vec::new(),
@@ -406,6 +410,7 @@ impl Forward {
         if let Some(sums) = resumed {
             // The next layer of every copy from θ's running sums at the group: the group's
             // outputs, then θ's inputs after it, shared by the copies of a block.
+            prefix.inputs[copies.layer].positions_at(copies.neurons.end, &mut self.rest_positions);
             for first in (0..copies.copies).step_by(COPY_BLOCK) {
                 let count = (copies.copies - first).min(COPY_BLOCK);
                 with_float_env(mode, || {
@@ -487,6 +492,7 @@ impl Forward {
                 copies: chosen,
                 from: copies.neurons.start,
                 rest,
+                rest_at: &self.rest_positions,
                 start: sums,
             },
             &theta[layer.weights.clone()],

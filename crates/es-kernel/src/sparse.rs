@@ -274,6 +274,22 @@ impl SparseRows {
         let range = self.starts[s]..self.starts[s + 1];
         (&self.index[range.clone()], &self.value[range])
     }
+
+    /// For each sample, the position in its row (see [`SparseRows::row`]) of its first
+    /// nonzero input at or after input `input` (the row's length if none), into `out`.
+    /// Kernels that resume sums after a window of inputs take each sample's tail of terms
+    /// from here: one binary search per sample for a whole group of copies, instead of one
+    /// per copy block and output tile.
+    ///
+    /// # Panics
+    /// If the rows lack the per-sample form.
+    pub fn positions_at(&self, input: usize, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend((0..self.samples()).map(|s| {
+            let (index, _) = self.row(s);
+            index.partition_point(|&k| (k as usize) < input) as u32
+        }));
+    }
 }
 
 /// Writes every input of one sample at the next free place of `index` and `values` (room for

@@ -276,6 +276,9 @@ pub struct WindowCopies<'a> {
     /// θ's nonzero inputs of the layer, holding the per-sample form; only those from
     /// `from + width` on are read.
     pub rest: &'a SparseRows,
+    /// Per sample, where in its row of `rest` the inputs from `from + width` on begin:
+    /// `rest.positions_at(from + width, …)`.
+    pub rest_at: &'a [u32],
     /// θ's sums over inputs `0..from`, `rest.samples() × n_out`.
     pub start: &'a [f32],
 }
@@ -339,6 +342,19 @@ impl Kernel {
             "window copies read the per-sample form, the rows hold {:?}",
             copies.rest.forms()
         );
+        assert_eq!(copies.rest_at.len(), samples, "rest positions shape");
+        let end = copies.from + copies.width;
+        for (s, &at) in copies.rest_at.iter().enumerate() {
+            // The partition point, checked at its two neighbours: O(1) per sample.
+            let (index, _) = copies.rest.row(s);
+            let at = at as usize;
+            assert!(
+                at <= index.len()
+                    && (at == 0 || (index[at - 1] as usize) < end)
+                    && (at == index.len() || (index[at] as usize) >= end),
+                "rest position {at} of sample {s}: expected where its inputs from {end} begin"
+            );
+        }
         match self {
             Kernel::Portable => portable::accumulate_window_copies(copies, weights, n_out, out),
             #[cfg(target_arch = "x86_64")]
@@ -362,13 +378,13 @@ impl Kernel {
     }
 }
 
-/// The per-sample terms of θ's inputs after a window ending at input `end`: the tail of
-/// sample `s`'s nonzero list.
+/// The per-sample terms of θ's inputs after the copies' window: the tail of sample `s`'s
+/// nonzero list from its position in `rest_at`.
 #[inline]
-pub(crate) fn rest_after(rest: &SparseRows, s: usize, end: usize) -> (&[u32], &[f32]) {
-    let (index, value) = rest.row(s);
-    let skip = index.partition_point(|&k| (k as usize) < end);
-    (&index[skip..], &value[skip..])
+pub(crate) fn rest_after<'a>(copies: &WindowCopies<'a>, s: usize) -> (&'a [u32], &'a [f32]) {
+    let (index, value) = copies.rest.row(s);
+    let at = copies.rest_at[s] as usize;
+    (&index[at..], &value[at..])
 }
 
 /// Where a kernel's sums start.

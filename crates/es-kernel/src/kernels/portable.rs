@@ -37,7 +37,6 @@ pub(super) fn accumulate_window_copies(
     out: &mut [f32],
 ) {
     let samples = copies.rest.samples();
-    let end = copies.from + copies.width;
     for (c, out) in copies
         .copies
         .clone()
@@ -47,7 +46,7 @@ pub(super) fn accumulate_window_copies(
             acc.copy_from_slice(&copies.start[s * n_out..(s + 1) * n_out]);
             let row = &copies.window[s * copies.columns..(s + 1) * copies.columns];
             let window = &row[c * copies.width..(c + 1) * copies.width];
-            let (index, value) = rest_after(copies.rest, s, end);
+            let (index, value) = rest_after(copies, s);
             let window_terms = window
                 .iter()
                 .enumerate()

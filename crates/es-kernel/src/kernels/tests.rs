@@ -323,6 +323,8 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                 };
                 let mut rest = SparseRows::new();
                 rest.fill_from_dense(&theta_inputs, inputs);
+                let mut rest_at = Vec::new();
+                rest.positions_at(from + width, &mut rest_at);
                 let want: Vec<Vec<f32>> = (0..copies)
                     .map(|c| {
                         with_float_env(mode, || {
@@ -343,6 +345,7 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                                 copies: chosen.clone(),
                                 from,
                                 rest: &rest,
+                                rest_at: &rest_at,
                                 start: &start,
                             },
                             &weights,
@@ -363,6 +366,57 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                 }
             }
         }
+    }
+}
+
+/// Rest positions that are not where each sample's inputs after the window begin would
+/// silently add the wrong terms: every kernel refuses them, naming the sample.
+#[test]
+fn window_copies_refuse_rest_positions_off_the_window_end() {
+    // One sample, inputs 0..6 all nonzero; a window of 2 at input 1, so the rest starts at
+    // input 3: position 3 of the row.
+    let inputs = 6;
+    let mut rest = SparseRows::new();
+    rest.fill_from_dense(&[1.0; 6], inputs);
+    let mut rest_at = Vec::new();
+    rest.positions_at(3, &mut rest_at);
+    assert_eq!(rest_at, [3]);
+    let weights = vec![0.5f32; inputs * 2];
+    fn copies_at<'a>(rest: &'a SparseRows, rest_at: &'a [u32]) -> WindowCopies<'a> {
+        WindowCopies {
+            window: &[1.0, 2.0],
+            columns: 2,
+            width: 2,
+            copies: 0..1,
+            from: 1,
+            rest,
+            rest_at,
+            start: &[0.0, 0.0],
+        }
+    }
+    for kernel in Kernel::supported() {
+        for wrong in [2u32, 4, 7] {
+            let refused = std::panic::catch_unwind(|| {
+                kernel.accumulate_window_copies(
+                    &copies_at(&rest, &[wrong]),
+                    &weights,
+                    2,
+                    &mut [0.0; 2],
+                )
+            });
+            let message = refused.expect_err("wrong rest position accepted");
+            let message = message
+                .downcast_ref::<String>()
+                .expect("a formatted panic message");
+            assert!(
+                message.contains(&format!("rest position {wrong} of sample 0")),
+                "{kernel}: {message}"
+            );
+        }
+        let mut out = [0.0f32; 2];
+        kernel.accumulate_window_copies(&copies_at(&rest, &rest_at), &weights, 2, &mut out);
+        // 1·0.5 + 2·0.5 from the window, then inputs 3, 4, 5 at 1·0.5 each.
+        assert_eq!(out, [3.0, 3.0], "{kernel}");
     }
 }
 

@@ -255,7 +255,6 @@ pub(crate) unsafe fn accumulate_window_copies(
     // SAFETY: reads 32 bytes from a live [i32; 8].
     let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
     let samples = copies.rest.samples();
-    let end = copies.from + copies.width;
     let zeros = vec![0.0f32; copies.width];
     let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
     for first in (first_copy..end_copy).step_by(COPY_BLOCK) {
@@ -267,7 +266,7 @@ pub(crate) unsafe fn accumulate_window_copies(
             let nv = (vectors - v0).min(tile_vectors);
             let masked = tail != 0 && v0 + nv == vectors;
             for s in 0..samples {
-                let (index, value) = rest_after(copies.rest, s, end);
+                let (index, value) = rest_after(copies, s);
                 let row = s * copies.columns + first * copies.width;
                 let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
                     if i < count {

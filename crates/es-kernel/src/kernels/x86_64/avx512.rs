@@ -219,7 +219,6 @@ pub(crate) unsafe fn accumulate_window_copies(
     let tail = n_out % LANES;
     let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
     let samples = copies.rest.samples();
-    let end = copies.from + copies.width;
     // The window of a copy past the block's count: zeros, read but never stored.
     let zeros = vec![0.0f32; copies.width];
     let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
@@ -233,7 +232,7 @@ pub(crate) unsafe fn accumulate_window_copies(
             let nv = (vectors - v0).min(tile_vectors);
             let masked = tail != 0 && v0 + nv == vectors;
             for s in 0..samples {
-                let (index, value) = rest_after(copies.rest, s, end);
+                let (index, value) = rest_after(copies, s);
                 let row = s * copies.columns + first * copies.width;
                 let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
                     if i < count {
