@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The benchmark report: ONE table from one run of this script (about 5–8 minutes on 2 cores).
 #
-#  1. trained-like parameters: 100 generations of the default run (about 1 minute), cached
+#  1. trained-like parameters: 100 generations of the first release's default run (about 1
+#     minute), cached
 #     in runs/bench-trained/ and reused afterwards (delete it to train again);
 #  2. es-bench: forward samples/s per core for ftz and seed at B = 32, 100, 1000 (init and
 #     trained parameters), matrixmultiply's sgemm on the same shapes, the other kernels,
 #     the update's GB/s against a plain parallel memory read;
 #  3. a whole generation at P = 256, B = 100: embedded (2 threads) and a coordinator with 2
-#     local worker processes of 1 thread;
+#     local worker processes of 1 thread, with pairs that perturb all of θ (the first
+#     release's settings); and embedded, the recommended recipe's kind of pairs (each
+#     perturbs one group of one layer's neurons) at the same P and B;
 #  4. the coordinator at P = 10,000 with 1, 32, 256 and 1,000 fake workers (one `worker
 #     --fake-fitness --connections N --threads 2` process, so chunks are sized as for real
 #     2-core workers; real gRPC on loopback; audits off since the fitnesses are fake, and the
@@ -36,7 +39,18 @@ cargo build --release --locked -p es-bench -p es-coordinator -p es-worker --bins
 bin="$root/target/release"
 out="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
-common=(--eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
+# The first release's settings (an empty config file: every key takes its first-release
+# value): P pairs each perturbing all of θ, constant B 100, no augmentation, no averaging.
+# The kernel, cluster and load rows keep measuring this heaviest kind of pair, comparable
+# across sessions; the recipe row below measures what `coordinator` trains by default.
+first_release="$out/first-release.toml"
+: >"$first_release"
+common=(--config "$first_release" --eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
+# The recommended recipe (no --config) scaled to P = 256 at a constant B = 100: 16, 160 and
+# 80 pairs perturbing one of 16, 32 and 10 groups of layer 1's, 2's and 3's neurons (each
+# group count divides its layer's pairs), the recipe's 1 : 10 : 5 split.
+recipe256=(--population 256 --layer-populations 16,160,80 --neuron-groups 16,32,10 --batch 100
+  --batch-schedule constant --eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
 log() { echo "bench-report: $*" >&2; }
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -56,6 +70,9 @@ log "es-bench (kernels, gemm, update, memory)"
 log "embedded generation, $generations generations"
 "$bin/coordinator" --generations "$generations" "${common[@]}" --run-dir "$out/embedded" \
   >/dev/null 2>"$out/embedded.log"
+log "embedded generation of the recipe at P=256, $generations generations"
+"$bin/coordinator" --generations "$generations" "${recipe256[@]}" --run-dir "$out/recipe256" \
+  >/dev/null 2>"$out/recipe256.log"
 
 cluster() { # name workers population generations coordinator-args -- worker-args...
   local name=$1 workers=$2 population=$3 gens=$4
@@ -157,7 +174,11 @@ emb_eps = statistics.median(x["evals_per_sec"] for x in emb[1:])
 threads = emb[-1]["workers"]
 loc = metrics("local2")
 loc_gen = statistics.median(gen_times(loc))
-add("generation", f"embedded P=256 B=100, {threads} threads", emb_gen, "s/generation", "", f"{emb_eps:.0f} evaluations/s ({emb_eps / threads:.0f} per core)")
+add("generation", f"embedded P=256 B=100, {threads} threads", emb_gen, "s/generation", "", f"{emb_eps:.0f} evaluations/s ({emb_eps / threads:.0f} per core); every pair perturbs all of θ")
+rec = metrics("recipe256")
+rec_gen = statistics.median(gen_times(rec))
+add("generation", f"embedded recipe P=256 B=100, {threads} threads", rec_gen, "s/generation", f"{emb_gen / rec_gen:.1f}× faster",
+    "layer populations 16,160,80, neuron groups 16,32,10: a pair perturbs one group of one layer")
 add("generation", "2 local workers × 1 thread, P=256 B=100", loc_gen, "s/generation", f"{loc_gen / emb_gen:.2f}× embedded", "audits on")
 
 # 32 real workers of this machine's speed (2 cores each) at the load test's population.
@@ -194,7 +215,7 @@ print("# Underflow benchmark report")
 for k in ("cpu", "kernel", "threads", "load at start", "build", "trained"):
     if k in header:
         print(f"{k:<14} {header[k]}")
-print(f"trained run    {trained}: 100 generations of the default config")
+print(f"trained run    {trained}: 100 generations of the first release's default config")
 print()
 w = [12, 52, 12, 15, 20]
 print(f"{'section':<{w[0]}}{'case':<{w[1]}}{'value':>{w[2]}}  {'unit':<{w[3]}}{'vs':<{w[4]}}notes")

@@ -38,22 +38,13 @@ fn config(generations: u32) -> RunConfig {
     }
 }
 
-/// The same run as flags of the `coordinator` binary.
-fn run_flags(generations: u32) -> Vec<String> {
-    let c = config(generations);
-    [
-        "--generations".to_string(),
-        c.generations.to_string(),
-        "--population".into(),
-        c.population.to_string(),
-        "--batch".into(),
-        c.batch.to_string(),
-        "--noise-table-len".into(),
-        c.noise_table_len.to_string(),
-        "--eval-every".into(),
-        "0".into(),
-    ]
-    .into()
+/// The same run for the `coordinator` binary: its config as a file in `dir`, so that the
+/// binary resolves exactly the settings the reference trained (without `--config` it would
+/// start from the recommended recipe instead).
+fn run_flags(generations: u32, dir: &Path) -> Vec<String> {
+    let path = dir.join("run.toml");
+    std::fs::write(&path, config(generations).to_toml()).expect("write the run's config");
+    vec!["--config".into(), path.display().to_string()]
 }
 
 /// θ of the undisturbed run, from the embedded trainer (bit-identical to any cluster run).
@@ -100,7 +91,7 @@ impl Scenario {
         let port = free_port();
         let log = paths.log("coordinator");
         let mut args = cluster_flags(port, workers, &paths);
-        args.extend(run_flags(generations));
+        args.extend(run_flags(generations, scratch.path()));
         args.extend(extra.iter().map(|a| a.to_string()));
         let coord = coordinator(&args, &paths.cache, &log);
         Scenario {

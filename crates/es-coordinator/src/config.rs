@@ -76,13 +76,17 @@ pub struct RunConfig {
     pub checkpoint_every: u32,
 }
 
+/// The base every config file is read onto, and what library callers and tests build on: the
+/// first release's settings (P 256 full-length perturbations, B 100, no augmentation, no
+/// averaging). A config file keeps the meaning it had when it was written, so a key it leaves
+/// out must mean what it meant then; the coordinator's fresh runs start from
+/// [`RunConfig::recommended`] instead.
 impl Default for RunConfig {
     fn default() -> Self {
         let net = NetConfig::default();
         let es = EsConfig::default();
         RunConfig {
             seed: 1,
-            // About 15 minutes on a 2-core machine; the learning rate decays over them.
             generations: 1400,
             time_limit_secs: 0.0,
             population: es.population,
@@ -138,6 +142,32 @@ pub enum ConfigError {
 }
 
 impl RunConfig {
+    /// What `coordinator` trains when no `--config` is given: the best recipe measured so far,
+    /// sized for about 20 minutes on a 2-core machine (docs/RESULTS.md,
+    /// `docs/results/z-p2048-2500/`). Most pairs perturb one group of a layer's neurons, which
+    /// makes a pair cheap; layer 1 takes small steps; the batch grows as the learning rate
+    /// decays; training images shift by up to a pixel; and the model is θ's running average.
+    pub fn recommended() -> RunConfig {
+        RunConfig {
+            generations: 2500,
+            population: 2048,
+            layer_populations: vec![128, 1280, 640],
+            neuron_groups: vec![16, 64, 10],
+            batch: 150,
+            batch_schedule: "linear:3".into(),
+            lr_multipliers: vec![0.2, 1.0, 1.0],
+            image_shift: 1,
+            average_decay: 0.995,
+            // Hidden activations scaled by 2^-126 rather than the seed's 2^-125, as in every
+            // run the recipe grew from (ftz-e126-* onward in docs/RESULTS.md).
+            scale_exponents: vec![126, 126],
+            eval_every: 250,
+            // 8 MB per checkpoint (θ and Adam's moments): about every 20 s.
+            checkpoint_every: 50,
+            ..RunConfig::default()
+        }
+    }
+
     pub fn from_file(path: &std::path::Path) -> Result<RunConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -245,6 +275,42 @@ mod tests {
         assert_eq!(config.net().unwrap(), NetConfig::default());
         let back: RunConfig = toml::from_str(&config.to_toml()).unwrap();
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn the_recommended_recipe_resolves_and_its_saved_config_reads_back_whole() {
+        let recipe = RunConfig::recommended();
+        let es = recipe.es().unwrap();
+        assert_eq!(es.layer_populations.iter().sum::<usize>(), es.population);
+        assert_eq!(
+            recipe.net().unwrap(),
+            NetConfig {
+                scale_exponents: vec![126, 126],
+                ..NetConfig::default()
+            }
+        );
+        // A run's config.toml names every key, so it reads back as the recipe even though
+        // keys a file leaves out mean the first release's values.
+        let back = RunConfig::from_toml(&recipe.to_toml()).unwrap();
+        assert_eq!(back, recipe);
+        assert_ne!(recipe, RunConfig::default());
+    }
+
+    #[test]
+    fn keys_a_file_leaves_out_keep_the_first_releases_meaning() {
+        let partial = RunConfig::from_toml("generations = 10").unwrap();
+        assert_eq!(
+            partial,
+            RunConfig {
+                generations: 10,
+                ..RunConfig::default()
+            }
+        );
+        let es = partial.es().unwrap();
+        assert_eq!((es.population, es.batch_size), (256, 100));
+        assert!(es.layer_populations.is_empty() && es.neuron_groups.is_empty());
+        assert_eq!((es.image_shift, es.average_decay), (0, 0.0));
+        assert_eq!(es.batch_schedule, Schedule::Constant);
     }
 
     #[test]

@@ -56,6 +56,53 @@ fn help_lists_the_main_flags() {
     );
 }
 
+/// The settings `coordinator ARGS --print-config` resolves to.
+fn resolved(args: &[&str]) -> es_coordinator::config::RunConfig {
+    let out = succeeded(
+        coordinator()
+            .args(args)
+            .arg("--print-config")
+            .output()
+            .unwrap(),
+    );
+    es_coordinator::config::RunConfig::from_toml(&String::from_utf8(out.stdout).unwrap()).unwrap()
+}
+
+#[test]
+fn with_no_config_a_run_starts_from_the_recipe_and_a_population_alone_drops_its_split() {
+    use es_coordinator::config::RunConfig;
+    assert_eq!(resolved(&[]), RunConfig::recommended());
+    let alone = resolved(&["--population", "8"]);
+    assert_eq!(
+        alone,
+        RunConfig {
+            population: 8,
+            layer_populations: vec![],
+            neuron_groups: vec![],
+            ..RunConfig::recommended()
+        }
+    );
+    // With a split beside it, or a file under it, the population is taken as given.
+    let split = resolved(&["--population", "164", "--layer-populations", "16,128,20"]);
+    assert_eq!(split.layer_populations, [16, 128, 20]);
+    assert_eq!(split.neuron_groups, RunConfig::recommended().neuron_groups);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, "population = 64\nlayer_populations = [32, 16, 16]\n").unwrap();
+    let out = coordinator()
+        .arg("--config")
+        .arg(&file)
+        .args(["--population", "8", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sum to 64: expected the population, 8"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_busy_http_port_is_reported_with_what_to_do() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

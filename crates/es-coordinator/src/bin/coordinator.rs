@@ -122,7 +122,13 @@ struct Cli {
     /// Write a checkpoint every K generations (0: never); also on SIGINT/SIGTERM.
     #[arg(help_heading = "Checkpoints and resuming", long)]
     checkpoint_every: Option<u32>,
-    /// TOML file with run settings; flags given here override it.
+    /// Print the run settings the other flags resolve to (as the run's config.toml would
+    /// hold them) and exit without training.
+    #[arg(help_heading = "Run settings", long)]
+    print_config: bool,
+    /// TOML file with run settings; flags given here override it. Keys it leaves out take
+    /// the first release's defaults (so a saved config.toml keeps its meaning); without it,
+    /// the run starts from the recommended recipe (RunConfig::recommended).
     #[arg(help_heading = "Run settings", long)]
     config: Option<PathBuf>,
     /// The seed every random choice of the run derives from.
@@ -134,7 +140,9 @@ struct Cli {
     /// Stop after this many seconds of training (checked between generations).
     #[arg(help_heading = "Run settings", long)]
     time_limit: Option<f64>,
-    /// Mirrored pairs per generation.
+    /// Mirrored pairs per generation. Given without --layer-populations (and without
+    /// --config), every pair perturbs every layer: the recipe's split belongs to its own
+    /// population.
     #[arg(help_heading = "Run settings", long)]
     population: Option<usize>,
     /// Training images per generation (at generation 0, with a batch schedule).
@@ -292,8 +300,15 @@ impl Cli {
     fn run_config(&self) -> anyhow::Result<RunConfig> {
         let mut c = match &self.config {
             Some(path) => RunConfig::from_file(path)?,
-            None => RunConfig::default(),
+            None => RunConfig::recommended(),
         };
+        // The recipe splits its own population over layers and neuron groups; a population
+        // given alone replaces the recipe's split with the plain one (every pair perturbs
+        // every layer) instead of failing against a split the caller never chose.
+        if self.config.is_none() && self.population.is_some() && self.layer_populations.is_none() {
+            c.layer_populations.clear();
+            c.neuron_groups.clear();
+        }
         macro_rules! set {
             ($($field:ident => $target:ident),* $(,)?) => {
                 $(if let Some(v) = &self.$field { c.$target = v.clone(); })*
@@ -365,6 +380,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(address) = &cli.probe {
         init_logging(cli.log_format, LogWriter::default());
         return probe(address);
+    }
+    if cli.print_config {
+        print!("{}", cli.run_config()?.to_toml());
+        return Ok(());
     }
     let monitor = Monitor::default();
     // The live line only where a person watches text logs; elsewhere the log lines alone.
