@@ -22,10 +22,10 @@ default_name = "accuracy-vs-generation.svg" if by_generation else "accuracy-vs-t
 out_path = args[1] if len(args) > 1 else os.path.join(results, default_name)
 
 
-def x_of(d):
-    """Thousands of generations, or minutes."""
+def x_of(d, offset=0.0):
+    """Thousands of generations, or minutes (`offset`: seconds spent before a resume)."""
     return d["generations" if "generations" in d else "generation"] / 1000.0 if by_generation \
-        else d["wall_secs"] / 60.0
+        else (offset + d["wall_secs"]) / 60.0
 
 
 runs = []
@@ -34,17 +34,23 @@ for name in sorted(os.listdir(results)):
     if not os.path.isfile(metrics):
         continue
     points = []
+    # A resumed run's process counts its wall time from 0 again: its lines continue after
+    # the time the first process took to reach the checkpoint (the last line before it).
+    offset, last_wall = 0.0, 0.0
     with open(metrics) as f:
         for line in f:
             d = json.loads(line)
+            if d["wall_secs"] < last_wall:
+                offset += last_wall
+            last_wall = d["wall_secs"]
             if "test_accuracy" in d:
                 # A test line is written after generation g's update: g + 1 generations done.
                 d = dict(d, generation=d["generation"] + 1)
-                points.append((x_of(d), d["test_accuracy"] * 100.0))
+                points.append((x_of(d, offset), d["test_accuracy"] * 100.0))
     summary = os.path.join(results, name, "summary.json")
     if os.path.isfile(summary):
         s = json.load(open(summary))
-        points.append((x_of(s), s["test_accuracy"] * 100.0))
+        points.append((x_of(s, offset), s["test_accuracy"] * 100.0))
     if points:
         runs.append((name, sorted(points)))
 

@@ -104,6 +104,23 @@ fn a_stop_request_ends_the_run_between_generations_and_keeps_its_results() {
 }
 
 #[test]
+fn a_run_stopped_by_its_time_limit_leaves_a_checkpoint_where_it_stopped() {
+    let scratch = Scratch::new("time-limit");
+    let env = environment(&scratch, "run", 1);
+    let config = RunConfig {
+        time_limit_secs: 1e-9,
+        checkpoint_every: 50,
+        ..small_run(5)
+    };
+    let summary = embedded::run(&config, &env, &AtomicBool::new(false)).unwrap();
+    assert_eq!(summary.generations, 0);
+    // Its periodic checkpoints (every 50) would leave none: the stop itself wrote this one.
+    let (_, checkpoint) = checkpoint::load_for_resume(&env.run_dir).unwrap();
+    assert_eq!(checkpoint.state.generation, 0);
+    assert_eq!(checkpoint.config, config);
+}
+
+#[test]
 fn missing_data_is_reported_with_how_to_get_it() {
     let scratch = Scratch::new("nodata");
     let mut env = environment(&scratch, "run", 1);

@@ -359,6 +359,13 @@ impl Checkpointer {
         self.config.checkpoint_every > 0
     }
 
+    /// Whether a run that stops with `generations_done` done must leave a checkpoint: it
+    /// stopped early (a signal, or its time limit), so that `--resume` continues from where
+    /// it stopped rather than from its last periodic checkpoint.
+    pub fn due_at_stop(&self, generations_done: u32) -> bool {
+        self.enabled() && generations_done < self.config.generations
+    }
+
     /// Whether a checkpoint is due now that `generations_done` are done.
     pub fn due(&self, generations_done: u32) -> bool {
         self.enabled()

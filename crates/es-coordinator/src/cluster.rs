@@ -1729,7 +1729,7 @@ async fn finish(
     checkpointer: &Checkpointer,
 ) -> Result<RunSummary, RunError> {
     env.monitor.set_phase(Phase::Finished);
-    if interrupted && checkpointer.enabled() {
+    if checkpointer.due_at_stop(es_state.generation) {
         let (checkpointer, state) = (checkpointer.clone(), es_state.clone());
         tokio::task::spawn_blocking(move || checkpointer.save(&state))
             .await

@@ -209,7 +209,7 @@ pub fn run(
 
 /// Like [`run`], continuing from `resume` when given; `config` must be the checkpoint's
 /// (operational settings aside, see [`RunConfig::same_run_as`]). Writes a checkpoint every
-/// `config.checkpoint_every` generations and when `stop` ends the run early.
+/// `config.checkpoint_every` generations and when `stop` or the time limit ends the run early.
 pub fn run_from(
     config: &RunConfig,
     env: &Environment,
@@ -317,7 +317,7 @@ pub fn run_from(
         }
     }
     env.monitor.set_phase(Phase::Finished);
-    if interrupted && checkpointer.enabled() {
+    if checkpointer.due_at_stop(trainer.state().generation) {
         checkpointer.save(trainer.state())?;
     }
     // The run's result: θ, or its running average when the run keeps one.

@@ -119,7 +119,8 @@ struct Cli {
         conflicts_with = "resume"
     )]
     auto_resume: bool,
-    /// Write a checkpoint every K generations (0: never); also on SIGINT/SIGTERM.
+    /// Write a checkpoint every K generations (0: never); also on SIGINT/SIGTERM and when
+    /// --time-limit stops the run.
     #[arg(help_heading = "Checkpoints and resuming", long)]
     checkpoint_every: Option<u32>,
     /// Print the run settings the other flags resolve to (as the run's config.toml would
