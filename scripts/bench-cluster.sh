@@ -16,7 +16,8 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 # B 100, as the earlier measurements of this script used.
 first_release="$out/first-release.toml"
 : >"$first_release"
-common=(--config "$first_release" --generations "$generations" --population "$population" --eval-every 0 --mirror none --data "$UNDERFLOW_DATA")
+settings=(--config "$first_release" --eval-every 0 --mirror none --data "$UNDERFLOW_DATA")
+common=(--generations "$generations" --population "$population" "${settings[@]}")
 
 ./target/release/coordinator "${common[@]}" --run-dir "$out/embedded" >/dev/null 2>"$out/embedded.log"
 
@@ -25,9 +26,7 @@ cluster() { # name workers population generations
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   # The coordinator keeps all cores: it computes only while the workers wait (the update).
   ./target/release/coordinator --workers "$2" --listen "127.0.0.1:$port" \
-    --config "$first_release" --generations "$4" --population "$3" --eval-every 0 --mirror none \
-    --data "$UNDERFLOW_DATA" \
-    --run-dir "$out/$1" >/dev/null 2>"$out/$1.log" &
+    --generations "$4" --population "$3" "${settings[@]}" --run-dir "$out/$1" >/dev/null 2>"$out/$1.log" &
   local coordinator=$!
   for _ in $(seq "$2"); do
     ./target/release/worker --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/$1.workers.log" &

@@ -45,12 +45,14 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$out"' EXIT
 # across sessions; the recipe row below measures what `coordinator` trains by default.
 first_release="$out/first-release.toml"
 : >"$first_release"
-common=(--config "$first_release" --eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
+# What every timed run sets beside its settings: no test evaluations, checkpoints or downloads.
+quiet=(--eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
+common=(--config "$first_release" "${quiet[@]}")
 # The recommended recipe (no --config) scaled to P = 256 at a constant B = 100: 16, 160 and
 # 80 pairs perturbing one of 16, 32 and 10 groups of layer 1's, 2's and 3's neurons (each
 # group count divides its layer's pairs), the recipe's 1 : 10 : 5 split.
 recipe256=(--population 256 --layer-populations 16,160,80 --neuron-groups 16,32,10 --batch 100
-  --batch-schedule constant --eval-every 0 --checkpoint-every 0 --mirror none --data "$UNDERFLOW_DATA")
+  --batch-schedule constant "${quiet[@]}")
 log() { echo "bench-report: $*" >&2; }
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
