@@ -22,6 +22,9 @@ work="$(mktemp -d)"
 project="underflowtest$$"
 export COMPOSE_PROJECT_NAME="$project"
 export UNDERFLOW_MNIST="$mnist" UNDERFLOW_RUNS="$work/runs" UNDERFLOW_CONFIG="$work/run.toml"
+# Fanout 1: the coordinator sends θ to one worker, which relays it on (a chain through the
+# faults below, which break it: the workers fall back to asking the coordinator).
+export UNDERFLOW_RELAY_FANOUT=1
 export UNDERFLOW_WORKERS=3 UNDERFLOW_UID="$(id -u)" UNDERFLOW_GID="$(id -g)"
 export UNDERFLOW_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 export UNDERFLOW_HTTP_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
@@ -92,6 +95,10 @@ def gen_time(path):
 lines = [json.loads(l) for l in open(f"{work}/runs/run/metrics.jsonl")]
 assert len(lines) == 40, f"{len(lines)} generations in metrics.jsonl: expected 40"
 assert any(l["workers"] < 3 for l in lines), "no generation ran without the lost workers"
+relayed = sum(l.get("theta_relayed", 0) for l in lines)
+assert relayed > 0, "no worker fetched θ from another worker's relay"
+print(f"θ fetched from relays {relayed} times, asked of the coordinator "
+      f"{sum(l.get('theta_requested', 0) for l in lines)} times")
 contributed = {}
 for line in open(f"{work}/coordinator.log"):
     m = re.search(r"name=(\S+).*pairs_accepted=(\d+)", line)

@@ -19,10 +19,15 @@
 #     --local-update, the whole update on the coordinator, side by side with the spread
 #     update, in which the fake workers answer the noise sums with fake values too), and
 #     the overhead against the generation time 32 real workers of this machine (2 cores
-#     each) would need, derived from the embedded run's evaluations per second per core.
+#     each) would need, derived from the embedded run's evaluations per second per core;
+#  5. the same with relaying fake workers (RELAY_WORKERS: `worker --relay-listen
+#     127.0.0.1:0`, each connection its own listener; the coordinator's default
+#     --relay-fanout 8): the coordinator sends θ to 8 workers per generation, the rest fetch
+#     it from each other. On one machine the fake workers' process still moves every copy
+#     of θ on the same 2 cores, so the coordinator's CPU time is the number to read there.
 #
 # Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOCAL_UPDATE_WORKERS
-# ("32"; empty: none), LOAD_GENERATIONS (6),
+# ("32"; empty: none), RELAY_WORKERS ("32 256 1000"; empty: none), LOAD_GENERATIONS (6),
 # LOAD_POPULATION (10000), GENERATIONS (30, for step 3), REPORT_JSON (also keep the raw
 # numbers there).
 set -euo pipefail
@@ -31,6 +36,7 @@ root="$PWD"
 export UNDERFLOW_DATA="${UNDERFLOW_DATA:-$root/../shared/data/mnist}"
 fake_workers="${FAKE_WORKERS:-1 32 256 1000}"
 local_update_workers="${LOCAL_UPDATE_WORKERS-32}"
+relay_workers="${RELAY_WORKERS-32 256 1000}"
 load_generations="${LOAD_GENERATIONS:-6}"
 load_population="${LOAD_POPULATION:-10000}"
 generations="${GENERATIONS:-30}"
@@ -127,12 +133,19 @@ for n in $local_update_workers; do
   cluster "local$n" "$n" "$load_population" "$load_generations" --local-update -- \
     "$bin/worker" --fake-fitness --connections "$n" --threads 2 --give-up-after 30
 done
+for n in $relay_workers; do
+  log "coordinator with $n relaying fake workers, P=$load_population"
+  cluster "relay$n" "$n" "$load_population" "$load_generations" -- \
+    "$bin/worker" --fake-fitness --connections "$n" --threads 2 --give-up-after 30 \
+    --relay-listen 127.0.0.1:0
+done
 
-python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" <<'PY'
+python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" "$relay_workers" <<'PY'
 import json, os, statistics, sys
 
 out, trained, fakes, population, keep = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
 locals_ = sys.argv[6].split()
+relays = sys.argv[7].split()
 bench = json.load(open(f"{out}/bench.json"))
 rows = []  # (section, case, value, unit, ratio, note)
 
@@ -189,7 +202,10 @@ real32 = 2 * population / (32 * 2 * per_core)
 add("cluster", f"32 real workers × 2 cores, P={population:,} (derived)", real32, "s/generation", "", f"2P evaluations at {per_core:.0f} per core per s")
 # The noise the update reads: P windows of D parameters (the default network).
 dim = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
-for name, n, how in [(f"fake{n}", int(n), "") for n in fakes] + [(f"local{n}", int(n), ", --local-update") for n in locals_]:
+runs = [(f"fake{n}", int(n), "") for n in fakes]
+runs += [(f"local{n}", int(n), ", --local-update") for n in locals_]
+runs += [(f"relay{n}", int(n), ", relaying") for n in relays]
+for name, n, how in runs:
     m = metrics(name)[1:]
     if not m:
         add("cluster", f"{n} fake workers{how}, P={population:,}", "no generation", "")
@@ -199,7 +215,12 @@ for name, n, how in [(f"fake{n}", int(n), "") for n in fakes] + [(f"local{n}", i
     col = statistics.median(x["collect_secs"] for x in m)
     cpu = statistics.median(x["cpu_secs"] for x in m)
     sent = statistics.median(x["wire_bytes_sent"] for x in m)
-    note = f"collect {col:.3f} s, update {upd:.3f} s, coordinator CPU {cpu:.2f} s; sent {sent / 1e6:.0f} MB; workers {min(x['workers'] for x in m)}–{max(x['workers'] for x in m)}"
+    note = f"collect {col:.3f} s, update {upd:.3f} s, coordinator CPU {cpu:.2f} s ({cpu / real32:.1%} of 32 real); sent {sent / 1e6:.0f} MB; workers {min(x['workers'] for x in m)}–{max(x['workers'] for x in m)}"
+    if "theta_relayed" in m[-1]:
+        relayed = statistics.median(x["theta_relayed"] for x in m)
+        requested = statistics.median(x["theta_requested"] for x in m)
+        if relayed or requested:
+            note += f"; θ fetched from relays by {relayed:.0f}, asked of the coordinator by {requested:.0f}"
     if "sums_delivered" in m[-1]:
         delivered = statistics.median(x["sums_delivered"] for x in m)
         local = statistics.median(x["sums_local"] for x in m)

@@ -16,8 +16,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".underflow.es.v1.Generation.theta")
         // The weights go to many workers per generation: encoded once, shared the same way.
         .bytes(".underflow.es.v1.SumNoise.weights")
+        // A relay hands on the bytes it received, without copying them per fetch.
+        .bytes(".underflow.es.v1.FetchThetaReply.theta")
         // Its derived `Debug` would print those megabytes; `work.rs` shows the digest instead.
-        .skip_debug([".underflow.es.v1.Generation"])
+        .skip_debug([
+            ".underflow.es.v1.Generation",
+            ".underflow.es.v1.FetchThetaReply",
+        ])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -163,6 +163,8 @@ async fn join_rogue(cluster: &Cluster, scratch: &Scratch, sums_noise: bool) -> R
         name: "rogue".into(),
         kernel: "avx512".into(),
         sums_noise,
+        relay_port: 0,
+        relay_host: String::new(),
     };
     let accepted = loop {
         match rogue.join(join.clone()).await {

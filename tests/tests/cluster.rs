@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use es_coordinator::cluster::{self, ClusterOptions};
 use es_coordinator::config::RunConfig;
 use es_coordinator::embedded;
-use es_worker::{DataSource, WorkerExit, WorkerOptions};
+use es_worker::{DataSource, RelayOptions, WorkerExit, WorkerOptions};
 use underflow_tests::{Scratch, binary, environment, mnist_dir, small_run};
 
 fn config() -> RunConfig {
@@ -20,12 +20,33 @@ fn config() -> RunConfig {
     }
 }
 
-/// One in-process worker of a test cluster: its evaluation threads, and whether it answers
-/// with fake fitnesses (the load-test mode) instead of evaluating.
+/// One in-process worker of a test cluster: its evaluation threads, whether it answers
+/// with fake fitnesses (the load-test mode) instead of evaluating, and whether it relays θ.
 #[derive(Clone, Copy, Debug)]
 struct TestWorker {
     threads: usize,
     fake: bool,
+    relay: Relay,
+}
+
+/// Whether a test worker relays θ to others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Relay {
+    Off,
+    /// Listens on loopback and lets the coordinator tell others where.
+    On,
+    /// Listens, but announces an address where nothing listens: every fetch from it fails.
+    Unreachable,
+}
+
+impl TestWorker {
+    fn real(threads: usize) -> TestWorker {
+        TestWorker {
+            threads,
+            fake: false,
+            relay: Relay::Off,
+        }
+    }
 }
 
 /// Runs `config` on a coordinator (auditing every `audit_every` generations, spreading the
@@ -40,15 +61,30 @@ async fn cluster_run(
     audit_every: u32,
     local_update: bool,
 ) -> (Vec<u8>, Vec<Result<WorkerExit, es_worker::WorkerError>>) {
+    let options = ClusterOptions {
+        audit_every,
+        spread_update: !local_update,
+        ..ClusterOptions::default()
+    };
+    cluster_run_with(config, scratch, name, workers, options).await
+}
+
+/// [`cluster_run`] with the coordinator's `options` (their worker count set from `workers`).
+async fn cluster_run_with(
+    config: &RunConfig,
+    scratch: &Scratch,
+    name: &str,
+    workers: &[TestWorker],
+    options: ClusterOptions,
+) -> (Vec<u8>, Vec<Result<WorkerExit, es_worker::WorkerError>>) {
+    let local_update = !options.spread_update;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let env = environment(scratch, name, 1);
     let run_dir = env.run_dir.clone();
     let options = ClusterOptions {
         workers: workers.len(),
-        audit_every,
-        spread_update: !local_update,
-        ..ClusterOptions::default()
+        ..options
     };
     let coordinator = tokio::spawn(cluster::run(
         config.clone(),
@@ -66,6 +102,18 @@ async fn cluster_run(
         options.fake_fitness = worker.fake;
         options.cache_dir = scratch.path().join("cache");
         options.name = format!("{name}-{i}");
+        options.relay = match worker.relay {
+            Relay::Off => None,
+            Relay::On => Some(RelayOptions {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                host: None,
+            }),
+            // Loopback answers on every 127.x address, but only the bound one has a listener.
+            Relay::Unreachable => Some(RelayOptions {
+                listen: "127.0.0.2:0".parse().unwrap(),
+                host: Some("127.0.0.3".into()),
+            }),
+        };
         tasks.push(tokio::spawn(es_worker::run(
             options,
             std::future::pending::<()>(),
@@ -105,10 +153,7 @@ async fn cluster_theta(
 ) -> Vec<u8> {
     let workers: Vec<TestWorker> = worker_threads
         .iter()
-        .map(|&threads| TestWorker {
-            threads,
-            fake: false,
-        })
+        .map(|&threads| TestWorker::real(threads))
         .collect();
     let (theta, exits) = cluster_run(config, scratch, name, &workers, 1, false).await;
     for exit in exits {
@@ -146,10 +191,7 @@ async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
         "θ with 3 workers differs from the embedded run"
     );
     // The coordinator computing the whole update itself (--local-update): the same bits.
-    let real = TestWorker {
-        threads: 1,
-        fake: false,
-    };
+    let real = TestWorker::real(1);
     let (local, exits) = cluster_run(&config, &scratch, "local", &[real, real], 1, true).await;
     assert!(
         exits
@@ -248,8 +290,8 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
     let config = config();
     let embedded = embedded_theta(&config, &scratch).await;
     let fake = TestWorker {
-        threads: 1,
         fake: true,
+        ..TestWorker::real(1)
     };
     // Audits off (the load test): fake workers prove the golden task, join and finish the
     // run; θ follows their fake fitnesses, so it is not the embedded run's.
@@ -270,10 +312,7 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
 
     // Audits on (the default): the fake worker is quarantined at its first result, the real
     // one redoes its indices, and θ is the embedded run's bit for bit.
-    let real = TestWorker {
-        threads: 1,
-        fake: false,
-    };
+    let real = TestWorker::real(1);
     let (theta, exits) =
         cluster_run(&config, &scratch, "fake-audited", &[fake, real], 1, false).await;
     let mut exits = exits.into_iter();
@@ -285,6 +324,81 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
         theta == embedded,
         "θ with a quarantined fake worker differs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_theta_relayed_between_workers_the_coordinator_sends_it_once_and_theta_is_identical() {
+    let scratch = Arc::new(Scratch::new("cluster-relay"));
+    // Neuron groups make the update spread over the workers small next to θ, so the bytes the
+    // coordinator sends show whether θ went out once or to everyone.
+    let config = RunConfig {
+        layer_populations: vec![8, 6, 2],
+        neuron_groups: vec![4, 3, 1],
+        ..config()
+    };
+    let embedded = embedded_theta(&config, &scratch).await;
+    let theta_bytes = embedded.len() as u64;
+    let options = ClusterOptions {
+        relay_fanout: 1,
+        ..ClusterOptions::default()
+    };
+    let relaying = TestWorker {
+        relay: Relay::On,
+        ..TestWorker::real(1)
+    };
+    // Fanout 1: the coordinator feeds one worker, which feeds the second, which feeds the
+    // third.
+    let (theta, exits) = cluster_run_with(
+        &config,
+        &scratch,
+        "relay",
+        &[relaying, relaying, relaying],
+        options.clone(),
+    )
+    .await;
+    for exit in exits {
+        assert_eq!(exit.unwrap(), WorkerExit::Finished);
+    }
+    assert!(theta == embedded, "θ relayed between workers differs");
+    let metrics = underflow_tests::processes::metrics(&scratch.path().join("relay"));
+    assert_eq!(metrics.len(), 5);
+    for line in &metrics {
+        assert_eq!(line["theta_relayed"].as_u64(), Some(2), "{line}");
+        assert_eq!(line["theta_requested"].as_u64(), Some(0), "{line}");
+        let sent = line["wire_bytes_sent"].as_u64().unwrap();
+        assert!(
+            sent < 2 * theta_bytes,
+            "{sent} bytes sent for a θ of {theta_bytes}: θ went to more than one worker"
+        );
+    }
+
+    // Relays nobody can reach: every fetch fails, the workers ask the coordinator, and the
+    // run goes on with the same bits.
+    let unreachable = TestWorker {
+        relay: Relay::Unreachable,
+        ..TestWorker::real(1)
+    };
+    let (theta, exits) = cluster_run_with(
+        &config,
+        &scratch,
+        "relay-unreachable",
+        &[unreachable, unreachable, relaying],
+        options,
+    )
+    .await;
+    for exit in exits {
+        assert_eq!(exit.unwrap(), WorkerExit::Finished);
+    }
+    assert!(theta == embedded, "θ after failed relays differs");
+    // Whatever the join order, the first worker fed by a relay or the second one is fed by
+    // an unreachable relay: one or two fallbacks per generation.
+    let metrics = underflow_tests::processes::metrics(&scratch.path().join("relay-unreachable"));
+    assert_eq!(metrics.len(), 5);
+    for line in &metrics {
+        assert_eq!(line["theta_relayed"].as_u64(), Some(2), "{line}");
+        let requested = line["theta_requested"].as_u64().unwrap();
+        assert!((1..=2).contains(&requested), "{line}");
+    }
 }
 
 /// A child process killed when the test ends, whatever happens.

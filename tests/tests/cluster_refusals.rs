@@ -65,6 +65,8 @@ fn request(digest: Vec<u8>) -> pb::JoinRequest {
         name: "test".into(),
         kernel: "portable".into(),
         sums_noise: false,
+        relay_port: 0,
+        relay_host: String::new(),
     }
 }
 
@@ -117,6 +119,24 @@ async fn workers_with_other_data_versions_or_runs_are_refused_with_reasons() {
     };
     let r = refusal(join(&mut client, stale).await);
     assert_eq!(r.reason(), RefusalReason::RunMismatch);
+
+    // A relay the coordinator could not hand to other workers: a port beyond TCP's, a host
+    // that is not one.
+    let bad_port = pb::JoinRequest {
+        relay_port: 70_000,
+        ..request(digest.clone())
+    };
+    let r = refusal(join(&mut client, bad_port).await);
+    assert_eq!(r.reason(), RefusalReason::BadRequest);
+    assert!(r.message.contains("relay_port 70000"), "{}", r.message);
+    let bad_host = pb::JoinRequest {
+        relay_port: 50_052,
+        relay_host: "evil.example/path".into(),
+        ..request(digest.clone())
+    };
+    let r = refusal(join(&mut client, bad_host).await);
+    assert_eq!(r.reason(), RefusalReason::BadRequest);
+    assert!(r.message.contains("relay_host"), "{}", r.message);
 
     // A worker with the right data is accepted and must then prove its arithmetic: a wrong
     // golden proof is refused on the stream with the first difference named.

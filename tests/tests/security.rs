@@ -66,6 +66,8 @@ fn join_request(digest: &[u8]) -> pb::JoinRequest {
         name: "test".into(),
         kernel: "portable".into(),
         sums_noise: false,
+        relay_port: 0,
+        relay_host: String::new(),
     }
 }
 

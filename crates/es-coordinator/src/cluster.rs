@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ use crate::config::RunConfig;
 use crate::embedded::{self, Environment, RunSummary};
 use crate::limits::{Incoming, TokenBucket, inbound_message_limit};
 use crate::monitor::{Monitor, Phase};
+use crate::relays;
 use crate::run_dir::RunDir;
 use crate::scheduler::{GenerationWork, Submitted, WorkerId, same_result};
 use crate::sums::{SumWork, SumsSubmitted};
@@ -79,6 +81,10 @@ pub struct ClusterOptions {
     /// only: with a stream every worker would regenerate all the noise); the coordinator
     /// checks samples of them and steps Adam. Off: it computes the whole update itself.
     pub spread_update: bool,
+    /// θ's bytes go from the coordinator to at most this many workers per generation; the
+    /// others fetch θ from workers that relay it (`worker --relay-listen`), each relay serving
+    /// at most this many ([`crate::relays`]). 0: the coordinator sends θ to every worker.
+    pub relay_fanout: usize,
 }
 
 impl Default for ClusterOptions {
@@ -97,6 +103,7 @@ impl Default for ClusterOptions {
             max_connections: 128,
             results_per_sec: 1000.0,
             spread_update: true,
+            relay_fanout: 8,
         }
     }
 }
@@ -147,6 +154,8 @@ struct WorkerSlot {
     theta_requests: (u32, u32),
     /// It answers `SumNoise` (its `JoinRequest` said so).
     sums_noise: bool,
+    /// Where it serves `ThetaRelay` ("host:port"), if it relays θ to other workers.
+    relay: Option<String>,
 }
 
 /// A worker that joined but has not proven itself yet.
@@ -155,6 +164,7 @@ struct Joined {
     name: String,
     at: Instant,
     sums_noise: bool,
+    relay: Option<String>,
 }
 
 #[derive(Default)]
@@ -193,6 +203,10 @@ struct State {
     sums: Option<SumWork>,
     /// Seconds the last spread update waited for its workers (their leases follow from it).
     sums_secs: Option<f64>,
+    /// Workers told to fetch θ from a relay, and `ThetaRequest`s answered (a relay's children
+    /// whose fetch failed among them), since the last generation's metrics.
+    theta_relayed: u32,
+    theta_requested: u32,
 }
 
 /// Sends `message` to a worker, counting its payload bytes. A closed channel means the stream
@@ -334,6 +348,12 @@ fn quarantine(state: &mut State, worker: WorkerId, reason: &str, options: &Clust
 /// Sends the current generation to `worker`: θ's bytes, or its digest alone if the worker
 /// holds it.
 fn announce(state: &mut State, worker: WorkerId) {
+    announce_from(state, worker, None);
+}
+
+/// Like [`announce`], but a worker that lacks θ is told to fetch it from the relay at
+/// `source` ("host:port"), when given, instead of being sent the bytes.
+fn announce_from(state: &mut State, worker: WorkerId, source: Option<String>) {
     let Some((generation, theta)) = state.current.clone() else {
         return;
     };
@@ -347,6 +367,9 @@ fn announce(state: &mut State, worker: WorkerId) {
     };
     let message = if slot.theta_digest == Some(*theta.digest()) {
         pb::Generation::digest_only(generation, theta.digest())
+    } else if let Some(source) = source {
+        state.theta_relayed += 1;
+        pb::Generation::relayed(generation, theta.digest(), source)
     } else {
         pb::Generation::with_theta(generation, &theta)
     };
@@ -355,6 +378,71 @@ fn announce(state: &mut State, worker: WorkerId) {
     slot.credits = 0;
     slot.capacity = 0;
     send(bytes_sent, &slot.tx, message.into());
+}
+
+/// For each worker that lacks the current θ and has a relaying worker to fetch it from
+/// ([`relays::plan`]): that relay's address.
+fn theta_sources(state: &State, fanout: usize) -> HashMap<WorkerId, String> {
+    let Some((_, theta)) = &state.current else {
+        return HashMap::new();
+    };
+    let needs = |slot: &&WorkerSlot| slot.theta_digest != Some(*theta.digest());
+    let (mut relaying, mut plain) = (Vec::new(), Vec::new());
+    for (&id, slot) in &state.workers {
+        if needs(&slot) {
+            if slot.relay.is_some() {
+                relaying.push(id);
+            } else {
+                plain.push(id);
+            }
+        }
+    }
+    if relaying.is_empty() {
+        return HashMap::new();
+    }
+    relays::plan(&relaying, &plain, fanout)
+        .into_iter()
+        .filter_map(|(id, parent)| {
+            let address = state.workers.get(&parent?)?.relay.clone()?;
+            Some((id, address))
+        })
+        .collect()
+}
+
+/// The longest relay host a `JoinRequest` may name (a DNS name's limit).
+const MAX_RELAY_HOST_CHARS: usize = 253;
+
+/// Where a joining worker serves `ThetaRelay` ("host:port"), if it does: its `relay_host`,
+/// or else the address its connection comes from (`peer`), with its `relay_port`.
+fn relay_address(
+    join: &pb::JoinRequest,
+    peer: Option<SocketAddr>,
+) -> Result<Option<String>, String> {
+    if join.relay_port == 0 {
+        return Ok(None);
+    }
+    let port = u16::try_from(join.relay_port).map_err(|_| {
+        format!(
+            "relay_port {}: expected a TCP port, 1 to 65535",
+            join.relay_port
+        )
+    })?;
+    let host = &join.relay_host;
+    if host.len() > MAX_RELAY_HOST_CHARS
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "/@?#".contains(c))
+    {
+        return Err(format!(
+            "relay_host {:?}: expected a host name or an IP address of at most {MAX_RELAY_HOST_CHARS} characters",
+            host.chars().take(64).collect::<String>()
+        ));
+    }
+    if !host.is_empty() {
+        return Ok(Some(format!("{host}:{port}")));
+    }
+    // An IPv6 address prints in brackets as a socket address.
+    Ok(peer.map(|peer| SocketAddr::new(peer.ip(), port).to_string()))
 }
 
 struct Service(Arc<Shared>);
@@ -411,6 +499,12 @@ impl Coordinator for Service {
                 "threads is 0: expected at least 1".into(),
             )));
         }
+        let relay = match relay_address(&join, peer) {
+            Ok(relay) => relay,
+            Err(message) => {
+                return Ok(Response::new(refuse(RefusalReason::BadRequest, message)));
+            }
+        };
         let name: String = join.name.chars().take(MAX_NAME_CHARS).collect();
         let kernel: String = join.kernel.chars().take(MAX_NAME_CHARS).collect();
         let worker_id = {
@@ -439,11 +533,12 @@ impl Coordinator for Service {
                     name: name.clone(),
                     at: now,
                     sums_noise: join.sums_noise,
+                    relay: relay.clone(),
                 },
             );
             id
         };
-        tracing::info!(worker_id, %name, threads = join.threads, %kernel, ?peer, "worker joined");
+        tracing::info!(worker_id, %name, threads = join.threads, %kernel, ?peer, ?relay, "worker joined");
         let accepted = pb::JoinAccepted {
             protocol_version: PROTOCOL_VERSION,
             run_id: shared.run_id.clone(),
@@ -581,12 +676,14 @@ async fn serve_worker(
             threads,
             name,
             sums_noise,
+            relay,
             ..
         } = state.joined.remove(&worker).unwrap_or(Joined {
             threads: 1,
             name: String::new(),
             at: Instant::now(),
             sums_noise: false,
+            relay: None,
         });
         if let Some(completed) = state.finished {
             let reason = if completed {
@@ -611,6 +708,7 @@ async fn serve_worker(
                 accepted: 0,
                 theta_requests: (0, 0),
                 sums_noise,
+                relay,
             },
         );
         announce(&mut state, worker);
@@ -881,6 +979,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 }
                 slot.theta_digest = None;
             }
+            state.theta_requested += 1;
             tracing::debug!(
                 worker_id = worker,
                 generation = request.generation,
@@ -1356,9 +1455,10 @@ async fn train(
             state.current = Some((t, theta));
             state.current_theta = Some(Arc::new(es_state.theta.clone()));
             state.audited.clear();
+            let sources = theta_sources(&state, options.relay_fanout);
             let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
             for id in ids {
-                announce(&mut state, id);
+                announce_from(&mut state, id, sources.get(&id).cloned());
                 assign_to(&mut state, id, options);
             }
         }
@@ -1386,6 +1486,8 @@ async fn train(
                         std::mem::take(&mut state.bytes_received),
                         std::mem::take(&mut state.rejected_since),
                         std::mem::take(&mut state.quarantined_since),
+                        std::mem::take(&mut state.theta_relayed),
+                        std::mem::take(&mut state.theta_requested),
                     );
                     break (
                         work.into_results().expect("complete"),
@@ -1406,7 +1508,7 @@ async fn train(
             }
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
-                break (Vec::new(), 0, 0, (0, 0, 0, 0));
+                break (Vec::new(), 0, 0, (0, 0, 0, 0, 0, 0));
             }
             let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
         };
@@ -1475,6 +1577,8 @@ async fn train(
         line.reassigned = Some(reassigned);
         line.rejected_messages = Some(wire.2);
         line.quarantined = Some(wire.3);
+        line.theta_relayed = Some(wire.4);
+        line.theta_requested = Some(wire.5);
         line.collect_secs = Some(eval_secs);
         line.cpu_secs = cpu_started
             .zip(process_cpu_secs())

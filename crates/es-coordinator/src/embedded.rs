@@ -406,5 +406,7 @@ pub(crate) fn metrics_line(
         cpu_secs: None,
         sums_delivered: None,
         sums_local: None,
+        theta_relayed: None,
+        theta_requested: None,
     }
 }

@@ -32,6 +32,7 @@ pub mod limits;
 pub mod monitor;
 pub mod plot;
 pub mod progress;
+pub mod relays;
 pub mod run_dir;
 pub mod scheduler;
 pub mod sums;

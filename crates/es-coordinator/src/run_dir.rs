@@ -65,6 +65,14 @@ pub struct MetricsLine {
     pub sums_delivered: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sums_local: Option<u32>,
+    /// Workers told to fetch this generation's θ from another worker's relay instead of
+    /// being sent its bytes (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub theta_relayed: Option<u32>,
+    /// `ThetaRequest`s answered with θ's bytes this generation: workers that lost their θ, or
+    /// whose fetch from a relay failed (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub theta_requested: Option<u32>,
 }
 
 /// Writes into one run directory.
@@ -226,6 +234,8 @@ pub(crate) mod tests {
             cpu_secs: None,
             sums_delivered: None,
             sums_local: None,
+            theta_relayed: None,
+            theta_requested: None,
         }
     }
 

@@ -32,6 +32,7 @@ fn help_lists_the_main_flags() {
         "--data",
         "--http",
         "--log-format",
+        "--relay-fanout",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
     }

@@ -1,8 +1,12 @@
 //! The coordinator ↔ worker gRPC protocol of Underflow: the code generated from
-//! `proto/es/v1/es.proto` and its conversions to and from the core's types, nothing else.
+//! `proto/es/v1/es.proto` its conversions to and from the core's types, and the shared token that guards both services.
 //!
 //! - [`pb`]: the generated messages, the `Coordinator` client (`pb::coordinator_client`) and
-//!   server (`pb::coordinator_server`). Read the `.proto` for what each message means.
+//!   server (`pb::coordinator_server`), and the `ThetaRelay` a worker offers other workers
+//!   (`pb::theta_relay_client`, `pb::theta_relay_server`). Read the `.proto` for what each
+//!   message means.
+//! - [`auth`]: the cluster's shared [`auth::Token`] and the interceptor that requires it on
+//!   every call of both services.
 //! - [`spec`]: the run as it travels in `JoinAccepted` ([`RunSpec`]): `NetConfig`, the part
 //!   of `EsConfig` evaluations depend on, `Schedule`, the noise source.
 //! - [`theta`]: θ as little-endian bytes ([`EncodedTheta`], [`theta_from_bytes`]), SHA-256
@@ -17,6 +21,7 @@
 //!
 //! The build compiles the `.proto` with `protox` (pure Rust): no system `protoc` is needed.
 
+pub mod auth;
 pub mod error;
 pub mod spec;
 pub mod theta;

@@ -254,15 +254,23 @@ impl pb::Generation {
             generation,
             theta_digest: theta.digest().to_vec(),
             theta: theta.bytes().clone(),
+            theta_source: String::new(),
         }
     }
 
     /// Announces `generation` by θ's digest alone, for a worker known to hold that θ.
     pub fn digest_only(generation: u32, theta_digest: &Digest) -> Self {
+        Self::relayed(generation, theta_digest, String::new())
+    }
+
+    /// Announces `generation` by θ's digest and the "host:port" of a worker that relays it
+    /// (empty: none, the worker holds θ).
+    pub fn relayed(generation: u32, theta_digest: &Digest, source: String) -> Self {
         pb::Generation {
             generation,
             theta_digest: theta_digest.to_vec(),
             theta: Bytes::new(),
+            theta_source: source,
         }
     }
 
@@ -278,17 +286,55 @@ impl pb::Generation {
         if self.theta.is_empty() {
             return Ok(None);
         }
-        let theta = f32s_from_bytes("generation.theta", &self.theta, dim)?;
-        let computed: Digest = Sha256::digest(&self.theta).into();
-        if computed != announced {
-            return Err(ConversionError::DigestMismatch {
-                field: "generation.theta",
-                announced: hex(&announced),
-                computed: hex(&computed),
-            });
-        }
-        Ok(Some(theta))
+        theta_with_digest("generation.theta", &self.theta, dim, &announced).map(Some)
     }
+}
+
+impl pb::FetchThetaRequest {
+    /// Asks for the θ of run `run_id` with digest `theta_digest`.
+    pub fn new(run_id: &str, theta_digest: &Digest) -> Self {
+        pb::FetchThetaRequest {
+            run_id: run_id.to_owned(),
+            theta_digest: theta_digest.to_vec(),
+        }
+    }
+
+    /// The digest asked for, checked for length.
+    pub fn checked_theta_digest(&self) -> Result<Digest, ConversionError> {
+        digest_from_bytes("fetch_theta.theta_digest", &self.theta_digest)
+    }
+}
+
+impl pb::FetchThetaReply {
+    /// θ as relayed: exactly `dim` little-endian f32 values whose SHA-256 is `expected`, the
+    /// digest the coordinator announced (a relay cannot pass off another θ).
+    pub fn checked_theta(
+        &self,
+        dim: usize,
+        expected: &Digest,
+    ) -> Result<Vec<f32>, ConversionError> {
+        theta_with_digest("fetch_theta_reply.theta", &self.theta, dim, expected)
+    }
+}
+
+/// `bytes` decoded as exactly `dim` little-endian f32 values, provided their SHA-256 is
+/// `announced`.
+fn theta_with_digest(
+    field: &'static str,
+    bytes: &[u8],
+    dim: usize,
+    announced: &Digest,
+) -> Result<Vec<f32>, ConversionError> {
+    let theta = f32s_from_bytes(field, bytes, dim)?;
+    let computed: Digest = Sha256::digest(bytes).into();
+    if computed != *announced {
+        return Err(ConversionError::DigestMismatch {
+            field,
+            announced: hex(announced),
+            computed: hex(&computed),
+        });
+    }
+    Ok(theta)
 }
 
 // θ is megabytes: show its length and digest, not its bytes.
@@ -297,6 +343,15 @@ impl std::fmt::Debug for pb::Generation {
         f.debug_struct("Generation")
             .field("generation", &self.generation)
             .field("theta_digest", &hex(&self.theta_digest))
+            .field("theta_bytes", &self.theta.len())
+            .field("theta_source", &self.theta_source)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for pb::FetchThetaReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchThetaReply")
             .field("theta_bytes", &self.theta.len())
             .finish()
     }

@@ -224,6 +224,8 @@ fn seeds() -> Vec<Vec<u8>> {
         name: "node/1".into(),
         kernel: "avx2".into(),
         sums_noise: true,
+        relay_port: 0,
+        relay_host: String::new(),
     };
     let accepted = pb::JoinReply::from(pb::JoinAccepted {
         protocol_version: es_proto::PROTOCOL_VERSION,

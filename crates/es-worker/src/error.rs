@@ -36,6 +36,9 @@ pub enum WorkerError {
     /// endpoint that is not `https://`).
     #[error("cannot set up TLS to {endpoint}: {reason}")]
     Tls { endpoint: String, reason: String },
+    /// The relay listener (`--relay-listen`) cannot be set up.
+    #[error("cannot relay theta: {0}")]
+    Relay(String),
     /// The shared token cannot travel as gRPC metadata.
     #[error("the token is not a valid header value: expected visible ASCII characters")]
     InvalidToken,

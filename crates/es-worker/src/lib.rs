@@ -15,6 +15,9 @@
 //! - `compute` (private): the dedicated compute thread that runs every forward pass, so the
 //!   async executor never does.
 //! - `context` (private): a `RunSpec` turned into the core's types, with the noise source.
+//! - `relay` (private): with [`RelayOptions`], the `ThetaRelay` service that hands the θ this
+//!   worker received on to others of the run, and the fetch from another worker's, so that
+//!   the coordinator sends θ's bytes to a few workers per generation instead of to all.
 //!
 //! The `worker` binary is a thin CLI over [`run`].
 //!
@@ -35,10 +38,12 @@ mod compute;
 mod context;
 mod error;
 mod options;
+mod relay;
 #[cfg(test)]
 mod scripted_tests;
 mod session;
 
 pub use error::WorkerError;
 pub use options::{AUTHORIZATION_KEY, Backoff, ClientTls, DataSource, WorkerOptions, default_name};
+pub use relay::{RELAY_WAIT, RelayOptions};
 pub use session::{WorkerExit, run};

@@ -44,6 +44,10 @@ pub struct WorkerOptions {
     /// most this many golden proofs are computed at once: each holds several copies of θ.
     /// `None`: no limit.
     pub proof_permits: Option<Arc<Semaphore>>,
+    /// Serve the θ this worker receives to other workers of the run (`ThetaRelay`), so the
+    /// coordinator need not send it to every worker; `None`: relay nothing. Fetching θ from
+    /// another worker's relay, when the coordinator says so, needs no option.
+    pub relay: Option<crate::RelayOptions>,
 }
 
 impl WorkerOptions {
@@ -66,6 +70,7 @@ impl WorkerOptions {
             keepalive: Duration::from_secs(10),
             fake_fitness: false,
             proof_permits: None,
+            relay: None,
         }
     }
 }
@@ -88,6 +93,7 @@ impl std::fmt::Debug for WorkerOptions {
                 "proof_permits",
                 &self.proof_permits.as_ref().map(|s| s.available_permits()),
             )
+            .field("relay", &self.relay)
             .finish()
     }
 }
@@ -118,7 +124,7 @@ impl std::fmt::Debug for ClientTls {
 }
 
 /// The metadata key of the shared token; its value is `Bearer <token>`.
-pub const AUTHORIZATION_KEY: &str = "authorization";
+pub use es_proto::auth::AUTHORIZATION_KEY;
 
 /// Where the worker's MNIST comes from.
 #[derive(Clone, Debug)]

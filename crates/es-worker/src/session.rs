@@ -32,6 +32,7 @@ use crate::compute::{
 use crate::context::RunContext;
 use crate::error::WorkerError;
 use crate::options::{AUTHORIZATION_KEY, DataSource, WorkerOptions};
+use crate::relay::{self, Board};
 
 /// How a worker's [`run`] ended without an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +44,7 @@ pub enum WorkerExit {
 }
 
 /// HTTP/2 flow-control window of the worker's connection: room for a whole θ message.
-const HTTP2_WINDOW: u32 = 8 << 20;
+pub(crate) const HTTP2_WINDOW: u32 = 8 << 20;
 /// How long a `Join` call may take before it counts as a transport failure.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages the worker may queue on its `Work` stream before sending waits.
@@ -77,6 +78,18 @@ async fn run_inner(
 ) -> Result<WorkerExit, WorkerError> {
     let mut shutdown = std::pin::pin!(shutdown);
     let client = client(&options)?;
+    let token = token_metadata(&options)?;
+    // The relay server lives as long as this function: dropping the guard stops it.
+    let (relay, _relay_server) = match &options.relay {
+        Some(relay_options) => {
+            let board = Board::new();
+            let (port, server) =
+                relay::bind(relay_options, options.token.as_deref(), board.clone()).await?;
+            let server = AbortOnDrop(tokio::spawn(server));
+            (Some(Relaying { port, board }), Some(server))
+        }
+        None => (None, None),
+    };
     let data = tokio::select! {
         biased;
         () = &mut shutdown => return Ok(WorkerExit::Shutdown),
@@ -86,6 +99,8 @@ async fn run_inner(
         options,
         data,
         client,
+        token,
+        relay,
         cache: None,
         next_ticket: 1,
         pairs_sent: 0,
@@ -137,9 +152,24 @@ async fn run_inner(
 
 type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The relay this worker serves: the port it announces and the θ it hands on.
+struct Relaying {
+    port: u16,
+    board: Board,
+}
+
 /// Adds the shared token to every call.
 #[derive(Clone, Debug)]
-struct Auth(Option<AsciiMetadataValue>);
+pub(crate) struct Auth(pub(crate) Option<AsciiMetadataValue>);
 
 impl Interceptor for Auth {
     fn call(
@@ -198,19 +228,24 @@ fn client(options: &WorkerOptions) -> Result<Client, WorkerError> {
                 .map_err(|e| failed(e.to_string()))?
         }
     };
-    let token = options
+    let token = token_metadata(options)?;
+    Ok(
+        CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Auth(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// The `authorization` metadata value of `options.token`, if any.
+fn token_metadata(options: &WorkerOptions) -> Result<Option<AsciiMetadataValue>, WorkerError> {
+    options
         .token
         .as_ref()
         .map(|token| {
             MetadataValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| WorkerError::InvalidToken)
         })
-        .transpose()?;
-    Ok(
-        CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Auth(token))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+        .transpose()
 }
 
 async fn load_data(source: DataSource) -> Result<Arc<Mnist>, WorkerError> {
@@ -371,6 +406,10 @@ struct Worker {
     options: WorkerOptions,
     data: Arc<Mnist>,
     client: Client,
+    /// The token as metadata, for fetches from other workers' relays.
+    token: Option<AsciiMetadataValue>,
+    /// The relay this worker serves, if any.
+    relay: Option<Relaying>,
     cache: Option<RunCache>,
     /// The next generation ticket (see `compute`); unique over the worker's life.
     next_ticket: u64,
@@ -396,6 +435,13 @@ impl Worker {
             name: self.options.name.clone(),
             kernel: self.options.kernel.name().to_owned(),
             sums_noise: true,
+            relay_port: self.relay.as_ref().map_or(0, |r| u32::from(r.port)),
+            relay_host: self
+                .options
+                .relay
+                .as_ref()
+                .and_then(|r| r.host.clone())
+                .unwrap_or_default(),
         });
         request.set_timeout(JOIN_TIMEOUT);
         // The deadline is also enforced here: over a network that swallows packets the
@@ -481,8 +527,13 @@ impl Worker {
             .then(|| Duration::from_millis(accepted.heartbeat_interval_ms.into()));
         let (done, finished) = mpsc::unbounded_channel();
         let (sums_done, sums_finished) = mpsc::unbounded_channel();
+        let (fetched_tx, fetched) = mpsc::unbounded_channel();
         let serving = Serving {
             cache,
+            run_id: accepted.run_id.clone(),
+            token: self.token.clone(),
+            board: self.relay.as_ref().map(|r| r.board.clone()),
+            fetched_tx,
             sums_done,
             credits: CREDITS_PER_THREAD.saturating_mul(u32::try_from(threads).unwrap_or(u32::MAX)),
             out,
@@ -495,7 +546,7 @@ impl Worker {
         };
         let span = info_span!("stream", worker_id = accepted.worker_id);
         serving
-            .serve(inbound, finished, sums_finished, heartbeat)
+            .serve(inbound, finished, sums_finished, fetched, heartbeat)
             .instrument(span)
             .await
     }
@@ -560,11 +611,27 @@ struct Current {
     perturbation: Arc<Perturbation>,
     /// Assigned chunks waiting for θ (after a `ThetaRequest`).
     waiting: Vec<Range<u32>>,
+    /// θ is being fetched from another worker's relay.
+    fetching: bool,
+}
+
+/// The end of a fetch of θ from another worker's relay.
+struct Fetched {
+    generation: u32,
+    digest: Digest,
+    outcome: Result<(bytes::Bytes, Vec<f32>), String>,
 }
 
 /// One `Work` stream being served.
 struct Serving<'a> {
     cache: &'a mut RunCache,
+    run_id: String,
+    /// The token as metadata, for fetches from other workers' relays.
+    token: Option<AsciiMetadataValue>,
+    /// Where the θ this worker holds is published for its relay, if it relays.
+    board: Option<Board>,
+    /// Fetches from other workers' relays report here.
+    fetched_tx: mpsc::UnboundedSender<Fetched>,
     /// The worker's full capacity in indices, granted for each generation.
     credits: u32,
     out: mpsc::Sender<pb::WorkerMessage>,
@@ -586,6 +653,7 @@ impl Serving<'_> {
         mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
         mut finished: mpsc::UnboundedReceiver<ChunkDone>,
         mut sums_finished: mpsc::UnboundedReceiver<SumsDone>,
+        mut fetched: mpsc::UnboundedReceiver<Fetched>,
         heartbeat: Option<Duration>,
     ) -> Result<SessionEnd, WorkerError> {
         // However the stream ends, its queued chunks are skipped.
@@ -605,6 +673,7 @@ impl Serving<'_> {
                 },
                 Some(done) = finished.recv() => self.on_done(done).await,
                 Some(done) = sums_finished.recv() => self.on_sums_done(done).await,
+                Some(fetched) = fetched.recv() => self.on_fetched(fetched).await,
                 _ = async {
                     match &mut heartbeat {
                         Some(interval) => interval.tick().await,
@@ -677,10 +746,16 @@ impl Serving<'_> {
                 batch: Arc::new(context.minibatch(t)),
                 perturbation: Arc::new(context.perturbation(t)),
                 waiting: Vec::new(),
+                fetching: false,
             });
         }
         let current = self.current.as_mut().expect("set above");
         if current.theta.is_none() {
+            if theta.is_some()
+                && let Some(board) = &self.board
+            {
+                board.publish(&self.run_id, digest, message.theta.clone());
+            }
             let theta = theta.or_else(|| match &self.cache.theta {
                 Some((cached, theta)) if *cached == digest => Some(Arc::clone(theta)),
                 _ => None,
@@ -697,9 +772,79 @@ impl Serving<'_> {
             "generation"
         );
         if current.theta.is_none() {
+            if !message.theta_source.is_empty() {
+                if !current.fetching {
+                    current.fetching = true;
+                    self.start_fetch(t, digest, message.theta_source);
+                }
+                return Ok(None);
+            }
             debug!(generation = t, "requesting theta");
             return self.send(pb::ThetaRequest::new(t, &digest)).await;
         }
+        self.theta_arrived().await
+    }
+
+    /// Fetches θ `digest` of generation `t` from the relay at `source` in the background;
+    /// the outcome comes back to [`Self::on_fetched`].
+    fn start_fetch(&self, t: u32, digest: Digest, source: String) {
+        debug!(generation = t, %source, "fetching theta from a relay");
+        let (token, run_id, dim) = (
+            self.token.clone(),
+            self.run_id.clone(),
+            self.cache.context.dim,
+        );
+        let report = self.fetched_tx.clone();
+        tokio::spawn(async move {
+            let outcome = relay::fetch(&source, token, &run_id, &digest, dim).await;
+            let _ = report.send(Fetched {
+                generation: t,
+                digest,
+                outcome,
+            });
+        });
+    }
+
+    /// A fetch from a relay ended: θ of the current generation is used (and handed on in
+    /// turn); after a failure the coordinator is asked for it. Fetches of older generations
+    /// are dropped.
+    async fn on_fetched(&mut self, fetched: Fetched) -> Step {
+        let Fetched {
+            generation,
+            digest,
+            outcome,
+        } = fetched;
+        let Some(current) = self
+            .current
+            .as_mut()
+            .filter(|c| c.generation == generation && c.digest == digest && c.theta.is_none())
+        else {
+            return Ok(None);
+        };
+        current.fetching = false;
+        match outcome {
+            Ok((bytes, theta)) => {
+                let theta = Arc::new(theta);
+                if let Some(board) = &self.board {
+                    board.publish(&self.run_id, digest, bytes);
+                }
+                self.cache.theta = Some((digest, Arc::clone(&theta)));
+                current.theta = Some(theta);
+                debug!(generation, "theta fetched from a relay");
+                self.theta_arrived().await
+            }
+            Err(reason) => {
+                warn!(generation, %reason, "fetching theta from a relay failed: asking the coordinator");
+                self.send(pb::ThetaRequest::new(generation, &digest)).await
+            }
+        }
+    }
+
+    /// The current generation's θ is here: its waiting chunks start, and the coordinator
+    /// gets this worker's credits for it.
+    async fn theta_arrived(&mut self) -> Step {
+        let current = self.current.as_mut().expect("a generation is current");
+        let t = current.generation;
         for indices in std::mem::take(&mut current.waiting) {
             self.submit_chunk(indices)?;
         }

@@ -23,6 +23,8 @@ fn help_lists_the_flags() {
         "--mirror",
         "--token",
         "--give-up-after",
+        "--relay-listen",
+        "--relay-host",
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
@@ -72,4 +74,45 @@ fn an_unreachable_coordinator_is_named_with_what_to_check() {
             && stderr.contains("--connect"),
         "{stderr}"
     );
+}
+
+#[test]
+fn relay_settings_that_cannot_work_are_named_before_connecting() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/mnist");
+    let run = |extra: &[&str]| {
+        let output = worker()
+            .args([
+                "--connect",
+                "127.0.0.1:1",
+                "--data",
+                data,
+                "--give-up-after",
+                "1",
+            ])
+            .args(extra)
+            .env_remove("UNDERFLOW_TOKEN")
+            .env_remove("UNDERFLOW_TOKEN_FILE")
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        String::from_utf8(output.stderr).unwrap()
+    };
+    // Reachable from other machines and open to anyone: refused.
+    let stderr = run(&["--relay-listen", "0.0.0.0:0"]);
+    assert!(
+        stderr.contains("relay listener 0.0.0.0:0") && stderr.contains("without a token"),
+        "{stderr}"
+    );
+    // Many connections of one process cannot share one port.
+    let stderr = run(&[
+        "--fake-fitness",
+        "--connections",
+        "2",
+        "--relay-listen",
+        "127.0.0.1:7000",
+    ]);
+    assert!(stderr.contains("give port 0"), "{stderr}");
+    let stderr = run(&["--relay-listen", "127.0.0.1:0", "--relay-host", "a b"]);
+    assert!(stderr.contains("--relay-host \"a b\""), "{stderr}");
 }

@@ -102,6 +102,11 @@ struct Cli {
     /// share in audited generations) and the coordinator only steps Adam: the same bits.
     #[arg(help_heading = "Cluster", long)]
     local_update: bool,
+    /// Send θ's bytes to at most this many workers per generation: the others fetch it from
+    /// workers that relay it (worker --relay-listen), each relaying to at most this many
+    /// (0: send θ to every worker). Workers that do not relay get it as before.
+    #[arg(help_heading = "Cluster", long, default_value_t = 8, value_name = "K")]
+    relay_fanout: usize,
     /// Continue the run in this run directory from its newest checkpoint (or from this
     /// checkpoint file), with the run's own settings.
     #[arg(help_heading = "Checkpoints and resuming", long, conflicts_with_all = RUN_SETTINGS)]
@@ -542,6 +547,7 @@ fn run_cluster(
         max_connections: cli.max_connections.max(1),
         results_per_sec: cli.max_results_per_sec,
         spread_update: !cli.local_update,
+        relay_fanout: cli.relay_fanout,
         ..ClusterOptions::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -98,6 +98,21 @@ struct Cli {
         env = "UNDERFLOW_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Hand the θ this worker receives on to other workers of the run, listening on this
+    /// address (e.g. 0.0.0.0:50052; port 0 picks a free one): the coordinator then sends θ to
+    /// a few workers per generation instead of to all (see its --relay-fanout). A listener
+    /// reachable from other machines needs the token.
+    #[arg(help_heading = "Relay", long, value_name = "HOST:PORT")]
+    relay_listen: Option<std::net::SocketAddr>,
+    /// The host other workers reach --relay-listen at (default: the address the coordinator
+    /// sees this worker at, right on a flat cluster network; set it behind a proxy or NAT).
+    #[arg(
+        help_heading = "Relay",
+        long,
+        requires = "relay_listen",
+        value_name = "HOST"
+    )]
+    relay_host: Option<String>,
     /// Load testing only: answer every assigned index with a deterministic fake fitness (a
     /// pure function of generation and index) instead of evaluating it. The golden proof is
     /// still computed honestly; the coordinator must run with --audit-every 0, since its
@@ -194,6 +209,23 @@ impl Cli {
         );
         options.keepalive = Duration::from_secs_f64(self.keepalive);
         options.fake_fitness = self.fake_fitness;
+        if let Some(listen) = self.relay_listen {
+            anyhow::ensure!(
+                self.connections == 1 || listen.port() == 0,
+                "--relay-listen {listen} with --connections {}: each connection listens on its own port, so give port 0",
+                self.connections
+            );
+            if let Some(host) = &self.relay_host {
+                anyhow::ensure!(
+                    !host.is_empty() && host.len() <= 253 && !host.contains([' ', '/', '\t']),
+                    "--relay-host {host:?}: expected a host name or an IP address"
+                );
+            }
+            options.relay = Some(es_worker::RelayOptions {
+                listen,
+                host: self.relay_host,
+            });
+        }
         Ok(options)
     }
 }
