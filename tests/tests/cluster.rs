@@ -143,6 +143,13 @@ async fn cluster_run_with(
     (std::fs::read(run_dir.join("theta.f32")).unwrap(), exits)
 }
 
+/// Every worker of a test cluster saw the run finish.
+fn assert_all_finished(exits: Vec<Result<WorkerExit, es_worker::WorkerError>>) {
+    for exit in exits {
+        assert_eq!(exit.unwrap(), WorkerExit::Finished);
+    }
+}
+
 /// [`cluster_run`] with real workers of `worker_threads` threads each, audits on; every
 /// worker must see the run finish.
 async fn cluster_theta(
@@ -156,9 +163,7 @@ async fn cluster_theta(
         .map(|&threads| TestWorker::real(threads))
         .collect();
     let (theta, exits) = cluster_run(config, scratch, name, &workers, 1, false).await;
-    for exit in exits {
-        assert_eq!(exit.unwrap(), WorkerExit::Finished);
-    }
+    assert_all_finished(exits);
     theta
 }
 
@@ -193,11 +198,7 @@ async fn theta_is_bit_identical_embedded_with_one_worker_and_with_three() {
     // The coordinator computing the whole update itself (--local-update): the same bits.
     let real = TestWorker::real(1);
     let (local, exits) = cluster_run(&config, &scratch, "local", &[real, real], 1, true).await;
-    assert!(
-        exits
-            .into_iter()
-            .all(|e| e.unwrap() == WorkerExit::Finished)
-    );
+    assert_all_finished(exits);
     assert!(
         local == embedded,
         "θ with the update on the coordinator differs from the embedded run"
@@ -304,9 +305,7 @@ async fn fake_workers_drive_a_run_only_with_audits_off() {
         false,
     )
     .await;
-    for exit in exits {
-        assert_eq!(exit.unwrap(), WorkerExit::Finished);
-    }
+    assert_all_finished(exits);
     assert_eq!(theta.len(), embedded.len());
     assert!(theta != embedded, "fake fitnesses moved θ like real ones");
 
@@ -356,9 +355,7 @@ async fn with_theta_relayed_between_workers_the_coordinator_sends_it_once_and_th
         options.clone(),
     )
     .await;
-    for exit in exits {
-        assert_eq!(exit.unwrap(), WorkerExit::Finished);
-    }
+    assert_all_finished(exits);
     assert!(theta == embedded, "θ relayed between workers differs");
     let metrics = underflow_tests::processes::metrics(&scratch.path().join("relay"));
     assert_eq!(metrics.len(), 5);
@@ -386,9 +383,7 @@ async fn with_theta_relayed_between_workers_the_coordinator_sends_it_once_and_th
         options,
     )
     .await;
-    for exit in exits {
-        assert_eq!(exit.unwrap(), WorkerExit::Finished);
-    }
+    assert_all_finished(exits);
     assert!(theta == embedded, "θ after failed relays differs");
     // Whatever the join order, the first worker fed by a relay or the second one is fed by
     // an unreachable relay: one or two fallbacks per generation.

@@ -386,15 +386,15 @@ fn theta_sources(state: &State, fanout: usize) -> HashMap<WorkerId, String> {
     let Some((_, theta)) = &state.current else {
         return HashMap::new();
     };
-    let needs = |slot: &&WorkerSlot| slot.theta_digest != Some(*theta.digest());
     let (mut relaying, mut plain) = (Vec::new(), Vec::new());
     for (&id, slot) in &state.workers {
-        if needs(&slot) {
-            if slot.relay.is_some() {
-                relaying.push(id);
-            } else {
-                plain.push(id);
-            }
+        if slot.theta_digest == Some(*theta.digest()) {
+            continue;
+        }
+        if slot.relay.is_some() {
+            relaying.push(id);
+        } else {
+            plain.push(id);
         }
     }
     if relaying.is_empty() {
@@ -1455,10 +1455,10 @@ async fn train(
             state.current = Some((t, theta));
             state.current_theta = Some(Arc::new(es_state.theta.clone()));
             state.audited.clear();
-            let sources = theta_sources(&state, options.relay_fanout);
+            let mut sources = theta_sources(&state, options.relay_fanout);
             let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
             for id in ids {
-                announce_from(&mut state, id, sources.get(&id).cloned());
+                announce_from(&mut state, id, sources.remove(&id));
                 assign_to(&mut state, id, options);
             }
         }

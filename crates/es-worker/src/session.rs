@@ -530,7 +530,6 @@ impl Worker {
         let (fetched_tx, fetched) = mpsc::unbounded_channel();
         let serving = Serving {
             cache,
-            run_id: accepted.run_id.clone(),
             token: self.token.clone(),
             board: self.relay.as_ref().map(|r| r.board.clone()),
             fetched_tx,
@@ -625,7 +624,6 @@ struct Fetched {
 /// One `Work` stream being served.
 struct Serving<'a> {
     cache: &'a mut RunCache,
-    run_id: String,
     /// The token as metadata, for fetches from other workers' relays.
     token: Option<AsciiMetadataValue>,
     /// Where the θ this worker holds is published for its relay, if it relays.
@@ -754,7 +752,7 @@ impl Serving<'_> {
             if theta.is_some()
                 && let Some(board) = &self.board
             {
-                board.publish(&self.run_id, digest, message.theta.clone());
+                board.publish(&self.cache.run_id, digest, message.theta.clone());
             }
             let theta = theta.or_else(|| match &self.cache.theta {
                 Some((cached, theta)) if *cached == digest => Some(Arc::clone(theta)),
@@ -791,7 +789,7 @@ impl Serving<'_> {
         debug!(generation = t, %source, "fetching theta from a relay");
         let (token, run_id, dim) = (
             self.token.clone(),
-            self.run_id.clone(),
+            self.cache.run_id.clone(),
             self.cache.context.dim,
         );
         let report = self.fetched_tx.clone();
@@ -826,7 +824,7 @@ impl Serving<'_> {
             Ok((bytes, theta)) => {
                 let theta = Arc::new(theta);
                 if let Some(board) = &self.board {
-                    board.publish(&self.run_id, digest, bytes);
+                    board.publish(&self.cache.run_id, digest, bytes);
                 }
                 self.cache.theta = Some((digest, Arc::clone(&theta)));
                 current.theta = Some(theta);
