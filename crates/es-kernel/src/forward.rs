@@ -5,7 +5,7 @@
 
 use crate::config::{Arithmetic, ConfigError, LayerLayout, NetConfig, ParamLayout};
 use crate::float_env::with_float_env;
-use crate::kernels::{COPY_BLOCK, Kernel, WindowCopies};
+use crate::kernels::{Kernel, WindowCopies};
 use crate::loss::Evaluation;
 use crate::reference::{epilogue_add, epilogue_mul, pow2_neg};
 use crate::sparse::{Forms, SparseRows};
@@ -100,6 +100,23 @@ impl Batch {
     }
 }
 
+/// Fraction of nonzero inputs from which a layer's pass reads them dense instead of
+/// building [`SparseRows`]: the blocked form's union of four samples is then nearly every
+/// input anyway, and the rows cost about what the kernel does. (With trained parameters
+/// the last hidden layer's outputs are 96–97% nonzero, the first's about 65%.) Only speed
+/// depends on it: both ways give the same sums.
+const DENSE_INPUTS: f64 = 0.9;
+
+/// How many of `values` are nonzero. Counted in `u32` lanes per chunk: a `usize` count
+/// compiles to 64-bit lanes, which made this count cost half as much as the layer it
+/// measures.
+fn count_nonzero(values: &[f32]) -> usize {
+    values
+        .chunks(1 << 20)
+        .map(|chunk| chunk.iter().map(|&x| u32::from(x != 0.0)).sum::<u32>() as usize)
+        .sum()
+}
+
 /// Evaluates parameter vectors of one network on batches, reusing its buffers.
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -128,7 +145,9 @@ pub struct Forward {
     sums: Vec<f32>,
     scaled_bias: Vec<f32>,
     /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (a
-    /// neuron group's pass leaves the entries of its layer and of the one it resumes).
+    /// neuron group's pass leaves the entries of its layer and of the one it resumes); a
+    /// layer past the first whose last pass saw at least [`DENSE_INPUTS`] reads its inputs
+    /// dense ([`Kernel::accumulate_dense`]).
     density: Vec<f64>,
     fill: Fill,
 }
@@ -411,8 +430,11 @@ impl Forward {
             // The next layer of every copy from θ's running sums at the group: the group's
             // outputs, then θ's inputs after it, shared by the copies of a block.
             prefix.inputs[copies.layer].positions_at(copies.neurons.end, &mut self.rest_positions);
-            for first in (0..copies.copies).step_by(COPY_BLOCK) {
-                let count = (copies.copies - first).min(COPY_BLOCK);
+            let pass = self
+                .kernel
+                .copies_per_pass(self.layout.layers()[next].fan_out);
+            for first in (0..copies.copies).step_by(pass) {
+                let count = (copies.copies - first).min(pass);
                 with_float_env(mode, || {
                     self.run_next_layer_of_copies(theta, copies, first..first + count, prefix, sums)
                 });
@@ -569,6 +591,31 @@ impl Forward {
             None => self.act.len() / layers[start].fan_in,
         };
         for (l, layer) in layers.iter().enumerate().skip(start) {
+            let from_act = !(input.is_some() && l == start);
+            if from_act && save.is_none() && self.density[l] >= DENSE_INPUTS {
+                // Nearly every input is nonzero (it was on the last pass): read the outputs
+                // where they are instead of building rows that would hold them all.
+                let nonzeros = count_nonzero(&self.act);
+                self.density[l] = nonzeros as f64 / (samples * layer.fan_in).max(1) as f64;
+                let params = match params {
+                    Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
+                    Params::Layers(layer_params) => layer_params(l),
+                };
+                let (weights, bias) = params.split_at(layer.fan_in * layer.fan_out);
+                assert_eq!(bias.len(), layer.fan_out, "layer {l} parameter count");
+                self.sums.resize(samples * layer.fan_out, 0.0);
+                self.kernel.accumulate_dense(
+                    &self.act,
+                    layer.fan_in,
+                    weights,
+                    layer.fan_out,
+                    &mut self.sums,
+                );
+                std::mem::swap(&mut self.act, &mut self.sums);
+                self.epilogue
+                    .finish(l, bias, &mut self.scaled_bias, &mut self.act);
+                continue;
+            }
             let rows = match input {
                 Some(input) if l == start => input,
                 _ => {

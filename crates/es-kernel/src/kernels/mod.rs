@@ -3,9 +3,11 @@
 //!
 //! Contract shared by all kernels (and checked against [`crate::reference`] bit for bit):
 //! each output sums its terms in list order (ascending input index), starting from +0, with
-//! each product and each sum rounded separately (no FMA). Kernels vectorise across output
-//! neurons only, never across terms, so every SIMD width gives identical bits. Flushing comes
-//! from the float environment the caller set (see [`crate::float_env`]).
+//! each product and each sum rounded separately (no FMA fusing a product into a sum; the
+//! one FMA in use adds an already rounded product times exactly 1, see
+//! [`adds_on_fma_pipes`]). Kernels vectorise across output neurons only, never across
+//! terms, so every SIMD width gives identical bits. Flushing comes from the float
+//! environment the caller set (see [`crate::float_env`]).
 
 use std::fmt;
 use std::ops::Range;
@@ -53,7 +55,7 @@ pub const KERNEL_ENV: &str = "UNDERFLOW_KERNEL";
 pub enum Kernel {
     /// Plain Rust over output rows; the compiler vectorises it for the baseline target.
     Portable,
-    /// x86-64 AVX2, 8 lanes.
+    /// x86-64 AVX2 (with FMA), 8 lanes.
     Avx2,
     /// x86-64 AVX-512F, 16 lanes with masked tails.
     Avx512,
@@ -84,7 +86,12 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            // FMA for the window-copies tile's adds (`adds_on_fma_pipes`); every AVX2 CPU of
+            // Intel's and AMD's has it.
+            Kernel::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
@@ -174,6 +181,52 @@ impl Kernel {
         self.accumulate_in(form, rows, weights, n_out, out, Start::From(start));
     }
 
+    /// [`Kernel::accumulate`] over dense inputs (`samples × width`, row-major) with no
+    /// [`SparseRows`] to build: every term is added, zeros included, which the contract
+    /// allows (a zero term changes a sum at most in the sign of a zero, for finite weights).
+    /// For inputs that are nearly all nonzero (the last hidden layer's outputs) this
+    /// spares building the rows, whose work is then the size of the kernel's own.
+    ///
+    /// # Panics
+    /// If the shapes disagree or the kernel is not supported by this CPU.
+    pub fn accumulate_dense(
+        self,
+        dense: &[f32],
+        width: usize,
+        weights: &[f32],
+        n_out: usize,
+        out: &mut [f32],
+    ) {
+        assert!(width > 0, "dense inputs of width 0");
+        assert_eq!(dense.len() % width, 0, "dense inputs shape");
+        let samples = dense.len() / width;
+        assert_eq!(weights.len(), width * n_out, "weights shape");
+        assert_eq!(out.len(), samples * n_out, "output shape");
+        match self {
+            Kernel::Portable => portable::accumulate_dense(dense, width, weights, n_out, out),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                assert!(
+                    self.is_supported(),
+                    "avx2 kernel on a CPU without avx2 and fma"
+                );
+                // SAFETY: AVX2 is supported and the shapes were checked above.
+                unsafe { x86_64::avx2::accumulate_dense(dense, width, weights, n_out, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                assert!(
+                    self.is_supported(),
+                    "avx512 kernel on a CPU without avx512f"
+                );
+                // SAFETY: AVX-512F is supported and the shapes were checked above.
+                unsafe { x86_64::avx512::accumulate_dense(dense, width, weights, n_out, out) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => panic!("kernel {self} is not supported on this architecture"),
+        }
+    }
+
     /// The form of [`SparseRows`] this kernel reads for `samples` samples: the portable
     /// kernel has only the per-sample form; the SIMD ones read the blocked form whenever
     /// there is a whole block (see [`Kernel::accumulate`]).
@@ -220,7 +273,10 @@ impl Kernel {
             (Kernel::Portable, _) => portable::accumulate(rows, weights, n_out, out, start),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, form) => {
-                assert!(self.is_supported(), "avx2 kernel on a CPU without avx2");
+                assert!(
+                    self.is_supported(),
+                    "avx2 kernel on a CPU without avx2 and fma"
+                );
                 // SAFETY: the CPU supports AVX2 (checked above) and the shapes were checked,
                 // which with the `SparseRows` index invariant keeps every load in bounds.
                 unsafe {
@@ -283,11 +339,45 @@ pub struct WindowCopies<'a> {
     pub start: &'a [f32],
 }
 
-/// Copies a SIMD kernel carries through one pass over the shared terms: each product of a
-/// shared input is computed once and added to every copy's sums.
+/// Copies the AVX2 kernel carries through one pass over the shared terms (the AVX-512
+/// kernel carries up to 16: [`Kernel::copies_per_pass`]): each product of a shared input is
+/// computed once and added to every copy's sums.
 pub const COPY_BLOCK: usize = 4;
 
+/// How many of the `copies · vectors` adds of one shared product a SIMD window-copies tile
+/// issues as `product · 1 + acc` (a fused multiply-add) instead of `acc + product`.
+///
+/// Why: that tile does one multiply and `copies` adds per vector and term, and AMD's cores
+/// (Zen 2 to 5, most of this project's machines) run vector adds on two pipes and
+/// multiplies and FMAs on two others, so the adds alone set its pace while the multiply
+/// pipes idle. Moving `(copies − 1) · vectors / 2` of the adds over balances the two pairs
+/// of pipes: 4 copies × 4 vectors go from 16 cycles per term to 10 (a standalone loop of
+/// exactly that mix on an AMD EPYC with AVX-512: 5.1 → 3.6 ns per term). On Intel's cores,
+/// where every pipe that adds also multiplies and fuses, it changes nothing.
+///
+/// Why it is exact: `product · 1` is `product` for every f32 (zeros with their sign,
+/// denormals, infinities), so the FMA rounds the same exact sum once, as the add does, and
+/// DAZ/FTZ act on the same operands and result. This is not the fusing the arithmetic
+/// contract forbids (a product and a sum rounded together): each product was rounded on its
+/// own first. The two can differ only in which NaN comes out when both operands are NaN, and
+/// any NaN makes a sample's loss infinite all the same. `exact_add_on_fma_pipes` in the tests
+/// checks the bits on edge values under both float environments.
+pub(crate) const fn adds_on_fma_pipes(copies: usize, vectors: usize) -> usize {
+    copies.saturating_sub(1) * vectors / 2
+}
+
 impl Kernel {
+    /// How many copies [`Kernel::accumulate_window_copies`] best gets per call for outputs
+    /// `n_out` wide: what its SIMD form carries through one pass over the shared terms (a
+    /// caller that passes fewer wastes part of each pass on padding; more are split).
+    pub fn copies_per_pass(self, n_out: usize) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => x86_64::avx512::copies_per_pass(n_out),
+            _ => COPY_BLOCK,
+        }
+    }
+
     /// The sums of each copy of `copies.copies` over all inputs, into `out` (copy after copy, each
     /// `rest.samples() × n_out`): for copy `c`, sample `s`, output `j`, `start[s, j]`, then
     /// the window's terms `window_c[s, k] · W[from + k, j]` for every `k` (zeros included:
@@ -296,9 +386,9 @@ impl Kernel {
     /// [`Kernel::accumulate_from`] over its own spliced inputs.
     ///
     /// The terms after the window are the same for every copy, so the SIMD kernels compute
-    /// each product once per block of [`COPY_BLOCK`] copies and add it to each: one multiply
-    /// and `C` adds where the copies alone would take `C` of each, and no spliced input
-    /// rows to build. (The portable kernel runs the copies one by one.)
+    /// each product once per block of copies ([`Kernel::copies_per_pass`]) and add it to
+    /// each: one multiply and `C` adds where the copies alone would take `C` of each, and no
+    /// spliced input rows to build. (The portable kernel runs the copies one by one.)
     ///
     /// # Panics
     /// If the shapes disagree, `rest` lacks the per-sample form, or the kernel is not
@@ -359,8 +449,11 @@ impl Kernel {
             Kernel::Portable => portable::accumulate_window_copies(copies, weights, n_out, out),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
-                assert!(self.is_supported(), "avx2 kernel on a CPU without avx2");
-                // SAFETY: AVX2 is supported and the shapes were checked above.
+                assert!(
+                    self.is_supported(),
+                    "avx2 kernel on a CPU without avx2 and fma"
+                );
+                // SAFETY: AVX2 and FMA are supported and the shapes were checked above.
                 unsafe { x86_64::avx2::accumulate_window_copies(copies, weights, n_out, out) }
             }
             #[cfg(target_arch = "x86_64")]
@@ -375,6 +468,64 @@ impl Kernel {
             #[cfg(not(target_arch = "x86_64"))]
             _ => panic!("kernel {self} is not supported on this architecture"),
         }
+    }
+}
+
+/// The terms a blocked SIMD tile adds for one block of [`BLOCK`] samples: per term, the
+/// input index and the block's values of that input (padding samples 0).
+pub(crate) trait BlockTerms: Copy {
+    fn len(&self) -> usize;
+    /// Term `t`.
+    ///
+    /// # Safety
+    /// `t < self.len()`.
+    unsafe fn term(&self, t: usize) -> (usize, [f32; BLOCK]);
+}
+
+/// A block of [`SparseRows`] in the blocked form: the union of its samples' nonzero inputs.
+#[derive(Clone, Copy)]
+pub(crate) struct SparseBlock<'a> {
+    pub index: &'a [u32],
+    pub value: &'a [[f32; BLOCK]],
+}
+
+impl BlockTerms for SparseBlock<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    #[inline(always)]
+    unsafe fn term(&self, t: usize) -> (usize, [f32; BLOCK]) {
+        // SAFETY: t < len, and `value` is as long as `index` (SparseRows invariant).
+        unsafe {
+            (
+                *self.index.get_unchecked(t) as usize,
+                *self.value.get_unchecked(t),
+            )
+        }
+    }
+}
+
+/// A block of dense rows: every input, zeros included, read where the rows are (no
+/// [`SparseRows`] built).
+#[derive(Clone, Copy)]
+pub(crate) struct DenseBlock {
+    /// Each sample's row of `width` values (a row of zeros for padding samples).
+    pub rows: [*const f32; BLOCK],
+    pub width: usize,
+}
+
+impl BlockTerms for DenseBlock {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.width
+    }
+
+    #[inline(always)]
+    unsafe fn term(&self, t: usize) -> (usize, [f32; BLOCK]) {
+        // SAFETY: t < width, and every row pointer holds `width` values.
+        (t, std::array::from_fn(|i| unsafe { *self.rows[i].add(t) }))
     }
 }
 

@@ -4,6 +4,24 @@
 use super::{Start, WindowCopies, rest_after};
 use crate::sparse::SparseRows;
 
+/// [`super::Kernel::accumulate_dense`]: every term of each dense row, in input order.
+pub(super) fn accumulate_dense(
+    dense: &[f32],
+    width: usize,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    for (acc, row) in out.chunks_exact_mut(n_out).zip(dense.chunks_exact(width)) {
+        acc.fill(0.0);
+        for (&x, w) in row.iter().zip(weights.chunks_exact(n_out)) {
+            for (a, &w) in acc.iter_mut().zip(w) {
+                *a += x * w;
+            }
+        }
+    }
+}
+
 pub(super) fn accumulate(
     rows: &SparseRows,
     weights: &[f32],

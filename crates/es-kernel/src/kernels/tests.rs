@@ -289,6 +289,11 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
         (2, 97, 64, 90, 7, 5),
         (7, 512, 130, 256, 32, 8),
         (3, 50, 9, 20, 1, 9),
+        // Narrow outputs with more copies than one AVX-512 block of 16 carries, and wide
+        // ones with more than its block of 8: full blocks, then a padded one.
+        (5, 70, 10, 30, 8, 20),
+        (3, 64, 40, 16, 8, 12),
+        (4, 48, 16, 0, 4, 16),
     ];
     for kernel in Kernel::supported() {
         for (samples, inputs, n_out, from, width, copies) in cases {
@@ -363,6 +368,183 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                             ),
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_inputs_match_the_definition_in_every_kernel() {
+    // Every input a term, zeros included: against the contract over the same dense inputs
+    // (±0 equal). Sample counts cover a lone sample, a partial block and whole blocks;
+    // outputs cover masked and unmasked tails in both vector widths; densities from all
+    // zeros to none.
+    let mut rng = TestRng::new(31);
+    let cases = [
+        // (samples, inputs, outputs)
+        (1, 7, 3),
+        (3, 40, 10),
+        (4, 16, 16),
+        (9, 64, 17),
+        (12, 130, 40),
+        (5, 512, 10),
+    ];
+    for kernel in Kernel::supported() {
+        for (samples, width, n_out) in cases {
+            for mode in [Arithmetic::Ftz, Arithmetic::Ieee] {
+                let (inputs, weights) = near_underflow_case(&mut rng, samples, width, n_out);
+                let want =
+                    with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
+                let mut out = vec![f32::NAN; samples * n_out];
+                with_float_env(mode, || {
+                    kernel.accumulate_dense(&inputs, width, &weights, n_out, &mut out)
+                });
+                assert_same(
+                    &out,
+                    &want,
+                    &format!("{kernel} dense {mode} samples={samples} width={width} n_out={n_out}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_inputs_of_the_wrong_shape_are_refused() {
+    for kernel in Kernel::supported() {
+        let refused = |dense: Vec<f32>, width: usize, weights: usize, n_out: usize, out: usize| {
+            std::panic::catch_unwind(move || {
+                kernel.accumulate_dense(
+                    &dense,
+                    width,
+                    &vec![0.0; weights],
+                    n_out,
+                    &mut vec![0.0; out],
+                )
+            })
+            .is_err()
+        };
+        assert!(
+            refused(vec![0.0; 10], 3, 6, 2, 6),
+            "{kernel}: 10 inputs in rows of 3"
+        );
+        assert!(
+            refused(vec![0.0; 9], 3, 5, 2, 6),
+            "{kernel}: weights not 3 × 2"
+        );
+        assert!(
+            refused(vec![0.0; 9], 3, 6, 2, 5),
+            "{kernel}: outputs not 3 × 2"
+        );
+        assert!(refused(vec![], 0, 0, 2, 0), "{kernel}: width 0");
+        assert!(
+            !refused(vec![0.0; 9], 3, 6, 2, 6),
+            "{kernel}: the right shapes"
+        );
+    }
+}
+
+/// `p · 1 + acc` rounded once is `acc + p` rounded once: the identity that lets the
+/// window-copies kernels issue part of their adds as fused multiply-adds
+/// ([`super::adds_on_fma_pipes`]), checked on the values where floats misbehave, under
+/// flush-to-zero and under gradual underflow.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn exact_add_on_fma_pipes() {
+    use std::arch::x86_64::*;
+    if !Kernel::Avx512.is_supported() {
+        eprintln!("skipped: this CPU lacks AVX-512F");
+        return;
+    }
+    let tiny = f32::MIN_POSITIVE;
+    let mut values = vec![
+        0.0,
+        -0.0,
+        tiny,
+        -tiny,
+        tiny / 2.0,
+        -tiny / 3.0,
+        f32::from_bits(1),
+        tiny * 1.5,
+        tiny * (1.0 + f32::EPSILON),
+        1.0,
+        -1.0,
+        f32::EPSILON,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        3.0e-38,
+        -2.9e-38,
+        1.0e-45,
+    ];
+    let mut rng = TestRng::new(77);
+    values.extend((0..200).map(|_| rng.normal() * 2f32.powi(-124 - (rng.next_u64() % 4) as i32)));
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn both(acc: &[f32; 16], p: &[f32; 16]) -> ([f32; 16], [f32; 16]) {
+        let (mut added, mut fused) = ([0.0f32; 16], [0.0f32; 16]);
+        // SAFETY: AVX-512F is supported (checked by the caller); 16 floats each.
+        unsafe {
+            let a = _mm512_loadu_ps(acc.as_ptr());
+            let b = _mm512_loadu_ps(p.as_ptr());
+            let one = std::hint::black_box(_mm512_set1_ps(1.0));
+            _mm512_storeu_ps(added.as_mut_ptr(), _mm512_add_ps(a, b));
+            _mm512_storeu_ps(fused.as_mut_ptr(), _mm512_fmadd_ps(b, one, a));
+        }
+        // The AVX2 kernel's 8-lane instructions on the same operands (AVX-512F CPUs have
+        // AVX2 and FMA): both halves must give the same bits as well.
+        // SAFETY: as above; 8 floats from each half.
+        unsafe {
+            for half in [0, 8] {
+                let a = _mm256_loadu_ps(acc[half..].as_ptr());
+                let b = _mm256_loadu_ps(p[half..].as_ptr());
+                let one = std::hint::black_box(_mm256_set1_ps(1.0));
+                let (mut a8, mut f8) = ([0.0f32; 8], [0.0f32; 8]);
+                _mm256_storeu_ps(a8.as_mut_ptr(), _mm256_add_ps(a, b));
+                _mm256_storeu_ps(f8.as_mut_ptr(), _mm256_fmadd_ps(b, one, a));
+                for i in 0..8 {
+                    assert_eq!(
+                        a8[i].to_bits(),
+                        added[half + i].to_bits(),
+                        "8-lane add of lane {}",
+                        half + i
+                    );
+                    if !(acc[half + i].is_nan() && p[half + i].is_nan()) {
+                        assert_eq!(
+                            f8[i].to_bits(),
+                            fused[half + i].to_bits(),
+                            "8-lane fma of lane {}",
+                            half + i
+                        );
+                    }
+                }
+            }
+        }
+        (added, fused)
+    }
+    for mode in [Arithmetic::Ftz, Arithmetic::Ieee] {
+        for chunk in values.chunks(16) {
+            for &p in &values {
+                let mut acc = [0.0f32; 16];
+                acc[..chunk.len()].copy_from_slice(chunk);
+                let products = [p; 16];
+                // SAFETY: AVX-512F is supported (checked above).
+                let (added, fused) = with_float_env(mode, || unsafe { both(&acc, &products) });
+                for i in 0..chunk.len() {
+                    let (a, f) = (added[i], fused[i]);
+                    // Which NaN comes out may differ when both operands are NaN; that any
+                    // NaN does may not.
+                    let both_nan = acc[i].is_nan() && p.is_nan();
+                    assert!(
+                        a.to_bits() == f.to_bits() || (both_nan && a.is_nan() && f.is_nan()),
+                        "{mode}: {:e} + {:e}: add {a:e} ({:#010x}), fma {f:e} ({:#010x})",
+                        acc[i],
+                        p,
+                        a.to_bits(),
+                        f.to_bits()
+                    );
                 }
             }
         }
@@ -564,6 +746,45 @@ fn default_network_matches_reference_and_differs_without_flushing() {
         "{differing} of {} logits differ",
         want.len()
     );
+}
+
+#[test]
+fn passes_that_read_dense_inputs_match_the_reference() {
+    // Without flushing nearly every hidden output is nonzero, so after a first pass (rows
+    // built) the later layers of the next passes read their inputs dense: every pass must
+    // give the reference's logits, in both modes (in `ftz` mode the hidden layers stay
+    // sparse and the rows are built every time).
+    for mode in [Arithmetic::Ieee, Arithmetic::Ftz] {
+        let config = NetConfig {
+            arithmetic: mode,
+            ..NetConfig::default()
+        };
+        let mut rng = TestRng::new(41);
+        let samples = 9;
+        let pixels = rng.pixels(samples * config.inputs, 0.8);
+        let labels: Vec<u8> = (0..samples as u8).collect();
+        let batch = Batch::from_images(config.inputs, &pixels, &labels);
+        for kernel in Kernel::supported() {
+            let mut forward = Forward::new(config.clone(), kernel).unwrap();
+            for pass in 0..3 {
+                let params = random_params(&config, &mut rng);
+                let mut want = vec![f32::NAN; samples * config.outputs];
+                reference::forward(&config, &params, &pixels, &mut want);
+                assert_same(
+                    forward.logits(&params, &batch),
+                    &want,
+                    &format!("{kernel} {mode} pass {pass}"),
+                );
+                let density = forward.density();
+                if mode == Arithmetic::Ieee {
+                    assert!(
+                        density[1] >= 0.9 && density[2] >= 0.9,
+                        "{kernel} pass {pass}: hidden outputs nearly all nonzero: {density:?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -2,8 +2,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{dispatch_tile, offset};
-use crate::kernels::{COPY_BLOCK, WindowCopies, rest_after};
+use super::{dense_tiles, dispatch_tile, offset};
+use crate::kernels::{
+    BlockTerms, COPY_BLOCK, SparseBlock, WindowCopies, adds_on_fma_pipes, rest_after,
+};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 8;
@@ -140,12 +142,55 @@ pub(crate) unsafe fn accumulate_blocked(
                 dispatch_tile!(
                     nv,
                     masked,
-                    block_tile(index, value, src, n_out, dst, count, tail_mask, init)
+                    block_tile(
+                        SparseBlock { index, value },
+                        src,
+                        n_out,
+                        dst,
+                        count,
+                        tail_mask,
+                        init
+                    )
                 );
             }
         }
         v0 += nv;
     }
+}
+
+/// [`crate::kernels::Kernel::accumulate_dense`]: the blocked tiles over dense rows, every
+/// input a term.
+///
+/// # Safety
+/// The CPU must support AVX2; `dense` must be `samples × width`, `weights` `width × n_out` and
+/// `out` `samples × n_out` (the caller asserts all three).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn accumulate_dense(
+    dense: &[f32],
+    width: usize,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let tail = n_out % LANES;
+    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
+    // SAFETY: reads 32 bytes from a live [i32; 8].
+    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    dense_tiles(dense, width, n_out, LANES, BLOCK_TILE, |t| {
+        // SAFETY: rows first..first + count exist in `out` and every row pointer holds
+        // `width` values; the tile stays within each output row (the last vector masked to
+        // `n_out`) and weight rows `k < width`.
+        unsafe {
+            let dst = out.as_mut_ptr().add(t.first * n_out + t.v0 * LANES);
+            let src = weights.as_ptr().add(t.v0 * LANES);
+            let (block, count) = (t.block, t.count);
+            dispatch_tile!(
+                t.nv,
+                t.masked,
+                block_tile(block, src, n_out, dst, count, tail_mask, std::ptr::null())
+            );
+        }
+    });
 }
 
 /// # Safety
@@ -155,8 +200,7 @@ pub(crate) unsafe fn accumulate_blocked(
 // The tile's operands, passed in registers: a struct would only be unpacked again.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_tile<const NV: usize, const MASKED: bool>(
-    index: &[u32],
-    value: &[[f32; BLOCK]],
+    terms: impl BlockTerms,
     w: *const f32,
     n_out: usize,
     out: *mut f32,
@@ -180,9 +224,11 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
         }
     }
     let mut wv = [_mm256_setzero_ps(); NV];
-    for (&k, x) in index.iter().zip(value) {
-        // SAFETY: k < width (SparseRows invariant).
-        let row = unsafe { w.add(k as usize * n_out) };
+    for t in 0..terms.len() {
+        // SAFETY: t < len.
+        let (k, x) = unsafe { terms.term(t) };
+        // SAFETY: k < width (SparseRows invariant, or a dense row's index).
+        let row = unsafe { w.add(k * n_out) };
         for (v, wv) in wv.iter_mut().enumerate() {
             // SAFETY: full vectors lie within the row; the last one is masked to the row end
             // when MASKED, and masked-off lanes are not read.
@@ -194,7 +240,7 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
                 }
             };
         }
-        for (acc, &x) in acc.iter_mut().zip(x) {
+        for (acc, &x) in acc.iter_mut().zip(&x) {
             let x = _mm256_set1_ps(x);
             for (acc, &wv) in acc.iter_mut().zip(&wv) {
                 // Separate multiply and add: the contract forbids FMA.
@@ -238,11 +284,12 @@ unsafe fn load(p: *const f32, masked: bool, tail_mask: __m256i) -> __m256 {
 /// registers, leaving the rest for the weight vectors, the products and the broadcast.
 const COPY_ACCUMULATORS: usize = 8;
 
-/// The AVX2 [`crate::kernels::Kernel::accumulate_window_copies`] (see the AVX-512 one).
+/// The AVX2 [`crate::kernels::Kernel::accumulate_window_copies`] (see the AVX-512 one), in
+/// blocks of [`COPY_BLOCK`] copies.
 ///
 /// # Safety
-/// The CPU must support AVX2; the caller checked the shapes.
-#[target_feature(enable = "avx2")]
+/// The CPU must support AVX2 and FMA; the caller checked the shapes.
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn accumulate_window_copies(
     copies: &WindowCopies<'_>,
     weights: &[f32],
@@ -320,7 +367,7 @@ struct CopiesTile {
 
 /// # Safety
 /// As for [`copies_tile`].
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
     tile: &CopiesTile,
     index: &[u32],
@@ -332,7 +379,7 @@ unsafe fn copies_tile_of_4<const NV: usize, const MASKED: bool>(
 
 /// # Safety
 /// As for [`copies_tile`].
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
     tile: &CopiesTile,
     index: &[u32],
@@ -344,7 +391,7 @@ unsafe fn copies_tile_of_2<const NV: usize, const MASKED: bool>(
 
 /// # Safety
 /// AVX2; as for the AVX-512 `copies_tile`, with 8-lane vectors.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
     tile: &CopiesTile,
@@ -375,6 +422,9 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
             }
         }
     }
+    // Opaque to the optimiser, which would otherwise turn `p · 1 + acc` back into an add.
+    let one = std::hint::black_box(_mm256_set1_ps(1.0));
+    let on_fma_pipes = adds_on_fma_pipes(C, NV);
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm256_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant).
@@ -384,8 +434,14 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
             let wv = unsafe { load(row.add(v * LANES), masked(v), tile.tail_mask) };
             // One product for every copy: the same operands give the same bits.
             let product = _mm256_mul_ps(x, wv);
-            for acc in acc.iter_mut() {
-                acc[v] = _mm256_add_ps(acc[v], product);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // The same sum either way (`adds_on_fma_pipes`); C and NV are constants, so
+                // the choice unrolls away.
+                acc[v] = if i * NV + v < on_fma_pipes {
+                    _mm256_fmadd_ps(product, one, acc[v])
+                } else {
+                    _mm256_add_ps(acc[v], product)
+                };
             }
         }
     }

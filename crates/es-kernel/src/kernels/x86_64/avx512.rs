@@ -2,8 +2,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{dispatch_tile, offset};
-use crate::kernels::{COPY_BLOCK, WindowCopies, rest_after};
+use super::{dense_tiles, dispatch_tile, offset};
+use crate::kernels::{BlockTerms, SparseBlock, WindowCopies, adds_on_fma_pipes, rest_after};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 16;
@@ -134,12 +134,53 @@ pub(crate) unsafe fn accumulate_blocked(
                 dispatch_tile!(
                     nv,
                     masked,
-                    block_tile(index, value, src, n_out, dst, count, tail_mask, init)
+                    block_tile(
+                        SparseBlock { index, value },
+                        src,
+                        n_out,
+                        dst,
+                        count,
+                        tail_mask,
+                        init
+                    )
                 );
             }
         }
         v0 += nv;
     }
+}
+
+/// [`crate::kernels::Kernel::accumulate_dense`]: the blocked tiles over dense rows, every
+/// input a term.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `dense` must be `samples × width`, `weights` `width × n_out` and
+/// `out` `samples × n_out` (the caller asserts all three).
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn accumulate_dense(
+    dense: &[f32],
+    width: usize,
+    weights: &[f32],
+    n_out: usize,
+    out: &mut [f32],
+) {
+    let tail = n_out % LANES;
+    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    dense_tiles(dense, width, n_out, LANES, BLOCK_TILE, |t| {
+        // SAFETY: rows first..first + count exist in `out` and every row pointer holds
+        // `width` values; the tile stays within each output row (the last vector masked to
+        // `n_out`) and weight rows `k < width`.
+        unsafe {
+            let dst = out.as_mut_ptr().add(t.first * n_out + t.v0 * LANES);
+            let src = weights.as_ptr().add(t.v0 * LANES);
+            let (block, count) = (t.block, t.count);
+            dispatch_tile!(
+                t.nv,
+                t.masked,
+                block_tile(block, src, n_out, dst, count, tail_mask, std::ptr::null())
+            );
+        }
+    });
 }
 
 /// One block of samples, `NV` vectors of outputs; rows `count..BLOCK` are padding (their
@@ -153,8 +194,7 @@ pub(crate) unsafe fn accumulate_blocked(
 // The tile's operands, passed in registers: a struct would only be unpacked again.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_tile<const NV: usize, const MASKED: bool>(
-    index: &[u32],
-    value: &[[f32; BLOCK]],
+    terms: impl BlockTerms,
     w: *const f32,
     n_out: usize,
     out: *mut f32,
@@ -173,15 +213,17 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
         }
     }
     let mut wv = [_mm512_setzero_ps(); NV];
-    for (&k, x) in index.iter().zip(value) {
-        // SAFETY: k < width (SparseRows invariant), so the row's NV vectors (masked past
-        // n_out) lie within `weights`.
-        let row = unsafe { w.add(k as usize * n_out) };
+    for t in 0..terms.len() {
+        // SAFETY: t < len.
+        let (k, x) = unsafe { terms.term(t) };
+        // SAFETY: k < width (SparseRows invariant, or a dense row's index), so the row's NV
+        // vectors (masked past n_out) lie within `weights`.
+        let row = unsafe { w.add(k * n_out) };
         for (v, wv) in wv.iter_mut().enumerate() {
             // SAFETY: see above; masked-off lanes are not read.
             *wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
         }
-        for (acc, &x) in acc.iter_mut().zip(x) {
+        for (acc, &x) in acc.iter_mut().zip(&x) {
             let x = _mm512_set1_ps(x);
             for (acc, &wv) in acc.iter_mut().zip(&wv) {
                 // Separate multiply and add: the contract forbids FMA.
@@ -201,9 +243,24 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
 /// registers, leaving the rest for the weight vectors, the products and the broadcast.
 const COPY_ACCUMULATORS: usize = 16;
 
+/// The most copies one tile carries ([`COPY_ACCUMULATORS`] copies of one vector each).
+pub(crate) const MAX_COPY_BLOCK: usize = COPY_ACCUMULATORS;
+
+/// How many copies a tile carries when `count` are left and the outputs fill `vectors`
+/// vectors: the power of two from 2 to [`MAX_COPY_BLOCK`] that holds them, but no more
+/// than `max_block`.
+///
+/// Why more than four: every copy's sums take one add per shared term whatever the block,
+/// but the weight loads and the products are shared by the block, and a sum whose outputs
+/// fit one vector (the 10 logits) is one chain of adds per copy, waiting on its own
+/// latency unless many copies run side by side.
+fn copy_block(count: usize, max_block: usize) -> usize {
+    count.next_power_of_two().clamp(2, max_block.max(2))
+}
+
 /// [`crate::kernels::Kernel::accumulate_window_copies`]: blocks of up to
-/// [`COPY_BLOCK`] copies, each tile one sample's `NV` vectors of outputs for every copy of
-/// the block.
+/// [`crate::kernels::Kernel::copies_per_pass`] copies, each tile one sample's `NV` vectors
+/// of outputs for every copy of the block.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; the caller checked the shapes
@@ -219,13 +276,13 @@ pub(crate) unsafe fn accumulate_window_copies(
     let tail = n_out % LANES;
     let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
     let samples = copies.rest.samples();
+    let max_block = copies_per_pass(n_out);
     // The window of a copy past the block's count: zeros, read but never stored.
     let zeros = vec![0.0f32; copies.width];
     let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);
-    for first in (first_copy..end_copy).step_by(COPY_BLOCK) {
-        let count = (end_copy - first).min(COPY_BLOCK);
-        // Two copies (the pair of one perturbation) get twice the vectors per tile.
-        let block = if count > 2 { COPY_BLOCK } else { 2 };
+    for first in (first_copy..end_copy).step_by(max_block) {
+        let count = (end_copy - first).min(max_block);
+        let block = copy_block(count, max_block);
         let tile_vectors = COPY_ACCUMULATORS / block;
         let mut v0 = 0;
         while v0 < vectors {
@@ -234,7 +291,7 @@ pub(crate) unsafe fn accumulate_window_copies(
             for s in 0..samples {
                 let (index, value) = rest_after(copies, s);
                 let row = s * copies.columns + first * copies.width;
-                let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
+                let windows: [*const f32; MAX_COPY_BLOCK] = std::array::from_fn(|i| {
                     if i < count {
                         copies.window[row + i * copies.width..].as_ptr()
                     } else {
@@ -244,7 +301,8 @@ pub(crate) unsafe fn accumulate_window_copies(
                 // SAFETY: each window pointer has `width` values (a copy's columns of the
                 // sample's row, or `zeros`); `start` and every copy's output have a row of
                 // `n_out` at `s`, of which the tile covers NV vectors from v0 (the last
-                // masked to the row end); weight rows `from..` lie within `weights`.
+                // masked to the row end); weight rows `from..` lie within `weights`; NV ·
+                // block never exceeds COPY_ACCUMULATORS.
                 unsafe {
                     let at = s * n_out + v0 * LANES;
                     let tile = CopiesTile {
@@ -261,10 +319,20 @@ pub(crate) unsafe fn accumulate_window_copies(
                         count,
                         tail_mask,
                     };
-                    if block == COPY_BLOCK {
-                        dispatch_tile!(nv, masked, copies_tile_of_4(&tile, index, value));
-                    } else {
-                        dispatch_tile!(nv, masked, copies_tile_of_2(&tile, index, value));
+                    match (block, nv, masked) {
+                        (16, 1, false) => copies_tile::<1, false, 16>(&tile, index, value),
+                        (16, 1, true) => copies_tile::<1, true, 16>(&tile, index, value),
+                        (8, 1, false) => copies_tile::<1, false, 8>(&tile, index, value),
+                        (8, 1, true) => copies_tile::<1, true, 8>(&tile, index, value),
+                        (8, 2, false) => copies_tile::<2, false, 8>(&tile, index, value),
+                        (8, 2, true) => copies_tile::<2, true, 8>(&tile, index, value),
+                        (4, ..) => {
+                            dispatch_tile!(nv, masked, copies_tile_of_4(&tile, index, value))
+                        }
+                        (2, ..) => {
+                            dispatch_tile!(nv, masked, copies_tile_of_2(&tile, index, value))
+                        }
+                        _ => unreachable!("tile of {block} copies × {nv} vectors"),
                     }
                 }
             }
@@ -273,10 +341,18 @@ pub(crate) unsafe fn accumulate_window_copies(
     }
 }
 
+/// Copies per call that [`accumulate_window_copies`] carries through one tile for outputs
+/// `n_out` wide: 16 when they fit one vector, else 8 (two vectors each). Sixteen copies
+/// of one vector keep sixteen independent chains of adds; eight of two halve the weight
+/// loads per add against four of four.
+pub(crate) fn copies_per_pass(n_out: usize) -> usize {
+    if n_out <= LANES { 16 } else { 8 }
+}
+
 /// One sample's tile of a block of window copies: where its operands are.
 struct CopiesTile {
     /// Each copy's window (`width` values).
-    windows: [*const f32; COPY_BLOCK],
+    windows: [*const f32; MAX_COPY_BLOCK],
     width: usize,
     from: usize,
     /// Column `v0·16` of weight row 0.
@@ -360,6 +436,9 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
             }
         }
     }
+    // Opaque to the optimiser, which would otherwise turn `p · 1 + acc` back into an add.
+    let one = std::hint::black_box(_mm512_set1_ps(1.0));
+    let on_fma_pipes = adds_on_fma_pipes(C, NV);
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm512_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant).
@@ -369,8 +448,15 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
             let wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
             // One product for every copy: the same operands give the same bits.
             let product = _mm512_mul_ps(x, wv);
-            for acc in acc.iter_mut() {
-                acc[v] = _mm512_add_ps(acc[v], product);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // The same sum either way (`exact_add_on_fma_pipes`); C and NV are
+                // constants, so the choice unrolls away.
+                acc[v] = if i * NV + v < on_fma_pipes {
+                    // `product · 1 + acc`: exact product, one rounding of the sum.
+                    _mm512_fmadd_ps(product, one, acc[v])
+                } else {
+                    _mm512_add_ps(acc[v], product)
+                };
             }
         }
     }

@@ -40,3 +40,59 @@ pub(super) fn offset(start: *const f32, at: usize) -> *const f32 {
         start.wrapping_add(at)
     }
 }
+
+/// One tile of [`dense_tiles`]: a block of samples and the vectors of outputs it covers.
+pub(super) struct DenseTile {
+    pub block: crate::kernels::DenseBlock,
+    /// The block's first sample and how many of its [`crate::sparse::BLOCK`] are real.
+    pub first: usize,
+    pub count: usize,
+    /// The tile's first output vector, its vector count, and whether its last is masked.
+    pub v0: usize,
+    pub nv: usize,
+    pub masked: bool,
+}
+
+/// The tiles of `Kernel::accumulate_dense` in the order the SIMD kernels run them: for each
+/// stripe of up to `tile_vectors` output vectors of `lanes` lanes, every block of samples
+/// (padding samples read a row of zeros). Shared by the AVX2 and AVX-512 kernels, whose
+/// `tile` dispatches to their own block tile.
+#[inline(always)]
+pub(super) fn dense_tiles(
+    dense: &[f32],
+    width: usize,
+    n_out: usize,
+    lanes: usize,
+    tile_vectors: usize,
+    mut tile: impl FnMut(DenseTile),
+) {
+    use crate::sparse::BLOCK;
+    let vectors = n_out.div_ceil(lanes);
+    let tail = n_out % lanes;
+    let samples = dense.len() / width;
+    let zeros = vec![0.0f32; width];
+    let mut v0 = 0;
+    while v0 < vectors {
+        let nv = (vectors - v0).min(tile_vectors);
+        let masked = tail != 0 && v0 + nv == vectors;
+        for first in (0..samples).step_by(BLOCK) {
+            let count = (samples - first).min(BLOCK);
+            let rows = std::array::from_fn(|i| {
+                if i < count {
+                    dense[(first + i) * width..].as_ptr()
+                } else {
+                    zeros.as_ptr()
+                }
+            });
+            tile(DenseTile {
+                block: crate::kernels::DenseBlock { rows, width },
+                first,
+                count,
+                v0,
+                nv,
+                masked,
+            });
+        }
+        v0 += nv;
+    }
+}
