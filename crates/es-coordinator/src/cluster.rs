@@ -189,22 +189,30 @@ struct State {
     /// Checks (disputes and audits) still being evaluated: the generation waits for them.
     checks_pending: u32,
     rejected_messages: u64,
-    /// Rejected messages and quarantined workers since the last generation's metrics.
-    rejected_since: u64,
-    quarantined_since: u64,
     /// Set when training ends: `Some(true)` when the run completed, `Some(false)` when the
     /// coordinator stopped early (a worker that joins now should come back later).
     finished: Option<bool>,
-    /// Protobuf payload bytes sent and received on work streams, since the last generation.
-    bytes_sent: u64,
-    bytes_received: u64,
+    /// What the next generation's metrics line reports.
+    counters: GenerationCounters,
     /// The update being spread over the workers, between a generation's results and its
     /// update.
     sums: Option<SumWork>,
     /// Seconds the last spread update waited for its workers (their leases follow from it).
     sums_secs: Option<f64>,
+}
+
+/// What the cluster counts between two generations' metrics lines, taken whole when a
+/// generation completes.
+#[derive(Debug, Default)]
+struct GenerationCounters {
+    /// Protobuf payload bytes sent and received on work streams.
+    bytes_sent: u64,
+    bytes_received: u64,
+    /// Messages rejected, and workers quarantined.
+    rejected: u64,
+    quarantined: u64,
     /// Workers told to fetch θ from a relay, and `ThetaRequest`s answered (a relay's children
-    /// whose fetch failed among them), since the last generation's metrics.
+    /// whose fetch failed among them).
     theta_relayed: u32,
     theta_requested: u32,
 }
@@ -275,7 +283,7 @@ fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
     let State {
         work,
         workers,
-        bytes_sent,
+        counters,
         ..
     } = state;
     let (Some(work), Some(slot)) = (work.as_mut(), workers.get_mut(&worker)) else {
@@ -305,7 +313,7 @@ fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
             first_index: chunk.first,
             count: chunk.count,
         };
-        send(bytes_sent, &slot.tx, assign.into());
+        send(&mut counters.bytes_sent, &slot.tx, assign.into());
     }
 }
 
@@ -322,7 +330,7 @@ fn quarantine(state: &mut State, worker: WorkerId, reason: &str, options: &Clust
     if !state.quarantined.insert(worker) {
         return;
     }
-    state.quarantined_since += 1;
+    state.counters.quarantined += 1;
     let name = match state.workers.remove(&worker) {
         Some(slot) => {
             let refusal = pb::Refusal::new(RefusalReason::GoldenMismatch, reason.to_string());
@@ -358,9 +366,7 @@ fn announce_from(state: &mut State, worker: WorkerId, source: Option<String>) {
         return;
     };
     let State {
-        workers,
-        bytes_sent,
-        ..
+        workers, counters, ..
     } = state;
     let Some(slot) = workers.get_mut(&worker) else {
         return;
@@ -368,7 +374,7 @@ fn announce_from(state: &mut State, worker: WorkerId, source: Option<String>) {
     let message = if slot.theta_digest == Some(*theta.digest()) {
         pb::Generation::digest_only(generation, theta.digest())
     } else if let Some(source) = source {
-        state.theta_relayed += 1;
+        counters.theta_relayed += 1;
         pb::Generation::relayed(generation, theta.digest(), source)
     } else {
         pb::Generation::with_theta(generation, &theta)
@@ -377,7 +383,7 @@ fn announce_from(state: &mut State, worker: WorkerId, source: Option<String>) {
     // A Generation resets the worker's credits: it answers with a Ready for this generation.
     slot.credits = 0;
     slot.capacity = 0;
-    send(bytes_sent, &slot.tx, message.into());
+    send(&mut counters.bytes_sent, &slot.tx, message.into());
 }
 
 /// For each worker that lacks the current θ and has a relaying worker to fetch it from
@@ -746,7 +752,7 @@ async fn serve_worker(
         if !handled.errors.is_empty() {
             let mut state = shared.lock();
             state.rejected_messages += handled.errors.len() as u64;
-            state.rejected_since += handled.errors.len() as u64;
+            state.counters.rejected += handled.errors.len() as u64;
             let rejected = state.workers.get_mut(&worker).map_or(0, |slot| {
                 slot.rejected = slot.rejected.saturating_add(handled.errors.len() as u32);
                 slot.rejected
@@ -833,7 +839,7 @@ impl Handled {
 fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage) -> Handled {
     use pb::worker_message::Kind;
     let mut state = shared.lock();
-    state.bytes_received += prost::Message::encoded_len(&message) as u64;
+    state.counters.bytes_received += prost::Message::encoded_len(&message) as u64;
     if !state.workers.contains_key(&worker) {
         return Handled::error(format!(
             "worker {worker} is not in the run (quarantined or disconnected)"
@@ -979,7 +985,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 }
                 slot.theta_digest = None;
             }
-            state.theta_requested += 1;
+            state.counters.theta_requested += 1;
             tracing::debug!(
                 worker_id = worker,
                 generation = request.generation,
@@ -1463,7 +1469,7 @@ async fn train(
             }
         }
         // Wait for every index, re-leasing expired chunks as we go.
-        let (results, reassigned, workers, wire) = loop {
+        let (results, reassigned, workers, counters) = loop {
             let notified = shared.changed.notified();
             {
                 let mut state = shared.lock();
@@ -1481,19 +1487,12 @@ async fn train(
                         Some(previous) => 0.5 * (previous + pair_secs),
                         None => pair_secs,
                     });
-                    let wire = (
-                        std::mem::take(&mut state.bytes_sent),
-                        std::mem::take(&mut state.bytes_received),
-                        std::mem::take(&mut state.rejected_since),
-                        std::mem::take(&mut state.quarantined_since),
-                        std::mem::take(&mut state.theta_relayed),
-                        std::mem::take(&mut state.theta_requested),
-                    );
+                    let counters = std::mem::take(&mut state.counters);
                     break (
                         work.into_results().expect("complete"),
                         reassigned,
                         workers,
-                        wire,
+                        counters,
                     );
                 }
                 let (expired, returned) = work.expire(Instant::now());
@@ -1508,7 +1507,7 @@ async fn train(
             }
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
-                break (Vec::new(), 0, 0, (0, 0, 0, 0, 0, 0));
+                break (Vec::new(), 0, 0, GenerationCounters::default());
             }
             let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
         };
@@ -1572,13 +1571,13 @@ async fn train(
         let gen_secs = gen_started.elapsed().as_secs_f64();
         let mut line = embedded::metrics_line(&report, started, gen_secs, workers, test_eval);
         line.evals_per_sec = report.evaluations as f64 / eval_secs.max(1e-9);
-        line.wire_bytes_sent = Some(wire.0);
-        line.wire_bytes_received = Some(wire.1);
+        line.wire_bytes_sent = Some(counters.bytes_sent);
+        line.wire_bytes_received = Some(counters.bytes_received);
         line.reassigned = Some(reassigned);
-        line.rejected_messages = Some(wire.2);
-        line.quarantined = Some(wire.3);
-        line.theta_relayed = Some(wire.4);
-        line.theta_requested = Some(wire.5);
+        line.rejected_messages = Some(counters.rejected);
+        line.quarantined = Some(counters.quarantined);
+        line.theta_relayed = Some(counters.theta_relayed);
+        line.theta_requested = Some(counters.theta_requested);
         line.collect_secs = Some(eval_secs);
         line.cpu_secs = cpu_started
             .zip(process_cpu_secs())
@@ -1661,14 +1660,12 @@ impl SpreadUpdate<'_> {
             let (work, assigned) = SumWork::plan(t, dim, &ids);
             let encoded = es_proto::work::f32s_to_bytes(&weights);
             let State {
-                workers,
-                bytes_sent,
-                ..
+                workers, counters, ..
             } = &mut *state;
             for (id, ranges) in &assigned {
                 if let Some(slot) = workers.get(id) {
                     let message = pb::SumNoise::new(t, encoded.clone(), ranges);
-                    send(bytes_sent, &slot.tx, message.into());
+                    send(&mut counters.bytes_sent, &slot.tx, message.into());
                 }
             }
             state.sums = Some(work);
