@@ -276,6 +276,20 @@ fn lease_for(options: &ClusterOptions, pair_secs: Option<f64>, slot: &WorkerSlot
     }
 }
 
+/// The most chunks a generation is cut into, whatever the worker count: every chunk costs
+/// the coordinator an `Assign` and a `Results` (and their wake-ups), which at a thousand
+/// workers cost more than the work they carry.
+const MAX_CHUNKS: u32 = 1024;
+
+/// Pairs per chunk for `population` pairs over `threads` worker threads: about four chunks
+/// per thread, small enough that fast and slow workers finish together, but no more than
+/// [`MAX_CHUNKS`] chunks in all.
+fn chunk_size(population: u32, threads: u32) -> u32 {
+    (population / (4 * threads.max(1)))
+        .max(population.div_ceil(MAX_CHUNKS))
+        .max(1)
+}
+
 /// Hands `worker` chunks of the current generation while it has credits.
 fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
     let chunk_size = state.chunk_size.max(1);
@@ -1454,9 +1468,7 @@ async fn train(
                 .map(|w| w.threads)
                 .sum::<u32>()
                 .max(1);
-            // About four chunks per worker thread: small enough that fast and slow workers
-            // finish together, large enough that messages stay few.
-            state.chunk_size = (population / (4 * threads)).max(1);
+            state.chunk_size = chunk_size(population, threads);
             state.work = Some(GenerationWork::new(t, population, state.chunk_size));
             state.current = Some((t, theta));
             state.current_theta = Some(Arc::new(es_state.theta.clone()));
@@ -1872,4 +1884,31 @@ async fn finish(
     embedded::write_plots(run_dir.path());
     tracing::info!(generations, test_accuracy = summary.test_accuracy, run_dir = %run_dir.path().display(), interrupted, "run finished");
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_four_per_thread_but_never_more_than_max_chunks() {
+        // 32 two-thread workers: four chunks per thread.
+        assert_eq!(chunk_size(10_000, 64), 39);
+        // 1,000 two-thread workers: the cap, not single pairs.
+        assert_eq!(chunk_size(10_000, 2_000), 10);
+        // Small runs keep their spread over the workers.
+        assert_eq!(chunk_size(8, 2), 1);
+        assert_eq!(chunk_size(256, 2), 32);
+        assert_eq!(chunk_size(0, 3), 1);
+        for population in [1, 7, 1_000, 1_024, 1_025, 10_000, 65_537, 1_000_000] {
+            for threads in [1, 2, 63, 1_000, 2_000, 100_000] {
+                let size = chunk_size(population, threads);
+                assert!(size >= 1, "P={population} threads={threads}");
+                assert!(
+                    population.div_ceil(size) <= MAX_CHUNKS,
+                    "P={population} threads={threads}: {size} per chunk"
+                );
+            }
+        }
+    }
 }
