@@ -141,7 +141,8 @@ pub struct Forward {
     /// resumes running sums adds over.
     columns: Vec<f32>,
     column_rows: SparseRows,
-    /// Scratch for the sums of a layer whose running sums a prefix keeps.
+    /// Scratch for the sums of a layer whose running sums a prefix keeps, and for those of a
+    /// layer that reads its inputs dense (then swapped with `act`).
     sums: Vec<f32>,
     scaled_bias: Vec<f32>,
     /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (a
