@@ -592,56 +592,6 @@ impl Forward {
             None => self.act.len() / layers[start].fan_in,
         };
         for (l, layer) in layers.iter().enumerate().skip(start) {
-            let from_act = !(input.is_some() && l == start);
-            if from_act && save.is_none() && self.density[l] >= DENSE_INPUTS {
-                // Nearly every input is nonzero (it was on the last pass): read the outputs
-                // where they are instead of building rows that would hold them all.
-                let nonzeros = count_nonzero(&self.act);
-                self.density[l] = nonzeros as f64 / (samples * layer.fan_in).max(1) as f64;
-                let params = match params {
-                    Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
-                    Params::Layers(layer_params) => layer_params(l),
-                };
-                let (weights, bias) = params.split_at(layer.fan_in * layer.fan_out);
-                assert_eq!(bias.len(), layer.fan_out, "layer {l} parameter count");
-                self.sums.resize(samples * layer.fan_out, 0.0);
-                self.kernel.accumulate_dense(
-                    &self.act,
-                    layer.fan_in,
-                    weights,
-                    layer.fan_out,
-                    &mut self.sums,
-                );
-                std::mem::swap(&mut self.act, &mut self.sums);
-                self.epilogue
-                    .finish(l, bias, &mut self.scaled_bias, &mut self.act);
-                continue;
-            }
-            let rows = match input {
-                Some(input) if l == start => input,
-                _ => {
-                    match (self.fill, save.is_some()) {
-                        // A prefix may serve a pass whose kernel reads the other form.
-                        (Fill::Needed, true) => {
-                            self.rows
-                                .fill_from_dense_in(&self.act, layer.fan_in, Forms::Both)
-                        }
-                        (Fill::Needed, false) => self.rows.fill_from_dense_in(
-                            &self.act,
-                            layer.fan_in,
-                            self.kernel.form(samples).into(),
-                        ),
-                        (Fill::Simple, _) => {
-                            self.rows.fill_from_dense_simple(&self.act, layer.fan_in)
-                        }
-                    }
-                    if let Some(prefix) = save.as_deref_mut() {
-                        prefix.inputs[l - 1].clone_from(&self.rows);
-                    }
-                    &self.rows
-                }
-            };
-            self.density[l] = rows.nonzeros() as f64 / (samples * layer.fan_in).max(1) as f64;
             let params = match params {
                 Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
                 Params::Layers(layer_params) => layer_params(l),
@@ -653,30 +603,73 @@ impl Forward {
                 "layer {l} parameter count"
             );
             let (weights, bias) = params.split_at(n_weights);
-            let kept = save
-                .as_deref()
-                .map_or(0, |prefix| prefix.running_sums_at(l).len());
-            if kept == 0 {
-                self.act.resize(samples * layer.fan_out, 0.0);
-                self.kernel
-                    .accumulate(rows, weights, layer.fan_out, &mut self.act);
-            } else {
-                let prefix = save.as_deref_mut().expect("kept sums come with a prefix");
-                let buffers = ColumnBuffers {
-                    kernel: self.kernel,
-                    act: &mut self.act,
-                    sums: &mut self.sums,
-                    columns: &mut self.columns,
-                    rows: &mut self.column_rows,
-                };
-                keep_running_sums(
-                    buffers,
-                    &mut prefix.running_sums[l],
-                    layer,
+            let from_act = !(input.is_some() && l == start);
+            let nonzeros = if from_act && save.is_none() && self.density[l] >= DENSE_INPUTS {
+                // Nearly every input is nonzero (it was on the last pass): read the outputs
+                // where they are instead of building rows that would hold them all.
+                let nonzeros = count_nonzero(&self.act);
+                self.sums.resize(samples * layer.fan_out, 0.0);
+                self.kernel.accumulate_dense(
+                    &self.act,
+                    layer.fan_in,
                     weights,
-                    samples,
+                    layer.fan_out,
+                    &mut self.sums,
                 );
-            }
+                std::mem::swap(&mut self.act, &mut self.sums);
+                nonzeros
+            } else {
+                let rows = match input {
+                    Some(input) if l == start => input,
+                    _ => {
+                        match (self.fill, save.is_some()) {
+                            // A prefix may serve a pass whose kernel reads the other form.
+                            (Fill::Needed, true) => {
+                                self.rows
+                                    .fill_from_dense_in(&self.act, layer.fan_in, Forms::Both)
+                            }
+                            (Fill::Needed, false) => self.rows.fill_from_dense_in(
+                                &self.act,
+                                layer.fan_in,
+                                self.kernel.form(samples).into(),
+                            ),
+                            (Fill::Simple, _) => {
+                                self.rows.fill_from_dense_simple(&self.act, layer.fan_in)
+                            }
+                        }
+                        if let Some(prefix) = save.as_deref_mut() {
+                            prefix.inputs[l - 1].clone_from(&self.rows);
+                        }
+                        &self.rows
+                    }
+                };
+                let kept = save
+                    .as_deref()
+                    .map_or(0, |prefix| prefix.running_sums_at(l).len());
+                if kept == 0 {
+                    self.act.resize(samples * layer.fan_out, 0.0);
+                    self.kernel
+                        .accumulate(rows, weights, layer.fan_out, &mut self.act);
+                } else {
+                    let prefix = save.as_deref_mut().expect("kept sums come with a prefix");
+                    let buffers = ColumnBuffers {
+                        kernel: self.kernel,
+                        act: &mut self.act,
+                        sums: &mut self.sums,
+                        columns: &mut self.columns,
+                        rows: &mut self.column_rows,
+                    };
+                    keep_running_sums(
+                        buffers,
+                        &mut prefix.running_sums[l],
+                        layer,
+                        weights,
+                        samples,
+                    );
+                }
+                rows.nonzeros()
+            };
+            self.density[l] = nonzeros as f64 / (samples * layer.fan_in).max(1) as f64;
             self.epilogue
                 .finish(l, bias, &mut self.scaled_bias, &mut self.act);
             if let Some(prefix) = save.as_deref_mut() {

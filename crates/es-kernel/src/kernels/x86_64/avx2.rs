@@ -13,6 +13,16 @@ const LANES: usize = 8;
 /// and the loads.
 const TILE: usize = 8;
 
+/// The lanes of a row's last vector that lie within its `n_out` outputs, as the masked loads
+/// and stores take them (used only where that vector is partial).
+#[target_feature(enable = "avx2")]
+fn tail_mask(n_out: usize) -> __m256i {
+    let tail = n_out % LANES;
+    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
+    // SAFETY: reads 32 bytes from a live [i32; 8].
+    unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
+}
+
 /// # Safety
 /// The CPU must support AVX2; `weights` must be `rows.width() × n_out` and `out`
 /// `rows.samples() × n_out` (the caller asserts both).
@@ -26,9 +36,7 @@ pub(crate) unsafe fn accumulate(
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
-    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
-    // SAFETY: reads 32 bytes from a live [i32; 8].
-    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let tail_mask = tail_mask(n_out);
     let mut v0 = 0;
     while v0 < vectors {
         let nv = (vectors - v0).min(TILE);
@@ -121,9 +129,7 @@ pub(crate) unsafe fn accumulate_blocked(
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
-    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
-    // SAFETY: reads 32 bytes from a live [i32; 8].
-    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let tail_mask = tail_mask(n_out);
     let samples = rows.samples();
     let mut v0 = 0;
     while v0 < vectors {
@@ -172,10 +178,7 @@ pub(crate) unsafe fn accumulate_dense(
     n_out: usize,
     out: &mut [f32],
 ) {
-    let tail = n_out % LANES;
-    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
-    // SAFETY: reads 32 bytes from a live [i32; 8].
-    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let tail_mask = tail_mask(n_out);
     dense_tiles(dense, width, n_out, LANES, BLOCK_TILE, |t| {
         // SAFETY: rows first..first + count exist in `out` and every row pointer holds
         // `width` values; the tile stays within each output row (the last vector masked to
@@ -298,9 +301,7 @@ pub(crate) unsafe fn accumulate_window_copies(
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
-    let lanes: [i32; LANES] = std::array::from_fn(|i| if i < tail { -1 } else { 0 });
-    // SAFETY: reads 32 bytes from a live [i32; 8].
-    let tail_mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+    let tail_mask = tail_mask(n_out);
     let samples = copies.rest.samples();
     let zeros = vec![0.0f32; copies.width];
     let (first_copy, end_copy) = (copies.copies.start, copies.copies.end);

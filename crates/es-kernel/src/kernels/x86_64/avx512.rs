@@ -12,6 +12,15 @@ const LANES: usize = 16;
 /// bytes) in L2 while every sample of the batch streams through it.
 const TILE: usize = 8;
 
+/// The lanes of a row's last vector that lie within its `n_out` outputs (all 16 when the
+/// row fills whole vectors).
+fn tail_mask(n_out: usize) -> __mmask16 {
+    match n_out % LANES {
+        0 => !0,
+        tail => (1u16 << tail) - 1,
+    }
+}
+
 /// # Safety
 /// The CPU must support AVX-512F; `weights` must be `rows.width() × n_out` and `out`
 /// `rows.samples() × n_out` (the caller asserts both).
@@ -25,7 +34,7 @@ pub(crate) unsafe fn accumulate(
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
-    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let tail_mask = tail_mask(n_out);
     let mut v0 = 0;
     while v0 < vectors {
         let nv = (vectors - v0).min(TILE);
@@ -113,7 +122,7 @@ pub(crate) unsafe fn accumulate_blocked(
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
-    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let tail_mask = tail_mask(n_out);
     let samples = rows.samples();
     let mut v0 = 0;
     while v0 < vectors {
@@ -164,8 +173,7 @@ pub(crate) unsafe fn accumulate_dense(
     n_out: usize,
     out: &mut [f32],
 ) {
-    let tail = n_out % LANES;
-    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let tail_mask = tail_mask(n_out);
     dense_tiles(dense, width, n_out, LANES, BLOCK_TILE, |t| {
         // SAFETY: rows first..first + count exist in `out` and every row pointer holds
         // `width` values; the tile stays within each output row (the last vector masked to
@@ -274,7 +282,7 @@ pub(crate) unsafe fn accumulate_window_copies(
 ) {
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
-    let tail_mask: __mmask16 = if tail == 0 { !0 } else { (1u16 << tail) - 1 };
+    let tail_mask = tail_mask(n_out);
     let samples = copies.rest.samples();
     let max_block = copies_per_pass(n_out);
     // The window of a copy past the block's count: zeros, read but never stored.
