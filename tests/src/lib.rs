@@ -1,9 +1,11 @@
 //! Shared helpers of Underflow's end-to-end tests: where the test data is, scratch
 //! directories, small run configurations that finish in seconds, real processes
-//! ([`processes`]) and a TCP proxy that can blackhole a link ([`proxy`]).
+//! ([`processes`]), a TCP proxy that can blackhole a link ([`proxy`]) and a worker made of
+//! bare protocol messages ([`raw_worker`]).
 
 pub mod processes;
 pub mod proxy;
+pub mod raw_worker;
 
 use std::path::PathBuf;
 

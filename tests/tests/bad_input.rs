@@ -10,18 +10,11 @@ use std::time::Duration;
 use es_coordinator::cluster::{self, ClusterOptions};
 use es_coordinator::config::RunConfig;
 use es_coordinator::embedded;
-use es_core::noise::NoiseSource;
-use es_core::train::{Dataset, golden_task};
-use es_data::noise_file::{Check, NoiseFile};
-use es_proto::pb::coordinator_client::CoordinatorClient;
-use es_proto::pb::{self, coordinator_message, join_reply::Outcome};
-use es_proto::{GoldenEval, GoldenProof, NoiseSpec, RunSpec};
+use es_proto::pb::{self, coordinator_message};
 use es_worker::{DataSource, WorkerExit, WorkerOptions};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use underflow_tests::raw_worker::{RawWorker, join_request};
 use underflow_tests::{Scratch, environment, mnist_dir, small_run};
 
 fn config() -> RunConfig {
@@ -29,52 +22,6 @@ fn config() -> RunConfig {
         eval_every: 0,
         population: 24,
         ..small_run(4)
-    }
-}
-
-async fn client(addr: &str) -> CoordinatorClient<Channel> {
-    for _ in 0..400 {
-        if let Ok(c) = CoordinatorClient::connect(addr.to_string()).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("coordinator at {addr} did not come up");
-}
-
-/// The golden proof an honest worker of `accepted`'s run would send.
-fn honest_proof(accepted: &pb::JoinAccepted, cache: &std::path::Path) -> GoldenProof {
-    let spec = RunSpec::try_from(accepted.spec.clone().unwrap()).unwrap();
-    let noise = match spec.noise {
-        NoiseSpec::Table { noise_seed, len } => NoiseSource::Table(
-            NoiseFile::open_or_create(cache, noise_seed, len, Check::Quick)
-                .unwrap()
-                .into_table(),
-        ),
-        NoiseSpec::Stream => NoiseSource::Stream,
-    };
-    let data = es_data::mnist::load(&mnist_dir()).unwrap();
-    let train = Dataset {
-        images: &data.train.images,
-        labels: &data.train.labels,
-    };
-    let task = accepted.golden.unwrap();
-    let [center, plus, minus] = golden_task(
-        &spec.net,
-        &spec.es,
-        spec.run_seed,
-        &noise,
-        train,
-        task.generation,
-        task.index,
-        es_kernel::Kernel::detect().unwrap(),
-    )
-    .unwrap()
-    .map(|g| GoldenEval::new(&g.evaluation, &g.logits));
-    GoldenProof {
-        center,
-        plus,
-        minus,
     }
 }
 
@@ -89,7 +36,12 @@ fn pair(index: u32, plus: f64, minus: f64, correct: u64) -> pb::PairResult {
 }
 
 fn results(generation: u32, pairs: Vec<pb::PairResult>) -> pb::WorkerMessage {
-    pb::Results { generation, pairs }.into()
+    pb::Results {
+        generation,
+        pairs,
+        credits: 0,
+    }
+    .into()
 }
 
 /// The embedded run of `config()`: θ's bytes, which no rogue may change.
@@ -145,61 +97,20 @@ async fn start_cluster(scratch: &Scratch) -> Cluster {
     }
 }
 
-/// A client that joins (offering to sum noise or not) and proves itself honestly; then it
-/// may do as it likes on its open Work stream.
-struct Rogue {
-    out: mpsc::Sender<pb::WorkerMessage>,
-    inbound: tonic::Streaming<pb::CoordinatorMessage>,
-    prove: pb::Prove,
-}
-
-async fn join_rogue(cluster: &Cluster, scratch: &Scratch, sums_noise: bool) -> Rogue {
-    let mut rogue = client(&cluster.addr).await;
+/// A worker of bare messages that joins (offering to sum noise or not) and proves itself
+/// honestly; then it may do as it likes on its open Work stream.
+async fn join_rogue(cluster: &Cluster, scratch: &Scratch, sums_noise: bool) -> RawWorker {
     let join = pb::JoinRequest {
-        protocol_version: es_proto::PROTOCOL_VERSION,
-        run_id: String::new(),
-        data_digest: cluster.mnist.digest.to_vec(),
-        threads: 1,
-        name: "rogue".into(),
-        kernel: "avx512".into(),
         sums_noise,
-        relay_port: 0,
-        relay_host: String::new(),
+        ..join_request(&cluster.mnist, "rogue")
     };
-    let accepted = loop {
-        match rogue.join(join.clone()).await {
-            Ok(reply) => match reply.into_inner().outcome.unwrap() {
-                Outcome::Accepted(a) => break a,
-                Outcome::Refused(r) => panic!("rogue refused at join: {}", r.message),
-            },
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let proof = {
-        let (accepted, cache) = (accepted.clone(), scratch.path().join("cache"));
-        tokio::task::spawn_blocking(move || honest_proof(&accepted, &cache))
-            .await
-            .unwrap()
-    };
-    let (out, outbox) = mpsc::channel::<pb::WorkerMessage>(64);
-    let prove = pb::Prove {
-        protocol_version: es_proto::PROTOCOL_VERSION,
-        run_id: accepted.run_id.clone(),
-        worker_id: accepted.worker_id,
-        golden: Some((&proof).into()),
-        cached_theta_digest: Vec::new(),
-    };
-    out.send(prove.clone().into()).await.unwrap();
-    let inbound = rogue
-        .work(ReceiverStream::new(outbox))
-        .await
-        .unwrap()
-        .into_inner();
-    Rogue {
-        out,
-        inbound,
-        prove,
-    }
+    RawWorker::join(
+        &cluster.addr,
+        join,
+        &cluster.mnist,
+        &scratch.path().join("cache"),
+    )
+    .await
 }
 
 /// Waits for the run to finish and the honest worker with it; checks that θ is
@@ -230,51 +141,41 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
     let reference = reference_theta(&scratch).await;
     let cluster = start_cluster(&scratch).await;
     // Not asked for noise sums: this rogue's bad messages are its results.
-    let Rogue {
-        out,
-        mut inbound,
-        prove,
-    } = join_rogue(&cluster, &scratch, false).await;
-    let mut next = async |limit: Duration| -> Option<coordinator_message::Kind> {
-        match tokio::time::timeout(limit, inbound.next()).await {
-            Err(_) => None,
-            Ok(message) => Some(
-                message
-                    .expect("the stream is open")
-                    .expect("no stream error")
-                    .kind
-                    .expect("a kind"),
-            ),
-        }
-    };
+    let mut rogue = join_rogue(&cluster, &scratch, false).await;
     const WAIT: Duration = Duration::from_secs(60);
     assert!(matches!(
-        next(WAIT).await.expect("the coordinator answers"),
+        rogue
+            .next_within(WAIT)
+            .await
+            .expect("the coordinator answers"),
         coordinator_message::Kind::ProofAccepted(_)
     ));
-    let coordinator_message::Kind::Generation(generation) =
-        next(WAIT).await.expect("the coordinator answers")
+    let coordinator_message::Kind::Generation(generation) = rogue
+        .next_within(WAIT)
+        .await
+        .expect("the coordinator answers")
     else {
         panic!("expected the first generation");
     };
+    // It did not ask for carried credits: it is granted none and sends a Ready.
+    assert_eq!(generation.credits, 0);
     let t = generation.generation;
-    out.send(
-        pb::Ready {
+    rogue
+        .send(pb::Ready {
             generation: t,
             credits: 4,
-        }
-        .into(),
-    )
-    .await
-    .unwrap();
-    let coordinator_message::Kind::Assign(assign) =
-        next(WAIT).await.expect("the coordinator answers")
+        })
+        .await;
+    let coordinator_message::Kind::Assign(assign) = rogue
+        .next_within(WAIT)
+        .await
+        .expect("the coordinator answers")
     else {
         panic!("expected an assignment");
     };
     // The credits may come back as several chunks: collect every assignment that follows.
     let mut mine: Vec<u32> = (assign.first_index..assign.first_index + assign.count).collect();
-    while let Some(message) = next(Duration::from_millis(500)).await {
+    while let Some(message) = rogue.next_within(Duration::from_millis(500)).await {
         if let coordinator_message::Kind::Assign(more) = message {
             mine.extend(more.first_index..more.first_index + more.count);
         }
@@ -298,15 +199,19 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
             }],
         ),
         pb::WorkerMessage { kind: None },
-        prove.into(),
+        rogue.prove.clone().into(),
     ] {
-        out.send(bad).await.unwrap();
+        rogue.send(bad).await;
     }
     // Then lies about its own indices: the coordinator audits one and quarantines it.
     let lies = mine.iter().map(|&i| pair(i, -0.5, -0.25, 3)).collect();
-    out.send(results(t, lies)).await.unwrap();
+    rogue.send(results(t, lies)).await;
     let shutdown = loop {
-        match next(WAIT).await.expect("the coordinator answers") {
+        match rogue
+            .next_within(WAIT)
+            .await
+            .expect("the coordinator answers")
+        {
             coordinator_message::Kind::Shutdown(s) => break s,
             _ => continue,
         }
@@ -318,7 +223,7 @@ async fn every_kind_of_bad_input_is_refused_and_theta_is_unaffected() {
         "{}",
         refusal.message
     );
-    drop(out);
+    drop(rogue);
     let metrics = finish(cluster, &reference).await;
     let total = |field: &str| -> u64 { metrics.iter().filter_map(|l| l[field].as_u64()).sum() };
     assert_eq!(
@@ -340,7 +245,7 @@ async fn bad_and_false_noise_sums_are_refused_or_caught_and_theta_is_unaffected(
     let reference = reference_theta(&scratch).await;
     let cluster = start_cluster(&scratch).await;
     // The rogue takes no indices (it never grants credits), but offers to sum noise.
-    let Rogue {
+    let RawWorker {
         out, mut inbound, ..
     } = join_rogue(&cluster, &scratch, true).await;
     // The first SumNoise (the honest worker evaluates the whole generation meanwhile).

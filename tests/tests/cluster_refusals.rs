@@ -67,6 +67,7 @@ fn request(digest: Vec<u8>) -> pb::JoinRequest {
         sums_noise: false,
         relay_port: 0,
         relay_host: String::new(),
+        carried_credits: false,
     }
 }
 

@@ -68,6 +68,7 @@ fn join_request(digest: &[u8]) -> pb::JoinRequest {
         sums_noise: false,
         relay_port: 0,
         relay_host: String::new(),
+        carried_credits: false,
     }
 }
 
@@ -620,21 +621,25 @@ async fn flood(
                 1 => pb::Results {
                     generation: t.saturating_sub(1),
                     pairs: (0..16).map(|i| bogus(i, -1.0)).collect(),
+                    credits: 0,
                 }
                 .into(),
                 2 => pb::Results {
                     generation: t + 1,
                     pairs: vec![bogus(0, -1.0)],
+                    credits: 0,
                 }
                 .into(),
                 3 => pb::Results {
                     generation: t,
                     pairs: (0..40).map(|i| bogus(i % 16, f64::NAN)).collect(),
+                    credits: 0,
                 }
                 .into(),
                 _ => pb::Results {
                     generation: t,
                     pairs: (0..16).map(|i| bogus(i, -0.5 - f64::from(i))).collect(),
+                    credits: 0,
                 }
                 .into(),
             };

@@ -156,6 +156,9 @@ struct WorkerSlot {
     sums_noise: bool,
     /// Where it serves `ThetaRelay` ("host:port"), if it relays θ to other workers.
     relay: Option<String>,
+    /// It takes credits granted in `Generation` and returns them in `Results` (its
+    /// `JoinRequest` asked for carried credits).
+    carried_credits: bool,
 }
 
 /// A worker that joined but has not proven itself yet.
@@ -165,6 +168,7 @@ struct Joined {
     at: Instant,
     sums_noise: bool,
     relay: Option<String>,
+    carried_credits: bool,
 }
 
 #[derive(Default)]
@@ -367,15 +371,32 @@ fn quarantine(state: &mut State, worker: WorkerId, reason: &str, options: &Clust
     assign_all(state, options);
 }
 
+/// Whether an announcement starts the generation for the worker or repeats it (the answer to
+/// a `ThetaRequest`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Announcement {
+    /// The worker's credits start afresh: from the capacity it last declared (carried
+    /// credits, granted in the message) or from zero (it answers with a Ready).
+    Start,
+    /// A worker with carried credits keeps its count and is granted nothing more; one
+    /// without starts from zero again, as it answers with a Ready for its full capacity.
+    Repeat,
+}
+
 /// Sends the current generation to `worker`: θ's bytes, or its digest alone if the worker
 /// holds it.
-fn announce(state: &mut State, worker: WorkerId) {
-    announce_from(state, worker, None);
+fn announce(state: &mut State, worker: WorkerId, announcement: Announcement) {
+    announce_from(state, worker, None, announcement);
 }
 
 /// Like [`announce`], but a worker that lacks θ is told to fetch it from the relay at
 /// `source` ("host:port"), when given, instead of being sent the bytes.
-fn announce_from(state: &mut State, worker: WorkerId, source: Option<String>) {
+fn announce_from(
+    state: &mut State,
+    worker: WorkerId,
+    source: Option<String>,
+    announcement: Announcement,
+) {
     let Some((generation, theta)) = state.current.clone() else {
         return;
     };
@@ -394,9 +415,21 @@ fn announce_from(state: &mut State, worker: WorkerId, source: Option<String>) {
         pb::Generation::with_theta(generation, &theta)
     };
     slot.theta_digest = Some(*theta.digest());
-    // A Generation resets the worker's credits: it answers with a Ready for this generation.
-    slot.credits = 0;
-    slot.capacity = 0;
+    let message = match (slot.carried_credits, announcement) {
+        // Granting the worker's last declared capacity saves it a Ready and the generation a
+        // round trip: its chunks follow this message at once.
+        (true, Announcement::Start) => {
+            slot.credits = slot.capacity;
+            message.granting(slot.capacity)
+        }
+        (true, Announcement::Repeat) => message,
+        // The worker answers with a Ready for this generation.
+        (false, _) => {
+            slot.credits = 0;
+            slot.capacity = 0;
+            message
+        }
+    };
     send(&mut counters.bytes_sent, &slot.tx, message.into());
 }
 
@@ -554,6 +587,7 @@ impl Coordinator for Service {
                     at: now,
                     sums_noise: join.sums_noise,
                     relay: relay.clone(),
+                    carried_credits: join.carried_credits,
                 },
             );
             id
@@ -570,6 +604,7 @@ impl Coordinator for Service {
             }),
             heartbeat_interval_ms: shared.options.heartbeat.as_millis().min(u32::MAX as u128)
                 as u32,
+            carried_credits: join.carried_credits,
         };
         Ok(Response::new(accepted.into()))
     }
@@ -697,6 +732,7 @@ async fn serve_worker(
             name,
             sums_noise,
             relay,
+            carried_credits,
             ..
         } = state.joined.remove(&worker).unwrap_or(Joined {
             threads: 1,
@@ -704,6 +740,7 @@ async fn serve_worker(
             at: Instant::now(),
             sums_noise: false,
             relay: None,
+            carried_credits: false,
         });
         if let Some(completed) = state.finished {
             let reason = if completed {
@@ -729,9 +766,10 @@ async fn serve_worker(
                 theta_requests: (0, 0),
                 sums_noise,
                 relay,
+                carried_credits,
             },
         );
-        announce(&mut state, worker);
+        announce(&mut state, worker, Announcement::Start);
         tracing::info!(worker_id = worker, %name, threads, workers = state.workers.len(), "worker proven");
         shared.monitor.worker_joined();
         shared.publish_workers(&state);
@@ -979,6 +1017,15 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 audited.insert(worker);
             }
             *checks_pending += handled.checks.len() as u32;
+            // Carried credits: the results count as a Ready for their generation (the current
+            // one: older results returned above).
+            if results.credits > 0
+                && let Some(slot) = workers.get_mut(&worker)
+                && slot.carried_credits
+            {
+                slot.credits = slot.credits.saturating_add(results.credits).min(1 << 20);
+                assign_to(&mut state, worker, &shared.options);
+            }
             drop(state);
             if complete {
                 shared.changed.notify_waiters();
@@ -1005,7 +1052,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 generation = request.generation,
                 "worker asked for theta"
             );
-            announce(&mut state, worker);
+            announce(&mut state, worker, Announcement::Repeat);
             Handled::default()
         }
         Some(Kind::NoiseSums(answer)) => {
@@ -1476,7 +1523,7 @@ async fn train(
             let mut sources = theta_sources(&state, options.relay_fanout);
             let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
             for id in ids {
-                announce_from(&mut state, id, sources.remove(&id));
+                announce_from(&mut state, id, sources.remove(&id), Announcement::Start);
                 assign_to(&mut state, id, options);
             }
         }

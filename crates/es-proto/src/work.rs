@@ -97,7 +97,14 @@ impl pb::Results {
         pb::Results {
             generation,
             pairs: pairs.iter().map(pb::PairResult::from).collect(),
+            credits: 0,
         }
+    }
+
+    /// The same results returning `credits` to the coordinator (carried credits: see the
+    /// .proto).
+    pub fn returning(self, credits: u32) -> Self {
+        pb::Results { credits, ..self }
     }
 }
 
@@ -255,6 +262,7 @@ impl pb::Generation {
             theta_digest: theta.digest().to_vec(),
             theta: theta.bytes().clone(),
             theta_source: String::new(),
+            credits: 0,
         }
     }
 
@@ -271,7 +279,14 @@ impl pb::Generation {
             theta_digest: theta_digest.to_vec(),
             theta: Bytes::new(),
             theta_source: source,
+            credits: 0,
         }
+    }
+
+    /// The same announcement with `credits` granted on the worker's behalf (carried
+    /// credits: see the .proto).
+    pub fn granting(self, credits: u32) -> Self {
+        pb::Generation { credits, ..self }
     }
 
     /// The announced digest, checked for length.
@@ -345,6 +360,7 @@ impl std::fmt::Debug for pb::Generation {
             .field("theta_digest", &hex(&self.theta_digest))
             .field("theta_bytes", &self.theta.len())
             .field("theta_source", &self.theta_source)
+            .field("credits", &self.credits)
             .finish()
     }
 }

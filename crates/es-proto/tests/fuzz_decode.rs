@@ -226,6 +226,7 @@ fn seeds() -> Vec<Vec<u8>> {
         sums_noise: true,
         relay_port: 0,
         relay_host: String::new(),
+        carried_credits: true,
     };
     let accepted = pb::JoinReply::from(pb::JoinAccepted {
         protocol_version: es_proto::PROTOCOL_VERSION,
@@ -237,6 +238,7 @@ fn seeds() -> Vec<Vec<u8>> {
             index: 0,
         }),
         heartbeat_interval_ms: 2000,
+        carried_credits: true,
     });
     let mut all: Vec<Vec<u8>> = worker.iter().map(Message::encode_to_vec).collect();
     all.extend(coordinator.iter().map(Message::encode_to_vec));
@@ -317,7 +319,7 @@ proptest! {
         let ok = valid(plus) && valid(minus)
             && correct_plus <= BATCH as u64 && correct_minus <= BATCH as u64;
         prop_assert_eq!(pair.to_core(BATCH).is_ok(), ok);
-        coordinator_receives(&pb::Results { generation: 1, pairs: vec![pair] }.into());
+        coordinator_receives(&pb::Results { generation: 1, pairs: vec![pair], credits: 1 }.into());
     }
 }
 

@@ -128,8 +128,18 @@ impl Coord {
                 index: 3,
             }),
             heartbeat_interval_ms: heartbeat_ms,
+            carried_credits: false,
         }
         .into()
+    }
+
+    /// Like [`Coord::accepted`], agreeing to the carried credits the worker asks for.
+    fn accepted_carrying(&self, run_id: &str, worker_id: u64) -> pb::JoinReply {
+        let mut reply = self.accepted(run_id, worker_id, 0);
+        if let Some(pb::join_reply::Outcome::Accepted(accepted)) = &mut reply.outcome {
+            accepted.carried_credits = true;
+        }
+        reply
     }
 
     async fn stream(&mut self) -> Conversation {
@@ -352,6 +362,84 @@ async fn a_worker_proves_evaluates_its_chunks_and_finishes() {
         stream.heartbeats += 1;
     }
     assert!(stream.heartbeats >= 2, "{} heartbeats", stream.heartbeats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carried_credits_come_in_generations_and_go_back_with_results() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut coord = Coord::start(NoiseSpec::Stream).await;
+    let worker = tokio::spawn(crate::run(
+        coord.options(cache.path()),
+        std::future::pending(),
+    ));
+    let (join, reply) = coord.join().await;
+    assert!(join.carried_credits, "the worker asks for carried credits");
+    reply.send(coord.accepted_carrying("run-1", 1)).unwrap();
+    let mut stream = coord.stream().await;
+    stream.prove().await;
+    stream.send(pb::ProofAccepted {});
+
+    // A generation that grants nothing is answered with a Ready for the full capacity.
+    let theta = coord.theta(0.0);
+    let encoded = EncodedTheta::new(&theta);
+    stream.send(pb::Generation::with_theta(0, &encoded));
+    let ready = stream.ready().await;
+    assert_eq!((ready.generation, ready.credits), (0, 32));
+    // Results return their indices' credits themselves: no Ready follows them.
+    stream.send(pb::Assign {
+        generation: 0,
+        first_index: 0,
+        count: 3,
+    });
+    let results = stream.results().await;
+    assert_eq!((results.generation, results.credits), (0, 3));
+    assert_eq!(results.pairs, expected_pairs(&coord, &theta, 0, 0..3));
+
+    // A generation that grants the whole capacity is answered with results alone.
+    stream.send(pb::Generation::digest_only(1, encoded.digest()).granting(32));
+    stream.send(pb::Assign {
+        generation: 1,
+        first_index: 4,
+        count: 2,
+    });
+    let results = stream.results().await;
+    assert_eq!((results.generation, results.credits), (1, 2));
+    assert_eq!(results.pairs, expected_pairs(&coord, &theta, 1, 4..6));
+
+    // A partial grant is topped up by a Ready for the rest.
+    stream.send(pb::Generation::digest_only(2, encoded.digest()).granting(20));
+    let ready = stream.ready().await;
+    assert_eq!((ready.generation, ready.credits), (2, 12));
+
+    // θ asked for by digest: the repeated Generation that brings it grants nothing more and
+    // asks for no Ready; the chunk assigned meanwhile starts with it.
+    let theta3 = coord.theta(0.5);
+    let encoded3 = EncodedTheta::new(&theta3);
+    stream.send(pb::Generation::digest_only(3, encoded3.digest()).granting(32));
+    match stream.next().await {
+        Kind::ThetaRequest(request) => assert_eq!(request.generation, 3),
+        other => panic!("expected a theta request, got {other:?}"),
+    }
+    stream.send(pb::Assign {
+        generation: 3,
+        first_index: 7,
+        count: 1,
+    });
+    stream.send(pb::Generation::with_theta(3, &encoded3));
+    let results = stream.results().await;
+    assert_eq!((results.generation, results.credits), (3, 1));
+    assert_eq!(results.pairs, expected_pairs(&coord, &theta3, 3, 7..8));
+
+    stream.send(shutdown(true, None));
+    let exit = tokio::time::timeout(WAIT, worker).await.unwrap().unwrap();
+    assert_eq!(exit.unwrap(), WorkerExit::Finished);
+    // Nothing but heartbeats after the last results: in particular no Ready.
+    while let Some(Ok(message)) = stream.inbound.next().await {
+        assert!(
+            matches!(message.kind, Some(Kind::Heartbeat(_))),
+            "{message:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -442,6 +442,7 @@ impl Worker {
                 .as_ref()
                 .and_then(|r| r.host.clone())
                 .unwrap_or_default(),
+            carried_credits: true,
         });
         request.set_timeout(JOIN_TIMEOUT);
         // The deadline is also enforced here: over a network that swallows packets the
@@ -535,6 +536,7 @@ impl Worker {
             fetched_tx,
             sums_done,
             credits: CREDITS_PER_THREAD.saturating_mul(u32::try_from(threads).unwrap_or(u32::MAX)),
+            carried_credits: accepted.carried_credits,
             out,
             done,
             current: None,
@@ -612,6 +614,10 @@ struct Current {
     waiting: Vec<Range<u32>>,
     /// θ is being fetched from another worker's relay.
     fetching: bool,
+    /// Credits the coordinator holds for this generation on the worker's behalf: its own
+    /// grant (`Generation.credits`) and, once θ is here, the Ready that tops it up to the
+    /// worker's capacity.
+    granted: u32,
 }
 
 /// The end of a fetch of θ from another worker's relay.
@@ -632,6 +638,9 @@ struct Serving<'a> {
     fetched_tx: mpsc::UnboundedSender<Fetched>,
     /// The worker's full capacity in indices, granted for each generation.
     credits: u32,
+    /// The coordinator agreed to carried credits: it grants them in `Generation` and takes
+    /// them back with `Results` (no Ready after each chunk).
+    carried_credits: bool,
     out: mpsc::Sender<pb::WorkerMessage>,
     done: mpsc::UnboundedSender<ChunkDone>,
     sums_done: mpsc::UnboundedSender<SumsDone>,
@@ -745,7 +754,17 @@ impl Serving<'_> {
                 perturbation: Arc::new(context.perturbation(t)),
                 waiting: Vec::new(),
                 fetching: false,
+                granted: if self.carried_credits {
+                    message.credits
+                } else {
+                    0
+                },
             });
+        } else if !self.carried_credits {
+            // Without carried credits, a repeated Generation reset the coordinator's count.
+            if let Some(current) = self.current.as_mut() {
+                current.granted = 0;
+            }
         }
         let current = self.current.as_mut().expect("set above");
         if current.theta.is_none() {
@@ -839,16 +858,22 @@ impl Serving<'_> {
     }
 
     /// The current generation's θ is here: its waiting chunks start, and the coordinator
-    /// gets this worker's credits for it.
+    /// gets the rest of this worker's credits for it (all of them unless the Generation
+    /// granted some; none when it granted them all).
     async fn theta_arrived(&mut self) -> Step {
         let current = self.current.as_mut().expect("a generation is current");
         let t = current.generation;
+        let wanted = self.credits.saturating_sub(current.granted);
+        current.granted = current.granted.max(self.credits);
         for indices in std::mem::take(&mut current.waiting) {
             self.submit_chunk(indices)?;
         }
+        if wanted == 0 {
+            return Ok(None);
+        }
         self.send(pb::Ready {
             generation: t,
-            credits: self.credits,
+            credits: wanted,
         })
         .await
     }
@@ -966,8 +991,8 @@ impl Serving<'_> {
         self.cache.compute.submit(job, &self.done)
     }
 
-    /// A finished chunk of the current generation is sent back with a Ready for its indices;
-    /// one of an older generation is dropped (the coordinator would drop it too, and the new
+    /// A finished chunk of the current generation is sent back with its indices' credits
+    /// (carried, or in a Ready after the results); one of an older generation is dropped (the coordinator would drop it too, and the new
     /// Generation reset the credits).
     async fn on_done(&mut self, done: ChunkDone) -> Step {
         let count = done.indices.len() as u32;
@@ -985,6 +1010,13 @@ impl Serving<'_> {
                     "chunk evaluated"
                 );
                 let results = pb::Results::new(done.generation, &pairs);
+                if self.carried_credits {
+                    let end = self.send(results.returning(count)).await?;
+                    if end.is_none() {
+                        *self.pairs_sent += pairs.len() as u64;
+                    }
+                    return Ok(end);
+                }
                 if let Some(end) = self.send(results).await? {
                     return Ok(Some(end));
                 }
