@@ -117,13 +117,7 @@ impl RawWorker {
                 .unwrap()
         };
         let (out, outbox) = mpsc::channel::<pb::WorkerMessage>(64);
-        let prove = pb::Prove {
-            protocol_version: es_proto::PROTOCOL_VERSION,
-            run_id: accepted.run_id.clone(),
-            worker_id: accepted.worker_id,
-            golden: Some((&proof).into()),
-            cached_theta_digest: Vec::new(),
-        };
+        let prove = pb::Prove::new(&accepted.run_id, accepted.worker_id, &proof, None);
         out.send(prove.clone().into()).await.unwrap();
         let inbound = client
             .work(ReceiverStream::new(outbox))

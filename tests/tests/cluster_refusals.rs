@@ -156,13 +156,7 @@ async fn workers_with_other_data_versions_or_runs_are_refused_with_reasons() {
         plus: wrong,
         minus: wrong,
     };
-    let prove = pb::Prove {
-        protocol_version: es_proto::PROTOCOL_VERSION,
-        run_id: accepted.run_id.clone(),
-        worker_id: accepted.worker_id,
-        golden: Some((&proof).into()),
-        cached_theta_digest: Vec::new(),
-    };
+    let prove = pb::Prove::new(&accepted.run_id, accepted.worker_id, &proof, None);
     // The sender stays alive so that the request stream is open while the coordinator answers.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tx.send(pb::WorkerMessage::from(prove)).unwrap();

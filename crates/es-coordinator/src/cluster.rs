@@ -161,6 +161,16 @@ struct WorkerSlot {
     carried_credits: bool,
 }
 
+/// The most credits a worker can hold, whatever it grants (a bound on a peer's claim).
+const MAX_CREDITS: u32 = 1 << 20;
+
+impl WorkerSlot {
+    /// Adds the worker's grant of `credits` (a Ready, or carried back by Results).
+    fn grant(&mut self, credits: u32) {
+        self.credits = self.credits.saturating_add(credits).min(MAX_CREDITS);
+    }
+}
+
 /// A worker that joined but has not proven itself yet.
 struct Joined {
     threads: u32,
@@ -904,8 +914,8 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 return Handled::default();
             }
             if let Some(slot) = state.workers.get_mut(&worker) {
-                slot.credits = slot.credits.saturating_add(ready.credits).min(1 << 20);
-                slot.capacity = slot.capacity.max(ready.credits.min(1 << 20));
+                slot.grant(ready.credits);
+                slot.capacity = slot.capacity.max(ready.credits.min(MAX_CREDITS));
             }
             assign_to(&mut state, worker, &shared.options);
             Handled::default()
@@ -1023,7 +1033,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 && let Some(slot) = workers.get_mut(&worker)
                 && slot.carried_credits
             {
-                slot.credits = slot.credits.saturating_add(results.credits).min(1 << 20);
+                slot.grant(results.credits);
                 assign_to(&mut state, worker, &shared.options);
             }
             drop(state);

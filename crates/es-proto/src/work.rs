@@ -244,6 +244,24 @@ impl TryFrom<&pb::GoldenProof> for GoldenProof {
 }
 
 impl pb::Prove {
+    /// The first message of a Work stream: this code's protocol version, the run and worker
+    /// ids from `JoinAccepted`, the golden `proof`, and the digest of the θ the worker holds
+    /// from an earlier stream of the run, if any.
+    pub fn new(
+        run_id: &str,
+        worker_id: u64,
+        proof: &GoldenProof,
+        cached_theta_digest: Option<&Digest>,
+    ) -> Self {
+        pb::Prove {
+            protocol_version: crate::PROTOCOL_VERSION,
+            run_id: run_id.to_owned(),
+            worker_id,
+            golden: Some(proof.into()),
+            cached_theta_digest: cached_theta_digest.map_or_else(Vec::new, |d| d.to_vec()),
+        }
+    }
+
     /// The digest of the θ the worker holds, if any: empty or exactly 32 bytes.
     pub fn checked_cached_theta_digest(&self) -> Result<Option<Digest>, ConversionError> {
         if self.cached_theta_digest.is_empty() {

@@ -208,6 +208,15 @@ impl Conversation {
         self.out.send(Ok(message.into())).unwrap();
     }
 
+    /// Assigns indices `first_index .. first_index + count` of `generation`.
+    fn assign(&self, generation: u32, first_index: u32, count: u32) {
+        self.send(pb::Assign {
+            generation,
+            first_index,
+            count,
+        });
+    }
+
     /// The next message other than a heartbeat (heartbeats are counted).
     async fn next(&mut self) -> Kind {
         loop {
@@ -328,16 +337,8 @@ async fn a_worker_proves_evaluates_its_chunks_and_finishes() {
         "16 credits per thread"
     );
 
-    stream.send(pb::Assign {
-        generation: 0,
-        first_index: 0,
-        count: 5,
-    });
-    stream.send(pb::Assign {
-        generation: 0,
-        first_index: 5,
-        count: 3,
-    });
+    stream.assign(0, 0, 5);
+    stream.assign(0, 5, 3);
     for (first, count) in [(0, 5), (5, 3)] {
         let results = stream.results().await;
         assert_eq!(results.generation, 0);
@@ -386,22 +387,14 @@ async fn carried_credits_come_in_generations_and_go_back_with_results() {
     let ready = stream.ready().await;
     assert_eq!((ready.generation, ready.credits), (0, 32));
     // Results return their indices' credits themselves: no Ready follows them.
-    stream.send(pb::Assign {
-        generation: 0,
-        first_index: 0,
-        count: 3,
-    });
+    stream.assign(0, 0, 3);
     let results = stream.results().await;
     assert_eq!((results.generation, results.credits), (0, 3));
     assert_eq!(results.pairs, expected_pairs(&coord, &theta, 0, 0..3));
 
     // A generation that grants the whole capacity is answered with results alone.
     stream.send(pb::Generation::digest_only(1, encoded.digest()).granting(32));
-    stream.send(pb::Assign {
-        generation: 1,
-        first_index: 4,
-        count: 2,
-    });
+    stream.assign(1, 4, 2);
     let results = stream.results().await;
     assert_eq!((results.generation, results.credits), (1, 2));
     assert_eq!(results.pairs, expected_pairs(&coord, &theta, 1, 4..6));
@@ -420,11 +413,7 @@ async fn carried_credits_come_in_generations_and_go_back_with_results() {
         Kind::ThetaRequest(request) => assert_eq!(request.generation, 3),
         other => panic!("expected a theta request, got {other:?}"),
     }
-    stream.send(pb::Assign {
-        generation: 3,
-        first_index: 7,
-        count: 1,
-    });
+    stream.assign(3, 7, 1);
     stream.send(pb::Generation::with_theta(3, &encoded3));
     let results = stream.results().await;
     assert_eq!((results.generation, results.credits), (3, 1));
@@ -468,11 +457,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
         }
         other => panic!("expected a theta request, got {other:?}"),
     }
-    stream.send(pb::Assign {
-        generation: 0,
-        first_index: 10,
-        count: 2,
-    });
+    stream.assign(0, 10, 2);
     stream.send(pb::Generation::with_theta(0, &encoded));
     let ready = stream.ready().await;
     assert_eq!((ready.generation, ready.credits), (0, 32));
@@ -481,11 +466,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     assert_eq!(stream.ready().await.credits, 2);
 
     // An Assign of another generation is ignored; the next generation reuses the cached θ.
-    stream.send(pb::Assign {
-        generation: 9,
-        first_index: 0,
-        count: 4,
-    });
+    stream.assign(9, 0, 4);
     stream.send(pb::Generation::digest_only(1, encoded.digest()));
     let ready = stream.ready().await;
     assert_eq!((ready.generation, ready.credits), (1, 32));
@@ -498,18 +479,10 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     ));
     assert_eq!(stream.ready().await.generation, 2);
     for first in (0..24).step_by(3) {
-        stream.send(pb::Assign {
-            generation: 2,
-            first_index: first,
-            count: 3,
-        });
+        stream.assign(2, first, 3);
     }
     stream.send(pb::Generation::with_theta(3, &EncodedTheta::new(&theta3)));
-    stream.send(pb::Assign {
-        generation: 3,
-        first_index: 4,
-        count: 1,
-    });
+    stream.assign(3, 4, 1);
     loop {
         match stream.next().await {
             Kind::Ready(ready) if ready.generation == 2 => {}

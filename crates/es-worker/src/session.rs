@@ -503,17 +503,8 @@ impl Worker {
         );
 
         let (out, outbox) = mpsc::channel(OUTBOX);
-        let prove = pb::Prove {
-            protocol_version: PROTOCOL_VERSION,
-            run_id: accepted.run_id.clone(),
-            worker_id: accepted.worker_id,
-            golden: Some((&proof).into()),
-            cached_theta_digest: cache
-                .theta
-                .as_ref()
-                .map(|(digest, _)| digest.to_vec())
-                .unwrap_or_default(),
-        };
+        let cached = cache.theta.as_ref().map(|(digest, _)| digest);
+        let prove = pb::Prove::new(&accepted.run_id, accepted.worker_id, &proof, cached);
         out.send(prove.into())
             .await
             .expect("the receiver is held below");
@@ -760,13 +751,12 @@ impl Serving<'_> {
                     0
                 },
             });
-        } else if !self.carried_credits {
-            // Without carried credits, a repeated Generation reset the coordinator's count.
-            if let Some(current) = self.current.as_mut() {
-                current.granted = 0;
-            }
         }
         let current = self.current.as_mut().expect("set above");
+        if same && !self.carried_credits {
+            // Without carried credits, a repeated Generation reset the coordinator's count.
+            current.granted = 0;
+        }
         if current.theta.is_none() {
             if theta.is_some()
                 && let Some(board) = &self.board
