@@ -29,38 +29,45 @@ fn paired_row(case: String, paired: &Paired, per_call: f64, unit: &'static str) 
         .metric("speedup_max", paired.ratio_max)
 }
 
-/// One forward pass (`Forward::logits`, ftz) with each layer's inputs built both ways
-/// ([`Fill::Simple`] then [`Fill::Needed`]), for `kernel` and each parameter set.
-pub fn fill_rows(
-    budget: Budget,
-    kernels: &[Kernel],
-    params: &[(&str, &[f32])],
-    batch: &Batch,
-) -> anyhow::Result<Vec<Row>> {
-    let change = Change {
+/// The changes to the forward pass timed side by side, each old form against the current one.
+const FORWARD_CHANGES: [Change; 3] = [
+    // Each layer's inputs built both ways: [`Fill::Simple`] then [`Fill::Needed`].
+    Change {
         label: "fill",
         what: "fills",
         description: "layer inputs both forms branching → the kernel's form branch-free",
         old: |forward| forward.set_fill(Fill::Simple),
-    };
-    forward_rows(budget, kernels, params, batch, &change)
-}
+    },
+    // The bias add and scaling flushed explicitly (as before), then by the float environment.
+    Change {
+        label: "epilogue",
+        what: "epilogues",
+        description: "bias add and scaling flushed explicitly → by the float environment",
+        old: |forward| forward.set_explicit_flush(true),
+    },
+    // θ's weight rows read as they are packed (as before), then from copies whose rows the
+    // caches like (`es_kernel::kernels::padded_stride`), the copy included in the time.
+    Change {
+        label: "padding",
+        what: "weight layouts",
+        description: "weight rows packed → padded to an odd number of cache lines",
+        old: |forward| forward.set_padding(false),
+    },
+];
 
-/// One forward pass (`Forward::logits`, ftz) whose bias add and scaling flush explicitly
-/// (as before) against one that leaves the flushing to the float environment.
-pub fn flush_rows(
+/// One forward pass (`Forward::logits`, ftz) before and after each of [`FORWARD_CHANGES`],
+/// for each kernel and parameter set.
+pub fn forward_change_rows(
     budget: Budget,
     kernels: &[Kernel],
     params: &[(&str, &[f32])],
     batch: &Batch,
 ) -> anyhow::Result<Vec<Row>> {
-    let change = Change {
-        label: "epilogue",
-        what: "epilogues",
-        description: "bias add and scaling flushed explicitly → by the float environment",
-        old: |forward| forward.set_explicit_flush(true),
-    };
-    forward_rows(budget, kernels, params, batch, &change)
+    let mut rows = Vec::new();
+    for change in &FORWARD_CHANGES {
+        rows.extend(forward_rows(budget, kernels, params, batch, change)?);
+    }
+    Ok(rows)
 }
 
 /// A change to the forward pass measured by [`forward_rows`].

@@ -197,8 +197,7 @@ fn ab_section(
     if kernel != Kernel::Portable {
         kernels.push(Kernel::Portable);
     }
-    let mut rows = ab::fill_rows(plan.ab, &kernels, &params, &batch)?;
-    rows.extend(ab::flush_rows(plan.ab, &kernels, &params, &batch)?);
+    let mut rows = ab::forward_change_rows(plan.ab, &kernels, &params, &batch)?;
     // The loss's exp and log, on the logits of the last parameter set (trained if given).
     let theta = params.last().expect("init is always there").1;
     let mut forward = Forward::new(net.clone(), kernel).context("building the forward pass")?;

@@ -5,7 +5,7 @@
 
 use crate::config::{Arithmetic, ConfigError, LayerLayout, NetConfig, ParamLayout};
 use crate::float_env::with_float_env;
-use crate::kernels::{Kernel, WindowCopies};
+use crate::kernels::{Kernel, PaddedWeights, Weights, WindowCopies, padded_stride};
 use crate::loss::Evaluation;
 use crate::reference::{epilogue_add, epilogue_mul, pow2_neg};
 use crate::sparse::{Forms, SparseRows};
@@ -145,6 +145,13 @@ pub struct Forward {
     /// layer that reads its inputs dense (then swapped with `act`).
     sums: Vec<f32>,
     scaled_bias: Vec<f32>,
+    /// A layer's weights copied to rows the caches like ([`padded_stride`]), for a pass that
+    /// keeps no prefix; a prefix keeps its own ([`Prefix`]).
+    padded: PaddedWeights,
+    /// A neuron group's copies' weights, likewise.
+    group_weights: PaddedWeights,
+    /// Whether weights are padded at all (see [`Forward::set_padding`]).
+    padding: bool,
     /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (a
     /// neuron group's pass leaves the entries of its layer and of the one it resumes); a
     /// layer past the first whose last pass saw at least [`DENSE_INPUTS`] reads its inputs
@@ -223,6 +230,9 @@ impl Forward {
             column_rows: SparseRows::new(),
             sums: Vec::new(),
             scaled_bias: Vec::new(),
+            padded: PaddedWeights::new(),
+            group_weights: PaddedWeights::new(),
+            padding: true,
             density: vec![0.0; layers],
             fill: Fill::default(),
         })
@@ -249,6 +259,13 @@ impl Forward {
     /// before leaving it to the float environment (for benchmarks; the results are the same).
     pub fn set_explicit_flush(&mut self, explicit: bool) {
         self.epilogue.explicit_flush = explicit;
+    }
+
+    /// Whether the kernels read weight matrices from copies padded to rows the caches like
+    /// ([`padded_stride`]), as by default, or as θ packs them, as passes did before (for
+    /// benchmarks; the results are the same).
+    pub fn set_padding(&mut self, padding: bool) {
+        self.padding = padding;
     }
 
     /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (layer 1:
@@ -297,6 +314,7 @@ impl Forward {
         let layers = layers.len();
         prefix.inputs.resize_with(layers - 1, SparseRows::new);
         prefix.outputs.resize_with(layers, Vec::new);
+        prefix.weights.resize_with(layers, || None);
         prefix.samples = batch.len();
         let mode = self.config.arithmetic;
         with_float_env(mode, || {
@@ -476,8 +494,13 @@ impl Forward {
     fn run_group_layer(&mut self, copies: &GroupCopies<'_>, input: &SparseRows) {
         let columns = copies.copies * copies.neurons.len();
         self.copies_act.resize(input.samples() * columns, 0.0);
-        self.kernel
-            .accumulate(input, copies.weights, columns, &mut self.copies_act);
+        let weights = kernel_weights(
+            copies.weights,
+            columns,
+            self.padding,
+            &mut self.group_weights,
+        );
+        self.kernel.accumulate(input, weights, &mut self.copies_act);
         self.epilogue.finish(
             copies.layer,
             copies.bias,
@@ -518,8 +541,7 @@ impl Forward {
                 rest_at: &self.rest_positions,
                 start: sums,
             },
-            &theta[layer.weights.clone()],
-            layer.fan_out,
+            prefix.weights(next, &theta[layer.weights.clone()], layer.fan_out),
             &mut self.copies_next,
         );
     }
@@ -602,20 +624,17 @@ impl Forward {
                 n_weights + layer.fan_out,
                 "layer {l} parameter count"
             );
-            let (weights, bias) = params.split_at(n_weights);
+            let (packed, bias) = params.split_at(n_weights);
+            let padded = self.padding && padded_stride(layer.fan_out) != layer.fan_out;
+            let weights = kernel_weights(packed, layer.fan_out, padded, &mut self.padded);
             let from_act = !(input.is_some() && l == start);
             let nonzeros = if from_act && save.is_none() && self.density[l] >= DENSE_INPUTS {
                 // Nearly every input is nonzero (it was on the last pass): read the outputs
                 // where they are instead of building rows that would hold them all.
                 let nonzeros = count_nonzero(&self.act);
                 self.sums.resize(samples * layer.fan_out, 0.0);
-                self.kernel.accumulate_dense(
-                    &self.act,
-                    layer.fan_in,
-                    weights,
-                    layer.fan_out,
-                    &mut self.sums,
-                );
+                self.kernel
+                    .accumulate_dense(&self.act, layer.fan_in, weights, &mut self.sums);
                 std::mem::swap(&mut self.act, &mut self.sums);
                 nonzeros
             } else {
@@ -648,8 +667,7 @@ impl Forward {
                     .map_or(0, |prefix| prefix.running_sums_at(l).len());
                 if kept == 0 {
                     self.act.resize(samples * layer.fan_out, 0.0);
-                    self.kernel
-                        .accumulate(rows, weights, layer.fan_out, &mut self.act);
+                    self.kernel.accumulate(rows, weights, &mut self.act);
                 } else {
                     let prefix = save.as_deref_mut().expect("kept sums come with a prefix");
                     let buffers = ColumnBuffers {
@@ -674,8 +692,36 @@ impl Forward {
                 .finish(l, bias, &mut self.scaled_bias, &mut self.act);
             if let Some(prefix) = save.as_deref_mut() {
                 prefix.outputs[l].clone_from(&self.act);
+                // θ's padded weights stay with the prefix for the passes that start from it;
+                // the buffers trade places, so neither is copied again.
+                let kept = &mut prefix.weights[l];
+                if !padded {
+                    *kept = None;
+                } else {
+                    let mut buffer = kept.take().unwrap_or_default();
+                    std::mem::swap(&mut buffer, &mut self.padded);
+                    *kept = Some(buffer);
+                }
             }
         }
+    }
+}
+
+/// `packed` (rows of `n_out`) as the kernels best read it: if `padding`, copied into
+/// `scratch` at [`padded_stride`] when that differs from `n_out`, else as it is. The copy
+/// costs one read and write of the weights, small beside a kernel pass that reads each row
+/// once per block of samples.
+fn kernel_weights<'w>(
+    packed: &'w [f32],
+    n_out: usize,
+    padding: bool,
+    scratch: &'w mut PaddedWeights,
+) -> Weights<'w> {
+    if !padding || padded_stride(n_out) == n_out {
+        Weights::packed(packed, n_out)
+    } else {
+        scratch.fill(packed, n_out);
+        scratch.weights()
     }
 }
 
@@ -697,7 +743,7 @@ fn keep_running_sums(
     buffers: ColumnBuffers<'_>,
     kept: &mut RunningSums,
     layer: &LayerLayout,
-    weights: &[f32],
+    weights: Weights<'_>,
     samples: usize,
 ) {
     let ColumnBuffers {
@@ -716,8 +762,7 @@ fn keep_running_sums(
     for (i, to) in kept.at.iter().copied().chain([fan_in]).enumerate() {
         if to > from {
             fill_columns(act, fan_in, from..to, columns, rows, forms);
-            let run = &weights[from * fan_out..to * fan_out];
-            kernel.accumulate_onto(rows, run, fan_out, sums);
+            kernel.accumulate_onto(rows, weights.rows_in(from..to), sums);
         }
         if let Some(kept_sums) = kept.sums.get_mut(i) {
             kept_sums.clone_from(sums);
@@ -833,6 +878,9 @@ pub struct Prefix {
     outputs: Vec<Vec<f32>>,
     /// `running_sums[l]`: θ's sums of layer `l` over its first inputs, where asked for.
     running_sums: Vec<RunningSums>,
+    /// `weights[l]`: θ's weights of layer `l` padded ([`padded_stride`]), or `None` where
+    /// the packed rows are read as they are.
+    weights: Vec<Option<PaddedWeights>>,
     samples: usize,
 }
 
@@ -869,6 +917,15 @@ impl Prefix {
         if kept.at != at {
             kept.at = at.to_vec();
             kept.sums.clear();
+        }
+    }
+
+    /// θ's weights of layer `l` as the kernels read them: the padded copy kept, else
+    /// `packed` (θ's rows of `n_out`) as it is.
+    fn weights<'w>(&'w self, l: usize, packed: &'w [f32], n_out: usize) -> Weights<'w> {
+        match self.weights.get(l) {
+            Some(Some(padded)) => padded.weights(),
+            _ => Weights::packed(packed, n_out),
         }
     }
 

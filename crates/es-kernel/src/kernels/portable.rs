@@ -1,21 +1,16 @@
 //! The portable kernel: plain Rust over whole output rows, vectorised by the compiler across
 //! outputs (which keeps the per-output order of operations, hence the bits).
 
-use super::{Start, WindowCopies, rest_after};
+use super::{Start, Weights, WindowCopies, rest_after};
 use crate::sparse::SparseRows;
 
 /// [`super::Kernel::accumulate_dense`]: every term of each dense row, in input order.
-pub(super) fn accumulate_dense(
-    dense: &[f32],
-    width: usize,
-    weights: &[f32],
-    n_out: usize,
-    out: &mut [f32],
-) {
+pub(super) fn accumulate_dense(dense: &[f32], width: usize, weights: Weights<'_>, out: &mut [f32]) {
+    let n_out = weights.n_out();
     for (acc, row) in out.chunks_exact_mut(n_out).zip(dense.chunks_exact(width)) {
         acc.fill(0.0);
-        for (&x, w) in row.iter().zip(weights.chunks_exact(n_out)) {
-            for (a, &w) in acc.iter_mut().zip(w) {
+        for (k, &x) in row.iter().enumerate() {
+            for (a, &w) in acc.iter_mut().zip(weights.row(k)) {
                 *a += x * w;
             }
         }
@@ -24,11 +19,11 @@ pub(super) fn accumulate_dense(
 
 pub(super) fn accumulate(
     rows: &SparseRows,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
     start: Start<'_>,
 ) {
+    let n_out = weights.n_out();
     for (s, acc) in out.chunks_exact_mut(n_out).enumerate() {
         match start {
             Start::Zero => acc.fill(0.0),
@@ -37,9 +32,7 @@ pub(super) fn accumulate(
         }
         let (index, value) = rows.row(s);
         for (&k, &x) in index.iter().zip(value) {
-            let k = k as usize;
-            let w = &weights[k * n_out..(k + 1) * n_out];
-            for (a, &w) in acc.iter_mut().zip(w) {
+            for (a, &w) in acc.iter_mut().zip(weights.row(k as usize)) {
                 *a += x * w;
             }
         }
@@ -50,10 +43,10 @@ pub(super) fn accumulate(
 /// term recomputed per copy: the same bits, since a product is a function of its operands).
 pub(super) fn accumulate_window_copies(
     copies: &WindowCopies<'_>,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
 ) {
+    let n_out = weights.n_out();
     let samples = copies.rest.samples();
     for (c, out) in copies
         .copies
@@ -71,8 +64,7 @@ pub(super) fn accumulate_window_copies(
                 .map(|(k, &x)| (copies.from + k, x));
             let rest_terms = index.iter().zip(value).map(|(&k, &x)| (k as usize, x));
             for (k, x) in window_terms.chain(rest_terms) {
-                let w = &weights[k * n_out..(k + 1) * n_out];
-                for (a, &w) in acc.iter_mut().zip(w) {
+                for (a, &w) in acc.iter_mut().zip(weights.row(k)) {
                     *a += x * w;
                 }
             }

@@ -80,7 +80,51 @@ fn dense_definition(inputs: &[f32], width: usize, weights: &[f32], n_out: usize)
     out
 }
 
-/// Runs `kernel` in both loop forms on NaN-filled outputs and checks each against `want`.
+/// A weight matrix (rows of `n_out`) in every layout the kernels must read alike: packed,
+/// rows three floats further apart than they are wide (off the vector and cache-line grid,
+/// padding NaN so a read past a row's end shows), and [`PaddedWeights`].
+struct Layouts {
+    packed: Vec<f32>,
+    skewed: Vec<f32>,
+    padded: PaddedWeights,
+    n_out: usize,
+}
+
+impl Layouts {
+    fn new(weights: &[f32], n_out: usize) -> Layouts {
+        let stride = n_out + 3;
+        let mut skewed = vec![f32::NAN; weights.len() / n_out * stride];
+        for (to, from) in skewed
+            .chunks_exact_mut(stride)
+            .zip(weights.chunks_exact(n_out))
+        {
+            to[..n_out].copy_from_slice(from);
+        }
+        let mut padded = PaddedWeights::new();
+        padded.fill(weights, n_out);
+        Layouts {
+            packed: weights.to_vec(),
+            skewed,
+            padded,
+            n_out,
+        }
+    }
+
+    fn each(&self) -> [(&'static str, Weights<'_>); 3] {
+        let rows = self.packed.len() / self.n_out;
+        [
+            ("packed", Weights::packed(&self.packed, self.n_out)),
+            (
+                "skewed",
+                Weights::strided(&self.skewed, rows, self.n_out, self.n_out + 3),
+            ),
+            ("padded", self.padded.weights()),
+        ]
+    }
+}
+
+/// Runs `kernel` in both loop forms and every weight layout on NaN-filled outputs and checks
+/// each against `want`.
 fn assert_both_forms(
     kernel: Kernel,
     mode: Arithmetic,
@@ -90,16 +134,22 @@ fn assert_both_forms(
     want: &[f32],
 ) {
     let (samples, width) = (rows.samples(), rows.width());
-    for form in [Form::PerSample, Form::Blocked] {
-        let mut out = vec![f32::NAN; samples * n_out];
-        with_float_env(mode, || {
-            kernel.accumulate_in(form, rows, weights, n_out, &mut out, Start::Zero)
-        });
-        assert_same(
-            &out,
-            want,
-            &format!("{kernel} {form:?} {mode} samples={samples} width={width} n_out={n_out}"),
-        );
+    let layouts = Layouts::new(weights, n_out);
+    for (layout, weights) in layouts.each() {
+        for form in [Form::PerSample, Form::Blocked] {
+            let mut out = vec![f32::NAN; samples * n_out];
+            with_float_env(mode, || {
+                kernel.accumulate_in(form, rows, weights, &mut out, Start::Zero)
+            });
+            assert_same(
+                &out,
+                want,
+                &format!(
+                    "{kernel} {form:?} {mode} {layout} samples={samples} width={width} \
+                     n_out={n_out}"
+                ),
+            );
+        }
     }
 }
 
@@ -209,7 +259,12 @@ fn sums_continued_onto_running_sums_match_one_pass() {
                             .collect()
                     };
                     let (head, tail) = (columns(0..a), columns(a..width));
-                    for form in [Form::PerSample, Form::Blocked] {
+                    let layouts = Layouts::new(&weights, n_out);
+                    for ((layout, all), form) in layouts
+                        .each()
+                        .into_iter()
+                        .flat_map(|l| [(l, Form::PerSample), (l, Form::Blocked)])
+                    {
                         let mut out = vec![f32::NAN; samples * n_out];
                         let mut rows = SparseRows::new();
                         // The tail once onto the running sums in `out`, once from a copy of
@@ -221,25 +276,23 @@ fn sums_continued_onto_running_sums_match_one_pass() {
                                 out.fill(0.0);
                             } else {
                                 rows.fill_from_dense(&head, a);
-                                let head_weights = &weights[..a * n_out];
+                                let head_weights = all.rows_in(0..a);
                                 kernel.accumulate_in(
                                     form,
                                     &rows,
                                     head_weights,
-                                    n_out,
                                     &mut out,
                                     Start::Zero,
                                 );
                             }
                             if a < width {
                                 rows.fill_from_dense(&tail, width - a);
-                                let tail_weights = &weights[a * n_out..];
+                                let tail_weights = all.rows_in(a..width);
                                 let sums = out.clone();
                                 kernel.accumulate_in(
                                     form,
                                     &rows,
                                     tail_weights,
-                                    n_out,
                                     &mut from,
                                     Start::From(&sums),
                                 );
@@ -247,7 +300,6 @@ fn sums_continued_onto_running_sums_match_one_pass() {
                                     form,
                                     &rows,
                                     tail_weights,
-                                    n_out,
                                     &mut out,
                                     Start::Out,
                                 );
@@ -258,12 +310,14 @@ fn sums_continued_onto_running_sums_match_one_pass() {
                         assert_same(
                             &from,
                             &want,
-                            &format!("{kernel} {form:?} {mode} from, split at {a} of {width}"),
+                            &format!(
+                                "{kernel} {form:?} {mode} {layout} from, split at {a} of {width}"
+                            ),
                         );
                         assert_same(
                             &out,
                             &want,
-                            &format!("{kernel} {form:?} {mode} split at {a} of {width}"),
+                            &format!("{kernel} {form:?} {mode} {layout} split at {a} of {width}"),
                         );
                     }
                 }
@@ -339,7 +393,12 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                     .collect();
                 // All the copies, and the later half alone (a block that starts inside the
                 // rows).
-                for chosen in [0..copies, copies / 2..copies] {
+                let layouts = Layouts::new(&weights, n_out);
+                for ((layout, all), chosen) in layouts
+                    .each()
+                    .into_iter()
+                    .flat_map(|l| [(l, 0..copies), (l, copies / 2..copies)])
+                {
                     let mut out = vec![f32::NAN; chosen.len() * samples * n_out];
                     with_float_env(mode, || {
                         kernel.accumulate_window_copies(
@@ -353,8 +412,7 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                                 rest_at: &rest_at,
                                 start: &start,
                             },
-                            &weights,
-                            n_out,
+                            all,
                             &mut out,
                         )
                     });
@@ -363,8 +421,9 @@ fn window_copies_match_the_definition_of_each_spliced_copy() {
                             got,
                             &want[c],
                             &format!(
-                                "{kernel} {mode} copy {c} of {chosen:?}, samples={samples} \
-                                 inputs={inputs} n_out={n_out} window {from}+{width}"
+                                "{kernel} {mode} {layout} copy {c} of {chosen:?}, \
+                                 samples={samples} inputs={inputs} n_out={n_out} \
+                                 window {from}+{width}"
                             ),
                         );
                     }
@@ -396,15 +455,21 @@ fn dense_inputs_match_the_definition_in_every_kernel() {
                 let (inputs, weights) = near_underflow_case(&mut rng, samples, width, n_out);
                 let want =
                     with_float_env(mode, || dense_definition(&inputs, width, &weights, n_out));
-                let mut out = vec![f32::NAN; samples * n_out];
-                with_float_env(mode, || {
-                    kernel.accumulate_dense(&inputs, width, &weights, n_out, &mut out)
-                });
-                assert_same(
-                    &out,
-                    &want,
-                    &format!("{kernel} dense {mode} samples={samples} width={width} n_out={n_out}"),
-                );
+                let layouts = Layouts::new(&weights, n_out);
+                for (layout, all) in layouts.each() {
+                    let mut out = vec![f32::NAN; samples * n_out];
+                    with_float_env(mode, || {
+                        kernel.accumulate_dense(&inputs, width, all, &mut out)
+                    });
+                    assert_same(
+                        &out,
+                        &want,
+                        &format!(
+                            "{kernel} dense {mode} {layout} samples={samples} width={width} \
+                             n_out={n_out}"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -418,8 +483,7 @@ fn dense_inputs_of_the_wrong_shape_are_refused() {
                 kernel.accumulate_dense(
                     &dense,
                     width,
-                    &vec![0.0; weights],
-                    n_out,
+                    Weights::packed(&vec![0.0; weights], n_out),
                     &mut vec![0.0; out],
                 )
             })
@@ -581,8 +645,7 @@ fn window_copies_refuse_rest_positions_off_the_window_end() {
             let refused = std::panic::catch_unwind(|| {
                 kernel.accumulate_window_copies(
                     &copies_at(&rest, &[wrong]),
-                    &weights,
-                    2,
+                    Weights::packed(&weights, 2),
                     &mut [0.0; 2],
                 )
             });
@@ -596,7 +659,11 @@ fn window_copies_refuse_rest_positions_off_the_window_end() {
             );
         }
         let mut out = [0.0f32; 2];
-        kernel.accumulate_window_copies(&copies_at(&rest, &rest_at), &weights, 2, &mut out);
+        kernel.accumulate_window_copies(
+            &copies_at(&rest, &rest_at),
+            Weights::packed(&weights, 2),
+            &mut out,
+        );
         // 1·0.5 + 2·0.5 from the window, then inputs 3, 4, 5 at 1·0.5 each.
         assert_eq!(out, [3.0, 3.0], "{kernel}");
     }
@@ -628,7 +695,8 @@ fn hardware_flush_matches_the_explicit_flush_of_the_reference() {
         rows.fill_from_dense(&inputs, config.0);
         let mut out = [f32::NAN; 2];
         with_float_env(Arithmetic::Ftz, || {
-            kernel.accumulate_in(form, &rows, &weights, config.1, &mut out, Start::Zero)
+            let weights = Weights::packed(&weights, config.1);
+            kernel.accumulate_in(form, &rows, weights, &mut out, Start::Zero)
         });
         // Reference arithmetic, flushed explicitly.
         let mut want = [0.0f32; 2];

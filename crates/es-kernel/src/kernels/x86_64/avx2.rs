@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 
 use super::{dense_tiles, dispatch_tile, offset};
 use crate::kernels::{
-    BlockTerms, COPY_BLOCK, SparseBlock, WindowCopies, adds_on_fma_pipes, rest_after,
+    BlockTerms, COPY_BLOCK, SparseBlock, Weights, WindowCopies, adds_on_fma_pipes, rest_after,
 };
 use crate::sparse::{BLOCK, SparseRows};
 
@@ -29,11 +29,11 @@ fn tail_mask(n_out: usize) -> __m256i {
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn accumulate(
     rows: &SparseRows,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
     start: *const f32,
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask = tail_mask(n_out);
@@ -52,7 +52,7 @@ pub(crate) unsafe fn accumulate(
                 dispatch_tile!(
                     nv,
                     masked,
-                    tile(index, value, src, n_out, dst, tail_mask, init)
+                    tile(index, value, src, stride, dst, tail_mask, init)
                 );
             }
         }
@@ -68,7 +68,7 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     index: &[u32],
     value: &[f32],
     w: *const f32,
-    n_out: usize,
+    stride: usize,
     out: *mut f32,
     tail_mask: __m256i,
     init: *const f32,
@@ -83,7 +83,7 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm256_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant).
-        let row = unsafe { w.add(k as usize * n_out) };
+        let row = unsafe { w.add(k as usize * stride) };
         for (v, acc) in acc.iter_mut().enumerate() {
             // SAFETY: full vectors lie within the row; the last one is masked to the row end
             // when MASKED, and masked-off lanes are not read.
@@ -122,11 +122,11 @@ const BLOCK_TILE: usize = 2;
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn accumulate_blocked(
     rows: &SparseRows,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
     start: *const f32,
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask = tail_mask(n_out);
@@ -151,6 +151,7 @@ pub(crate) unsafe fn accumulate_blocked(
                     block_tile(
                         SparseBlock { index, value },
                         src,
+                        stride,
                         n_out,
                         dst,
                         count,
@@ -174,10 +175,10 @@ pub(crate) unsafe fn accumulate_blocked(
 pub(crate) unsafe fn accumulate_dense(
     dense: &[f32],
     width: usize,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let tail_mask = tail_mask(n_out);
     dense_tiles(dense, width, n_out, LANES, BLOCK_TILE, |t| {
         // SAFETY: rows first..first + count exist in `out` and every row pointer holds
@@ -190,7 +191,16 @@ pub(crate) unsafe fn accumulate_dense(
             dispatch_tile!(
                 t.nv,
                 t.masked,
-                block_tile(block, src, n_out, dst, count, tail_mask, std::ptr::null())
+                block_tile(
+                    block,
+                    src,
+                    stride,
+                    n_out,
+                    dst,
+                    count,
+                    tail_mask,
+                    std::ptr::null()
+                )
             );
         }
     });
@@ -205,6 +215,7 @@ pub(crate) unsafe fn accumulate_dense(
 unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     terms: impl BlockTerms,
     w: *const f32,
+    stride: usize,
     n_out: usize,
     out: *mut f32,
     count: usize,
@@ -231,7 +242,7 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
         // SAFETY: t < len.
         let (k, x) = unsafe { terms.term(t) };
         // SAFETY: k < width (SparseRows invariant, or a dense row's index).
-        let row = unsafe { w.add(k * n_out) };
+        let row = unsafe { w.add(k * stride) };
         for (v, wv) in wv.iter_mut().enumerate() {
             // SAFETY: full vectors lie within the row; the last one is masked to the row end
             // when MASKED, and masked-off lanes are not read.
@@ -295,10 +306,10 @@ const COPY_ACCUMULATORS: usize = 8;
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn accumulate_window_copies(
     copies: &WindowCopies<'_>,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask = tail_mask(n_out);
@@ -331,7 +342,7 @@ pub(crate) unsafe fn accumulate_window_copies(
                         width: copies.width,
                         from: copies.from,
                         w: weights.as_ptr().add(v0 * LANES),
-                        n_out,
+                        row_stride: stride,
                         init: copies.start.as_ptr().add(at),
                         out: out
                             .as_mut_ptr()
@@ -358,7 +369,8 @@ struct CopiesTile {
     width: usize,
     from: usize,
     w: *const f32,
-    n_out: usize,
+    /// Weight row `k` starts at `k · row_stride` of `w`'s matrix.
+    row_stride: usize,
     init: *const f32,
     out: *mut f32,
     copy_stride: usize,
@@ -409,7 +421,7 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
     let mut wv = [_mm256_setzero_ps(); NV];
     for k in 0..tile.width {
         // SAFETY: from + k < width of the weights (checked by the caller).
-        let row = unsafe { tile.w.add((tile.from + k) * tile.n_out) };
+        let row = unsafe { tile.w.add((tile.from + k) * tile.row_stride) };
         for (v, wv) in wv.iter_mut().enumerate() {
             // SAFETY: see above; masked-off lanes are not read.
             *wv = unsafe { load(row.add(v * LANES), masked(v), tile.tail_mask) };
@@ -429,7 +441,7 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm256_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant).
-        let row = unsafe { tile.w.add(k as usize * tile.n_out) };
+        let row = unsafe { tile.w.add(k as usize * tile.row_stride) };
         for v in 0..NV {
             // SAFETY: see above; masked-off lanes are not read.
             let wv = unsafe { load(row.add(v * LANES), masked(v), tile.tail_mask) };

@@ -3,7 +3,9 @@
 use std::arch::x86_64::*;
 
 use super::{dense_tiles, dispatch_tile, offset};
-use crate::kernels::{BlockTerms, SparseBlock, WindowCopies, adds_on_fma_pipes, rest_after};
+use crate::kernels::{
+    BlockTerms, SparseBlock, Weights, WindowCopies, adds_on_fma_pipes, rest_after,
+};
 use crate::sparse::{BLOCK, SparseRows};
 
 const LANES: usize = 16;
@@ -27,11 +29,11 @@ fn tail_mask(n_out: usize) -> __mmask16 {
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn accumulate(
     rows: &SparseRows,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
     start: *const f32,
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask = tail_mask(n_out);
@@ -52,7 +54,7 @@ pub(crate) unsafe fn accumulate(
                 dispatch_tile!(
                     nv,
                     masked,
-                    tile(index, value, src, n_out, dst, tail_mask, init)
+                    tile(index, value, src, stride, dst, tail_mask, init)
                 );
             }
         }
@@ -71,7 +73,7 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
     index: &[u32],
     value: &[f32],
     w: *const f32,
-    n_out: usize,
+    stride: usize,
     out: *mut f32,
     tail_mask: __mmask16,
     init: *const f32,
@@ -88,7 +90,7 @@ unsafe fn tile<const NV: usize, const MASKED: bool>(
         let x = _mm512_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant), so the row and its NV vectors (masked
         // past n_out) lie within `weights`.
-        let row = unsafe { w.add(k as usize * n_out) };
+        let row = unsafe { w.add(k as usize * stride) };
         for (v, acc) in acc.iter_mut().enumerate() {
             // SAFETY: see above; masked-off lanes are not read.
             let wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
@@ -115,11 +117,11 @@ const BLOCK_TILE: usize = 4;
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn accumulate_blocked(
     rows: &SparseRows,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
     start: *const f32,
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask = tail_mask(n_out);
@@ -146,6 +148,7 @@ pub(crate) unsafe fn accumulate_blocked(
                     block_tile(
                         SparseBlock { index, value },
                         src,
+                        stride,
                         n_out,
                         dst,
                         count,
@@ -169,10 +172,10 @@ pub(crate) unsafe fn accumulate_blocked(
 pub(crate) unsafe fn accumulate_dense(
     dense: &[f32],
     width: usize,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let tail_mask = tail_mask(n_out);
     dense_tiles(dense, width, n_out, LANES, BLOCK_TILE, |t| {
         // SAFETY: rows first..first + count exist in `out` and every row pointer holds
@@ -185,7 +188,16 @@ pub(crate) unsafe fn accumulate_dense(
             dispatch_tile!(
                 t.nv,
                 t.masked,
-                block_tile(block, src, n_out, dst, count, tail_mask, std::ptr::null())
+                block_tile(
+                    block,
+                    src,
+                    stride,
+                    n_out,
+                    dst,
+                    count,
+                    tail_mask,
+                    std::ptr::null()
+                )
             );
         }
     });
@@ -204,6 +216,7 @@ pub(crate) unsafe fn accumulate_dense(
 unsafe fn block_tile<const NV: usize, const MASKED: bool>(
     terms: impl BlockTerms,
     w: *const f32,
+    stride: usize,
     n_out: usize,
     out: *mut f32,
     count: usize,
@@ -226,7 +239,7 @@ unsafe fn block_tile<const NV: usize, const MASKED: bool>(
         let (k, x) = unsafe { terms.term(t) };
         // SAFETY: k < width (SparseRows invariant, or a dense row's index), so the row's NV
         // vectors (masked past n_out) lie within `weights`.
-        let row = unsafe { w.add(k * n_out) };
+        let row = unsafe { w.add(k * stride) };
         for (v, wv) in wv.iter_mut().enumerate() {
             // SAFETY: see above; masked-off lanes are not read.
             *wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
@@ -276,10 +289,10 @@ fn copy_block(count: usize, max_block: usize) -> usize {
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn accumulate_window_copies(
     copies: &WindowCopies<'_>,
-    weights: &[f32],
-    n_out: usize,
+    weights: Weights<'_>,
     out: &mut [f32],
 ) {
+    let (n_out, stride) = (weights.n_out(), weights.stride());
     let vectors = n_out.div_ceil(LANES);
     let tail = n_out % LANES;
     let tail_mask = tail_mask(n_out);
@@ -318,7 +331,7 @@ pub(crate) unsafe fn accumulate_window_copies(
                         width: copies.width,
                         from: copies.from,
                         w: weights.as_ptr().add(v0 * LANES),
-                        n_out,
+                        row_stride: stride,
                         init: copies.start.as_ptr().add(at),
                         out: out
                             .as_mut_ptr()
@@ -363,9 +376,9 @@ struct CopiesTile {
     windows: [*const f32; MAX_COPY_BLOCK],
     width: usize,
     from: usize,
-    /// Column `v0·16` of weight row 0.
+    /// Column `v0·16` of weight row 0; row `k` starts `k · row_stride` further.
     w: *const f32,
-    n_out: usize,
+    row_stride: usize,
     /// θ's sums the copies start from, at the tile's first output.
     init: *const f32,
     /// The first copy's output at the tile's first output; copy `i` is `i · copy_stride`
@@ -430,7 +443,7 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
     let mut wv = [_mm512_setzero_ps(); NV];
     for k in 0..tile.width {
         // SAFETY: from + k < width of the weights (checked by the caller).
-        let row = unsafe { tile.w.add((tile.from + k) * tile.n_out) };
+        let row = unsafe { tile.w.add((tile.from + k) * tile.row_stride) };
         for (v, wv) in wv.iter_mut().enumerate() {
             // SAFETY: see above; masked-off lanes are not read.
             *wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
@@ -450,7 +463,7 @@ unsafe fn copies_tile<const NV: usize, const MASKED: bool, const C: usize>(
     for (&k, &x) in index.iter().zip(value) {
         let x = _mm512_set1_ps(x);
         // SAFETY: k < width (SparseRows invariant).
-        let row = unsafe { tile.w.add(k as usize * tile.n_out) };
+        let row = unsafe { tile.w.add(k as usize * tile.row_stride) };
         for v in 0..NV {
             // SAFETY: see above; masked-off lanes are not read.
             let wv = unsafe { _mm512_maskz_loadu_ps(mask(v), row.add(v * LANES)) };
