@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use es_kernel::config::LayerLayout;
-use es_kernel::kernels::prefetch;
+use es_kernel::kernels::{PaddedWeights, prefetch};
 use es_kernel::{
     Batch, ConfigError, Evaluation, Forward, GroupCopies, Kernel, NetConfig, ParamLayout, Prefix,
     layer_range,
@@ -708,8 +708,9 @@ pub struct Evaluator {
     noise_scratch: Vec<f32>,
     /// θ's prefix when a pair that needs one comes without it.
     own_prefix: Prefix,
-    /// A neuron group's perturbed copies side by side ([`GroupCopies`]).
-    copy_weights: Vec<f32>,
+    /// A neuron group's perturbed copies side by side ([`GroupCopies`]), rows padded so the
+    /// kernel's walk down them stays in cache (`es_kernel::kernels::padded_stride`).
+    copy_weights: PaddedWeights,
     copy_bias: Vec<f32>,
     evaluations: Vec<Evaluation>,
 }
@@ -725,7 +726,7 @@ impl Evaluator {
             minus: vec![0.0; dim],
             noise_scratch: Vec::new(),
             own_prefix: Prefix::new(),
-            copy_weights: Vec::new(),
+            copy_weights: PaddedWeights::new(),
             copy_bias: Vec::new(),
             evaluations: Vec::new(),
         })
@@ -809,13 +810,12 @@ impl Evaluator {
             let layer = &self.layout.layers()[l];
             let width = neurons.len();
             let columns = 2 * count as usize * width;
-            self.copy_weights.resize(layer.fan_in * columns, 0.0);
+            self.copy_weights.reset(layer.fan_in, columns);
             self.copy_bias.resize(columns, 0.0);
             for (c, key) in keys.clone().enumerate() {
                 let eps = noise.perturbation(key, dim, &mut self.noise_scratch)?;
                 let copy = GroupCopy {
                     sigma: perturbation.layer_sigmas[l],
-                    columns,
                     at: 2 * c * width,
                 };
                 copy.pack(
@@ -831,7 +831,7 @@ impl Evaluator {
                 layer: l,
                 neurons: neurons.clone(),
                 copies: 2 * count as usize,
-                weights: &self.copy_weights,
+                weights: self.copy_weights.weights(),
                 bias: &self.copy_bias,
             };
             self.evaluations.clear();
@@ -890,8 +890,6 @@ impl Evaluator {
 /// Where one perturbed copy of a neuron group goes among [`GroupCopies`]' columns.
 struct GroupCopy {
     sigma: f32,
-    /// Columns of all copies together (each input's row of the packed weights).
-    columns: usize,
     /// This copy's θ + σε starts at this column, its θ − σε right after it.
     at: usize,
 }
@@ -904,7 +902,7 @@ impl GroupCopy {
         neurons: &Range<usize>,
         theta: &[f32],
         eps: &[f32],
-        weights: &mut [f32],
+        weights: &mut PaddedWeights,
         bias: &mut [f32],
     ) {
         let width = neurons.len();
@@ -917,10 +915,14 @@ impl GroupCopy {
             prefetch(eps, r.clone());
             prefetch(theta, r);
         }
-        let rows = weights.chunks_exact_mut(self.columns).chain([bias]);
-        for (r, row) in group_ranges(layer, neurons.clone()).zip(rows) {
+        // The group's ranges of θ: one per weight row, then its biases.
+        for (k, r) in group_ranges(layer, neurons.clone()).enumerate() {
             prefetch(eps, r.start + ahead..r.end + ahead);
             prefetch(theta, r.start + ahead..r.end + ahead);
+            let row = match k < layer.fan_in {
+                true => weights.row_mut(k),
+                false => &mut *bias,
+            };
             let (plus_row, minus_row) = row[copy.clone()].split_at_mut(width);
             perturb(&theta[r.clone()], &eps[r], self.sigma, plus_row, minus_row);
         }

@@ -148,8 +148,6 @@ pub struct Forward {
     /// A layer's weights copied to rows the caches like ([`padded_stride`]), for a pass that
     /// keeps no prefix; a prefix keeps its own ([`Prefix`]).
     padded: PaddedWeights,
-    /// A neuron group's copies' weights, likewise.
-    group_weights: PaddedWeights,
     /// Whether weights are padded at all (see [`Forward::set_padding`]).
     padding: bool,
     /// Fraction of nonzero inputs each layer saw in the last pass that ran it whole (a
@@ -231,7 +229,6 @@ impl Forward {
             sums: Vec::new(),
             scaled_bias: Vec::new(),
             padded: PaddedWeights::new(),
-            group_weights: PaddedWeights::new(),
             padding: true,
             density: vec![0.0; layers],
             fill: Fill::default(),
@@ -380,11 +377,12 @@ impl Forward {
         prefix: &Prefix,
         batch: &Batch,
     ) -> Evaluation {
+        let width = group.neurons.len();
         let copies = GroupCopies {
             layer: group.layer,
             neurons: group.neurons,
             copies: 1,
-            weights: group.weights,
+            weights: Weights::packed(group.weights, width),
             bias: group.bias,
         };
         let mut out = Vec::with_capacity(1);
@@ -424,10 +422,12 @@ impl Forward {
             layer.fan_out
         );
         let columns = copies.copies * width;
-        assert_eq!(
-            copies.weights.len(),
-            layer.fan_in * columns,
-            "group weights"
+        assert!(
+            copies.weights.rows() == layer.fan_in && copies.weights.n_out() == columns,
+            "group weights of {} rows of {}: expected {} rows of {columns}",
+            copies.weights.rows(),
+            copies.weights.n_out(),
+            layer.fan_in
         );
         assert_eq!(copies.bias.len(), columns, "group bias");
         assert_eq!(theta.len(), self.layout.len(), "parameter vector length");
@@ -494,13 +494,8 @@ impl Forward {
     fn run_group_layer(&mut self, copies: &GroupCopies<'_>, input: &SparseRows) {
         let columns = copies.copies * copies.neurons.len();
         self.copies_act.resize(input.samples() * columns, 0.0);
-        let weights = kernel_weights(
-            copies.weights,
-            columns,
-            self.padding,
-            &mut self.group_weights,
-        );
-        self.kernel.accumulate(input, weights, &mut self.copies_act);
+        self.kernel
+            .accumulate(input, copies.weights, &mut self.copies_act);
         self.epilogue.finish(
             copies.layer,
             copies.bias,
@@ -844,9 +839,11 @@ pub struct GroupCopies<'a> {
     /// The neurons (outputs) of the layer, a range of `0..fan_out`.
     pub neurons: std::ops::Range<usize>,
     pub copies: usize,
-    /// `fan_in × (copies · neurons.len())`, input-major: each input's row holds copy 0's
-    /// weights of the group, then copy 1's, and so on.
-    pub weights: &'a [f32],
+    /// `fan_in` rows of `copies · neurons.len()`: each input's row holds copy 0's weights of
+    /// the group, then copy 1's, and so on. The kernel reads them as they are given: a
+    /// caller that packs many copies does best to write them into [`PaddedWeights`]
+    /// (`crate::kernels::padded_stride`).
+    pub weights: Weights<'a>,
     /// `copies · neurons.len()`: copy 0's biases, then copy 1's, and so on.
     pub bias: &'a [f32],
 }

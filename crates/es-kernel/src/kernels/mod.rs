@@ -202,19 +202,37 @@ impl PaddedWeights {
 
     /// Fills `rows` rows of `n_out` weights, row `k` from `row(k)`.
     pub fn fill_rows<'r>(&mut self, rows: usize, n_out: usize, row: impl Fn(usize) -> &'r [f32]) {
+        self.reset(rows, n_out);
+        for k in 0..rows {
+            self.row_mut(k).copy_from_slice(row(k));
+        }
+    }
+
+    /// Shapes the matrix as `rows` rows of `n_out` for a caller to write every row
+    /// ([`PaddedWeights::row_mut`]). Until written, a row holds what an earlier shape left
+    /// there (zeros in new room): nothing is cleared, since the trainer rewrites every row of
+    /// a group's copies for each run of pairs and a clear would cost as much as the writes.
+    ///
+    /// # Panics
+    /// If `n_out` is 0.
+    pub fn reset(&mut self, rows: usize, n_out: usize) {
         assert!(n_out > 0, "weight rows of no outputs");
         let stride = padded_stride(n_out);
         // Room for the rows plus up to a line of slack to align row 0.
         let len = rows * stride + 16;
-        self.values.clear();
-        self.values.resize(len, 0.0);
+        if self.values.len() != len {
+            self.values.resize(len, 0.0);
+        }
         let misalignment = self.values.as_ptr() as usize % 64;
         self.offset = (64 - misalignment) % 64 / std::mem::size_of::<f32>();
-        for k in 0..rows {
-            let at = self.offset + k * stride;
-            self.values[at..at + n_out].copy_from_slice(row(k));
-        }
         (self.rows, self.n_out, self.stride) = (rows, n_out, stride);
+    }
+
+    /// Row `k`'s `n_out` weights, to write.
+    pub fn row_mut(&mut self, k: usize) -> &mut [f32] {
+        assert!(k < self.rows, "row {k} of {}", self.rows);
+        let at = self.offset + k * self.stride;
+        &mut self.values[at..at + self.n_out]
     }
 
     /// The matrix as the kernels read it.

@@ -1033,37 +1033,45 @@ fn copies_of_a_neuron_group_evaluated_together_match_the_reference_of_each() {
                         .flat_map(|source| source[bias_cols.clone()].to_vec())
                         .collect();
                     assert_eq!(weights.len(), layer.fan_in * copies * width);
-                    let group = GroupCopies {
-                        layer: l,
-                        neurons: neurons.clone(),
-                        copies,
-                        weights: &weights,
-                        bias: &bias,
-                    };
-                    let mut got = Vec::new();
-                    case.forward.evaluate_group_copies(
-                        theta,
-                        &group,
-                        case.prefix,
-                        case.batch,
-                        &mut got,
-                    );
-                    assert_eq!(got.len(), copies);
-                    for (c, (source, got)) in sources.iter().zip(&got).enumerate() {
-                        // θ with this copy's group neurons taken from its source.
-                        let mut changed = theta.to_vec();
-                        for k in 0..layer.fan_in {
-                            let row = layer.weights.start + k * n;
-                            let cols = row + neurons.start..row + neurons.end;
-                            changed[cols.clone()].copy_from_slice(&source[cols]);
-                        }
-                        changed[bias_cols.clone()].copy_from_slice(&source[bias_cols.clone()]);
-                        let want = case.reference(&changed);
-                        assert_eq!(
-                            *got, want,
-                            "{} layer={l} {neurons:?} copy {c} of {copies}",
-                            case.what
+                    // Packed, and padded as the trainer writes them.
+                    let mut padded = PaddedWeights::new();
+                    padded.fill(&weights, copies * width);
+                    let packed = Weights::packed(&weights, copies * width);
+                    for weights in [packed, padded.weights()] {
+                        let group = GroupCopies {
+                            layer: l,
+                            neurons: neurons.clone(),
+                            copies,
+                            weights,
+                            bias: &bias,
+                        };
+                        let mut got = Vec::new();
+                        case.forward.evaluate_group_copies(
+                            theta,
+                            &group,
+                            case.prefix,
+                            case.batch,
+                            &mut got,
                         );
+                        assert_eq!(got.len(), copies);
+                        for (c, (source, got)) in sources.iter().zip(&got).enumerate() {
+                            // θ with this copy's group neurons taken from its source.
+                            let mut changed = theta.to_vec();
+                            for k in 0..layer.fan_in {
+                                let row = layer.weights.start + k * n;
+                                let cols = row + neurons.start..row + neurons.end;
+                                changed[cols.clone()].copy_from_slice(&source[cols]);
+                            }
+                            changed[bias_cols.clone()].copy_from_slice(&source[bias_cols.clone()]);
+                            let want = case.reference(&changed);
+                            assert_eq!(
+                                *got,
+                                want,
+                                "{} layer={l} {neurons:?} copy {c} of {copies}, stride {}",
+                                case.what,
+                                weights.stride()
+                            );
+                        }
                     }
                 }
             }
