@@ -174,11 +174,26 @@ struct Epilogue {
 impl Epilogue {
     /// Layer `l`'s sums in `act` (rows of `bias.len()`) plus its bias `bias`, times its
     /// output scale; `scaled_bias` is scratch.
-    fn finish(&self, l: usize, bias: &[f32], scaled_bias: &mut Vec<f32>, act: &mut [f32]) {
+    fn finish(&self, l: usize, bias: &[f32], scaled_bias: &mut Vec<f32>, act: &mut Vec<f32>) {
+        self.finish_from(l, bias, scaled_bias, None, act);
+    }
+
+    /// [`Epilogue::finish`] of the sums in `sums` when given (written to `act`, which is
+    /// resized to them: one pass where a copy and then the epilogue would take two), else of
+    /// those in `act`.
+    fn finish_from(
+        &self,
+        l: usize,
+        bias: &[f32],
+        scaled_bias: &mut Vec<f32>,
+        sums: Option<&[f32]>,
+        act: &mut Vec<f32>,
+    ) {
         scale_bias(self.mode, bias, self.bias_scales[l], scaled_bias);
         epilogue(
             self.mode,
             self.explicit_flush,
+            sums,
             act,
             scaled_bias,
             self.out_scales[l],
@@ -549,13 +564,11 @@ impl Forward {
     fn finish_copy(&mut self, theta: &[f32], l: usize, i: usize, samples: usize) {
         let layer = &self.layout.layers()[l];
         let size = samples * layer.fan_out;
-        self.act.clear();
-        self.act
-            .extend_from_slice(&self.copies_next[i * size..(i + 1) * size]);
-        self.epilogue.finish(
+        self.epilogue.finish_from(
             l,
             &theta[layer.bias.clone()],
             &mut self.scaled_bias,
+            Some(&self.copies_next[i * size..(i + 1) * size]),
             &mut self.act,
         );
         if l + 1 < self.layout.layers().len() {
@@ -800,20 +813,44 @@ fn scale_bias(mode: Arithmetic, bias: &[f32], bias_scale: f32, scaled: &mut Vec<
 fn epilogue(
     mode: Arithmetic,
     explicit_flush: bool,
-    act: &mut [f32],
+    sums: Option<&[f32]>,
+    act: &mut Vec<f32>,
     scaled_bias: &[f32],
     out_scale: f32,
 ) {
     if mode == Arithmetic::Ftz && !explicit_flush {
-        for out in act.chunks_exact_mut(scaled_bias.len()) {
-            for (v, &b) in out.iter_mut().zip(scaled_bias) {
-                *v = (*v + b) * out_scale;
+        each_output(sums, act, scaled_bias, |v, b| (v + b) * out_scale);
+    } else {
+        each_output(sums, act, scaled_bias, |v, b| {
+            epilogue_mul(mode, epilogue_add(mode, v, b), out_scale)
+        });
+    }
+}
+
+/// `act[s, j] = finish(sum[s, j], scaled_bias[j])` for every sample `s` and output `j`, the
+/// sums read from `sums` when given (`act` then resized to them), else from `act` itself.
+/// Inlined into each of [`epilogue`]'s branches, so each loop vectorises with its own
+/// arithmetic.
+#[inline(always)]
+fn each_output(
+    sums: Option<&[f32]>,
+    act: &mut Vec<f32>,
+    scaled_bias: &[f32],
+    finish: impl Fn(f32, f32) -> f32,
+) {
+    let n = scaled_bias.len();
+    match sums {
+        None => {
+            for out in act.chunks_exact_mut(n) {
+                for (v, &b) in out.iter_mut().zip(scaled_bias) {
+                    *v = finish(*v, b);
+                }
             }
         }
-    } else {
-        for out in act.chunks_exact_mut(scaled_bias.len()) {
-            for (v, &b) in out.iter_mut().zip(scaled_bias) {
-                *v = epilogue_mul(mode, epilogue_add(mode, *v, b), out_scale);
+        Some(sums) => {
+            act.clear();
+            for row in sums.chunks_exact(n) {
+                act.extend(row.iter().zip(scaled_bias).map(|(&v, &b)| finish(v, b)));
             }
         }
     }
