@@ -149,8 +149,8 @@ impl<'a> Weights<'a> {
 /// caches are full, so every pass over a block of samples reloads the stripe from L3. An odd
 /// number of lines per row spreads consecutive rows over every set. On an AMD EPYC (Zen 2,
 /// AVX2), the blocked kernel over 100 samples of 784 MNIST-like inputs, packed against padded
-/// rows: 512 outputs 18.8 → 28.9 GMAC/s, 1,024 (a layer-1 group's 32 copies side by side)
-/// 15.1 → 28.5, 320 24.0 → 29.4 (es-bench's `a/b` rows time whole forward passes both ways).
+/// rows: 512 outputs 18.8 → 28.9 GMAC/s, 256 (a run of a neuron group's copies side by side)
+/// 24.5 → 30.2, 1,024 15.1 → 28.5 (es-bench's `a/b` rows time whole forward passes both ways).
 /// Rows under 4 lines are left packed: they stay in L1 anyway.
 pub fn padded_stride(n_out: usize) -> usize {
     const LINE: usize = 64 / std::mem::size_of::<f32>();
