@@ -473,7 +473,7 @@ impl Forward {
                     self.run_next_layer_of_copies(theta, copies, first..first + count, prefix, sums)
                 });
                 for i in 0..count {
-                    with_float_env(mode, || self.finish_copy(theta, next, i, samples));
+                    with_float_env(mode, || self.finish_copy(theta, prefix, next, i, samples));
                     out.push(Evaluation::from_logits(
                         &self.act,
                         batch.labels(),
@@ -557,11 +557,11 @@ impl Forward {
     }
 
     /// Copy `i` of the last [`Forward::run_next_layer_of_copies`] on `samples` samples: its
-    /// sums of layer `l`
-    /// finished with the layer's bias and scaling, then the layers after it, leaving the
-    /// logits in `act`; run inside the float environment. Not inlined: see `float_env`.
+    /// sums of layer `l` finished with the layer's bias and scaling, then θ's layers after it
+    /// (their padded weights read from `prefix`, θ's), leaving the logits in `act`; run
+    /// inside the float environment. Not inlined: see `float_env`.
     #[inline(never)]
-    fn finish_copy(&mut self, theta: &[f32], l: usize, i: usize, samples: usize) {
+    fn finish_copy(&mut self, theta: &[f32], prefix: &Prefix, l: usize, i: usize, samples: usize) {
         let layer = &self.layout.layers()[l];
         let size = samples * layer.fan_out;
         self.epilogue.finish_from(
@@ -572,7 +572,7 @@ impl Forward {
             &mut self.act,
         );
         if l + 1 < self.layout.layers().len() {
-            self.run_layers(Params::Whole(theta), l + 1, None, None);
+            self.run_layers(Params::Theta(theta, prefix), l + 1, None, None);
         }
     }
 
@@ -601,7 +601,7 @@ impl Forward {
             row[neurons.clone()].copy_from_slice(group_row);
         }
         if l + 1 < self.layout.layers().len() {
-            self.run_layers(Params::Whole(theta), l + 1, None, None);
+            self.run_layers(Params::Theta(theta, prefix), l + 1, None, None);
         }
     }
 
@@ -622,9 +622,13 @@ impl Forward {
             None => self.act.len() / layers[start].fan_in,
         };
         for (l, layer) in layers.iter().enumerate().skip(start) {
-            let params = match params {
-                Params::Whole(theta) => &theta[layer.weights.start..layer.bias.end],
-                Params::Layers(layer_params) => layer_params(l),
+            let (params, kept) = match params {
+                Params::Whole(theta) => (&theta[layer.weights.start..layer.bias.end], None),
+                Params::Theta(theta, prefix) => (
+                    &theta[layer.weights.start..layer.bias.end],
+                    prefix.weights.get(l).and_then(Option::as_ref),
+                ),
+                Params::Layers(layer_params) => (layer_params(l), None),
             };
             let n_weights = layer.fan_in * layer.fan_out;
             assert_eq!(
@@ -634,7 +638,10 @@ impl Forward {
             );
             let (packed, bias) = params.split_at(n_weights);
             let padded = self.padding && padded_stride(layer.fan_out) != layer.fan_out;
-            let weights = kernel_weights(packed, layer.fan_out, padded, &mut self.padded);
+            let weights = match kept {
+                Some(kept) if padded => kept.weights(),
+                _ => kernel_weights(packed, layer.fan_out, padded, &mut self.padded),
+            };
             let from_act = !(input.is_some() && l == start);
             let nonzeros = if from_act && save.is_none() && self.density[l] >= DENSE_INPUTS {
                 // Nearly every input is nonzero (it was on the last pass): read the outputs
@@ -890,6 +897,9 @@ pub struct GroupCopies<'a> {
 enum Params<'f, 'p> {
     /// One whole parameter vector in the layout's order.
     Whole(&'p [f32]),
+    /// θ, whose padded weights (where padded) the prefix made from it keeps: read there
+    /// instead of padded again for every pass.
+    Theta(&'p [f32], &'f Prefix),
     /// Layer `l`'s weights then bias, from anywhere.
     Layers(&'f dyn Fn(usize) -> &'p [f32]),
 }

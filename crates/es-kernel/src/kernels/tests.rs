@@ -893,11 +893,32 @@ impl PrefixCase<'_> {
     }
 }
 
-/// Runs `check` on a case for every mode, every supported kernel and batches of 1, 4 and 17.
+/// A network with three hidden layers at least four cache lines wide, so that the forward
+/// pass reads padded copies of every layer but the last
+/// ([`crate::kernels::padded_stride`]), among them the ones a prefix keeps for the layers
+/// after a neuron group's next.
+fn wide_config(mode: Arithmetic) -> NetConfig {
+    NetConfig {
+        inputs: 29,
+        hidden: vec![70, 66, 64],
+        outputs: 10,
+        scale_exponents: vec![125, 124, 124],
+        output_exponent: 3,
+        init_multipliers: vec![1.0, 8.0, 8.0, 8.0],
+        arithmetic: mode,
+    }
+}
+
+/// Runs `check` on a case for every mode, every supported kernel, batches of 1, 4 and 17, and
+/// a small network and a [`wide_config`] one.
 fn for_each_prefix_case(seed: u64, mut check: impl FnMut(&mut PrefixCase<'_>, &mut TestRng)) {
     let mut rng = TestRng::new(seed);
-    for mode in [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee] {
-        let config = small_config(mode);
+    let modes = [Arithmetic::Ftz, Arithmetic::Seed, Arithmetic::Ieee];
+    let configs = modes
+        .into_iter()
+        .flat_map(|mode| [small_config(mode), wide_config(mode)]);
+    for config in configs {
+        let mode = config.arithmetic;
         let layout = ParamLayout::new(&config);
         for kernel in Kernel::supported() {
             let mut forward = Forward::new(config.clone(), kernel).unwrap();
@@ -924,7 +945,10 @@ fn for_each_prefix_case(seed: u64, mut check: impl FnMut(&mut PrefixCase<'_>, &m
                         batch: &batch,
                         theta: &theta,
                         other: &other,
-                        what: format!("{kernel} {mode} samples={samples}{sums}"),
+                        what: format!(
+                            "{kernel} {mode} hidden {:?} samples={samples}{sums}",
+                            config.hidden
+                        ),
                     };
                     check(&mut case, &mut rng);
                 }
