@@ -165,7 +165,9 @@ pub fn padded_stride(n_out: usize) -> usize {
 /// so that each 64-byte row segment is one line. Reused: refilling keeps the allocation.
 #[derive(Debug, Default)]
 pub struct PaddedWeights {
-    /// Row 0 starts at `offset` (which puts it on a 64-byte line); padding is 0.
+    /// Row 0 starts at `offset` (which puts it on a 64-byte line). The padding after each
+    /// row's `n_out` weights holds whatever was there: the kernels never read it (their last
+    /// vector of a row is masked to `n_out`; the tests' skewed layout has NaN there to check).
     values: Vec<f32>,
     offset: usize,
     rows: usize,
