@@ -626,7 +626,7 @@ impl Forward {
                 Params::Whole(theta) => (&theta[layer.weights.start..layer.bias.end], None),
                 Params::Theta(theta, prefix) => (
                     &theta[layer.weights.start..layer.bias.end],
-                    prefix.weights.get(l).and_then(Option::as_ref),
+                    prefix.kept_weights(l),
                 ),
                 Params::Layers(layer_params) => (layer_params(l), None),
             };
@@ -637,10 +637,17 @@ impl Forward {
                 "layer {l} parameter count"
             );
             let (packed, bias) = params.split_at(n_weights);
+            // Padded where the stride would otherwise be one the caches dislike: the copy
+            // costs one read and write of the weights, small beside a kernel pass that reads
+            // each row once per block of samples.
             let padded = self.padding && padded_stride(layer.fan_out) != layer.fan_out;
-            let weights = match kept {
-                Some(kept) if padded => kept.weights(),
-                _ => kernel_weights(packed, layer.fan_out, padded, &mut self.padded),
+            let weights = match (padded, kept) {
+                (false, _) => Weights::packed(packed, layer.fan_out),
+                (true, Some(kept)) => kept.weights(),
+                (true, None) => {
+                    self.padded.fill(packed, layer.fan_out);
+                    self.padded.weights()
+                }
             };
             let from_act = !(input.is_some() && l == start);
             let nonzeros = if from_act && save.is_none() && self.density[l] >= DENSE_INPUTS {
@@ -719,24 +726,6 @@ impl Forward {
                 }
             }
         }
-    }
-}
-
-/// `packed` (rows of `n_out`) as the kernels best read it: if `padding`, copied into
-/// `scratch` at [`padded_stride`] when that differs from `n_out`, else as it is. The copy
-/// costs one read and write of the weights, small beside a kernel pass that reads each row
-/// once per block of samples.
-fn kernel_weights<'w>(
-    packed: &'w [f32],
-    n_out: usize,
-    padding: bool,
-    scratch: &'w mut PaddedWeights,
-) -> Weights<'w> {
-    if !padding || padded_stride(n_out) == n_out {
-        Weights::packed(packed, n_out)
-    } else {
-        scratch.fill(packed, n_out);
-        scratch.weights()
     }
 }
 
@@ -964,12 +953,17 @@ impl Prefix {
         }
     }
 
+    /// θ's padded weights of layer `l`, if the pass that made the prefix padded them.
+    fn kept_weights(&self, l: usize) -> Option<&PaddedWeights> {
+        self.weights.get(l).and_then(Option::as_ref)
+    }
+
     /// θ's weights of layer `l` as the kernels read them: the padded copy kept, else
     /// `packed` (θ's rows of `n_out`) as it is.
     fn weights<'w>(&'w self, l: usize, packed: &'w [f32], n_out: usize) -> Weights<'w> {
-        match self.weights.get(l) {
-            Some(Some(padded)) => padded.weights(),
-            _ => Weights::packed(packed, n_out),
+        match self.kept_weights(l) {
+            Some(padded) => padded.weights(),
+            None => Weights::packed(packed, n_out),
         }
     }
 
