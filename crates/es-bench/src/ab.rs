@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use anyhow::Context;
-use es_kernel::loss::{MathPath, row_max};
+use es_kernel::loss::{Evaluation, MathPath, row_max};
 use es_kernel::{Arithmetic, Batch, Fill, Forward, Kernel, NetConfig};
 
 use crate::report::{Row, sig3};
@@ -199,6 +199,62 @@ pub fn math_rows(budget: Budget, logits: &[f32], classes: usize) -> anyhow::Resu
                 "values/s",
             ));
         }
+    }
+    Ok(rows)
+}
+
+/// A batch's whole loss (`Evaluation::from_logits_on`: maxima, exponentials, sums,
+/// logarithms, argmax) one sample at a time with libm, against each vector [`MathPath`] of
+/// this CPU, which scores samples side by side, one per lane. `logits` are a forward pass's,
+/// `classes` per sample, scored against `labels`.
+pub fn loss_rows(
+    budget: Budget,
+    logits: &[f32],
+    labels: &[u8],
+    classes: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let scalar = Evaluation::from_logits_on(MathPath::Scalar, logits, labels, classes);
+    let mut rows = Vec::new();
+    for path in MathPath::supported() {
+        if path == MathPath::Scalar {
+            continue;
+        }
+        crate::progress(&format!("a/b loss of {} samples {path:?}", labels.len()));
+        let vector = Evaluation::from_logits_on(path, logits, labels, classes);
+        // Same bits both ways, or the comparison means nothing.
+        anyhow::ensure!(
+            vector.fitness.to_bits() == scalar.fitness.to_bits()
+                && vector.correct == scalar.correct,
+            "loss on {path:?}: {vector:?}, one sample at a time {scalar:?}"
+        );
+        let paired = measure_pair(
+            budget,
+            || {
+                black_box(Evaluation::from_logits_on(
+                    MathPath::Scalar,
+                    black_box(logits),
+                    labels,
+                    classes,
+                ));
+            },
+            || {
+                black_box(Evaluation::from_logits_on(
+                    path,
+                    black_box(logits),
+                    labels,
+                    classes,
+                ));
+            },
+        );
+        rows.push(paired_row(
+            format!(
+                "loss of a batch ({} samples): one sample at a time, libm → samples side by side, {path:?}",
+                labels.len()
+            ),
+            &paired,
+            labels.len() as f64,
+            "samples/s",
+        ));
     }
     Ok(rows)
 }

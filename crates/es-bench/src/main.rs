@@ -203,6 +203,12 @@ fn ab_section(
     let mut forward = Forward::new(net.clone(), kernel).context("building the forward pass")?;
     let logits = forward.logits(theta, &batch).to_vec();
     rows.extend(ab::math_rows(plan.math, &logits, net.outputs)?);
+    rows.extend(ab::loss_rows(
+        plan.math,
+        &logits,
+        batch.labels(),
+        net.outputs,
+    )?);
     Ok(rows)
 }
 
