@@ -160,29 +160,45 @@ fn lanes_in_place<const N: usize>(
     scalar: fn(f64) -> f64,
     mut vector: impl FnMut(&mut [f64; N]) -> u32,
 ) {
-    let finish = |lanes: &mut [f64], special: u32| {
-        if special != 0 {
-            for (i, v) in lanes.iter_mut().enumerate() {
-                if special & (1 << i) != 0 {
-                    // `v` still holds x in these lanes: the vector code leaves them.
-                    *v = scalar(*v);
-                }
-            }
-        }
-    };
     let mut chunks = values.chunks_exact_mut(N);
     for chunk in &mut chunks {
         let lanes: &mut [f64; N] = chunk.try_into().expect("chunks of N");
-        let special = vector(lanes);
-        finish(lanes, special);
+        in_lanes(lanes, scalar, &mut vector);
     }
     let rest = chunks.into_remainder();
     if !rest.is_empty() {
         let mut padded = [pad; N];
         padded[..rest.len()].copy_from_slice(rest);
         let special = vector(&mut padded);
-        finish(&mut padded[..rest.len()], special);
+        off_main_path(&mut padded[..rest.len()], special, scalar);
         rest.copy_from_slice(&padded[..rest.len()]);
+    }
+}
+
+/// `vector` on the `N` values of `lanes` in place, then `scalar` on the lanes it left
+/// (off libm's main path). Inlined like [`lanes_in_place`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn in_lanes<const N: usize>(
+    lanes: &mut [f64; N],
+    scalar: fn(f64) -> f64,
+    vector: impl FnOnce(&mut [f64; N]) -> u32,
+) {
+    let special = vector(lanes);
+    off_main_path(lanes, special, scalar);
+}
+
+/// `scalar` on the lanes marked in `special`, which still hold their inputs: the vector code
+/// leaves them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn off_main_path(lanes: &mut [f64], special: u32, scalar: fn(f64) -> f64) {
+    if special != 0 {
+        for (i, v) in lanes.iter_mut().enumerate() {
+            if special & (1 << i) != 0 {
+                *v = scalar(*v);
+            }
+        }
     }
 }
 
@@ -223,15 +239,19 @@ mod exp_avx2 {
     /// AVX2 must be present.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn exp_in_place(values: &mut [f64]) {
-        super::lanes_in_place::<4>(values, 0.0, libm::exp, |lanes| {
-            // SAFETY: 4 f64 in `lanes`; AVX2 is present (this function's contract,
-            // which the closure shares).
-            let x = unsafe { _mm256_loadu_pd(lanes.as_ptr()) };
-            let (y, special) = exp4(x);
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), y) };
-            special as u32
-        });
+        super::lanes_in_place::<4>(values, 0.0, libm::exp, |lanes| exp_lanes(lanes));
+    }
+
+    /// [`exp4`] of `lanes` in place; returns the mask of the lanes it left as they are.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) fn exp_lanes(lanes: &mut [f64; 4]) -> u32 {
+        // SAFETY: `lanes` holds the 4 f64 the load and the store touch.
+        let x = unsafe { _mm256_loadu_pd(lanes.as_ptr()) };
+        let (y, special) = exp4(x);
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), y) };
+        special as u32
     }
 
     /// All-ones lanes where the high word of `|x|` (`abs_bits >> 32`) is at least `high`.
@@ -245,7 +265,7 @@ mod exp_avx2 {
     /// they are. The steps and their order are `exp_avx512::exp8`'s.
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub(super) fn exp4(x: __m256d) -> (__m256d, i32) {
+    fn exp4(x: __m256d) -> (__m256d, i32) {
         let bits = _mm256_castpd_si256(x);
         let abs_bits = _mm256_and_si256(bits, _mm256_set1_epi64x(i64::MAX));
         let all_ones = _mm256_set1_epi64x(-1);
@@ -325,22 +345,26 @@ mod ln_avx2 {
     /// AVX2 must be present.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn ln_in_place(values: &mut [f64]) {
-        super::lanes_in_place::<4>(values, 2.0, libm::log, |lanes| {
-            // SAFETY: 4 f64 in `lanes`; AVX2 is present (this function's contract,
-            // which the closure shares).
-            let x = unsafe { _mm256_loadu_pd(lanes.as_ptr()) };
-            let (y, special) = ln4(x);
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), y) };
-            special as u32
-        });
+        super::lanes_in_place::<4>(values, 2.0, libm::log, |lanes| ln_lanes(lanes));
+    }
+
+    /// [`ln4`] of `lanes` in place; returns the mask of the lanes it left as they are.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) fn ln_lanes(lanes: &mut [f64; 4]) -> u32 {
+        // SAFETY: `lanes` holds the 4 f64 the load and the store touch.
+        let x = unsafe { _mm256_loadu_pd(lanes.as_ptr()) };
+        let (y, special) = ln4(x);
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), y) };
+        special as u32
     }
 
     /// `log` of the lanes on libm's main path, the other lanes (the returned bits) left as
     /// they are. Each step is a line of libm's `log`, in its order.
     #[target_feature(enable = "avx2")]
     #[inline]
-    pub(super) fn ln4(x: __m256d) -> (__m256d, i32) {
+    fn ln4(x: __m256d) -> (__m256d, i32) {
         let bits = _mm256_castpd_si256(x);
         // hx: the high word, in the low half of each lane (so never negative as an i64).
         let hx = _mm256_srli_epi64::<32>(bits);
@@ -425,15 +449,19 @@ mod exp_avx512 {
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp_in_place(values: &mut [f64]) {
-        super::lanes_in_place::<8>(values, 0.0, libm::exp, |lanes| {
-            // SAFETY: 8 f64 in `lanes`; AVX-512F is present (this function's contract,
-            // which the closure shares).
-            let x = unsafe { _mm512_loadu_pd(lanes.as_ptr()) };
-            let (y, special) = exp8(x);
-            // SAFETY: as above.
-            unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), y) };
-            special as u32
-        });
+        super::lanes_in_place::<8>(values, 0.0, libm::exp, |lanes| exp_lanes(lanes));
+    }
+
+    /// [`exp8`] of `lanes` in place; returns the mask of the lanes it left as they are.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn exp_lanes(lanes: &mut [f64; 8]) -> u32 {
+        // SAFETY: `lanes` holds the 8 f64 the load and the store touch.
+        let x = unsafe { _mm512_loadu_pd(lanes.as_ptr()) };
+        let (y, special) = exp8(x);
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), y) };
+        special as u32
     }
 
     /// Lanes whose high word of `|x|` (`abs_bits >> 32`) is at least `high`.
@@ -445,7 +473,7 @@ mod exp_avx512 {
     /// `exp` of the lanes on libm's main path, the other lanes (the mask) left as they are.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(super) fn exp8(x: __m512d) -> (__m512d, __mmask8) {
+    fn exp8(x: __m512d) -> (__m512d, __mmask8) {
         let bits = _mm512_castpd_si512(x);
         let abs_bits = _mm512_and_si512(bits, _mm512_set1_epi64(i64::MAX));
         // libm's `hx >= H` on the high word hx of |x| is `at_least(H)`; `hx > H` is
@@ -616,21 +644,7 @@ impl Score {
 /// The loss of `N` samples at once, one per lane ([`Evaluation::from_logits_on`]).
 #[cfg(target_arch = "x86_64")]
 mod sample_lanes {
-    use super::{Score, exp_avx2, exp_avx512, ln_avx2};
-    use std::arch::x86_64::*;
-
-    /// The lanes a vector step left to libm (marked in `special`): `values` still holds their
-    /// inputs there.
-    #[inline(always)]
-    fn off_main_path(values: &mut [f64], special: u32, scalar: fn(f64) -> f64) {
-        if special != 0 {
-            for (lane, value) in values.iter_mut().enumerate() {
-                if special & (1 << lane) != 0 {
-                    *value = scalar(*value);
-                }
-            }
-        }
-    }
+    use super::{Score, exp_avx2, exp_avx512, in_lanes, ln_avx2};
 
     /// Adds the whole groups of `N` samples of `logits` to `score`, in sample order, and
     /// returns how many samples that was. `exp` and `ln` replace `N` values by libm's
@@ -702,43 +716,6 @@ mod sample_lanes {
         groups * N
     }
 
-    /// `exp` of four lanes in place.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn exp_of_4(values: &mut [f64; 4]) {
-        // SAFETY: `values` holds the 4 f64 the load and store touch.
-        let x = unsafe { _mm256_loadu_pd(values.as_ptr()) };
-        let (y, special) = exp_avx2::exp4(x);
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_pd(values.as_mut_ptr(), y) };
-        off_main_path(values, special as u32, libm::exp);
-    }
-
-    /// `log` of four lanes in place.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn ln_of_4(values: &mut [f64]) {
-        assert_eq!(values.len(), 4, "four lanes");
-        // SAFETY: `values` holds the 4 f64 the load and store touch.
-        let x = unsafe { _mm256_loadu_pd(values.as_ptr()) };
-        let (y, special) = ln_avx2::ln4(x);
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_pd(values.as_mut_ptr(), y) };
-        off_main_path(values, special as u32, libm::log);
-    }
-
-    /// `exp` of eight lanes in place.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn exp_of_8(values: &mut [f64; 8]) {
-        // SAFETY: `values` holds the 8 f64 the load and store touch.
-        let x = unsafe { _mm512_loadu_pd(values.as_ptr()) };
-        let (y, special) = exp_avx512::exp8(x);
-        // SAFETY: as above.
-        unsafe { _mm512_storeu_pd(values.as_mut_ptr(), y) };
-        off_main_path(values, special as u32, libm::exp);
-    }
-
     /// The loss of groups of four samples ([`score_lanes`]).
     ///
     /// # Safety
@@ -755,8 +732,8 @@ mod sample_lanes {
             labels,
             classes,
             score,
-            |values| exp_of_4(values),
-            |values| ln_of_4(values),
+            |values| in_lanes(values, libm::exp, |lanes| exp_avx2::exp_lanes(lanes)),
+            |values| in_lanes(values, libm::log, |lanes| ln_avx2::ln_lanes(lanes)),
         )
     }
 
@@ -777,11 +754,11 @@ mod sample_lanes {
             labels,
             classes,
             score,
-            |values| exp_of_8(values),
+            |values| in_lanes(values, libm::exp, |lanes| exp_avx512::exp_lanes(lanes)),
             |values| {
-                let (low, high) = values.split_at_mut(4);
-                ln_of_4(low);
-                ln_of_4(high);
+                for half in values.as_chunks_mut::<4>().0 {
+                    in_lanes(half, libm::log, |lanes| ln_avx2::ln_lanes(lanes));
+                }
             },
         )
     }
