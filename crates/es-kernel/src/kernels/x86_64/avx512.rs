@@ -4,7 +4,8 @@ use std::arch::x86_64::*;
 
 use super::{dense_tiles, dispatch_tile, offset};
 use crate::kernels::{
-    BlockTerms, SparseBlock, Weights, WindowCopies, adds_on_fma_pipes, rest_after,
+    BlockTerms, COPIES_PREFETCH_AHEAD, SparseBlock, Weights, WindowCopies, adds_on_fma_pipes,
+    prefetch_copies_tile, rest_after,
 };
 use crate::sparse::{BLOCK, SparseRows};
 
@@ -309,7 +310,10 @@ pub(crate) unsafe fn accumulate_window_copies(
         while v0 < vectors {
             let nv = (vectors - v0).min(tile_vectors);
             let masked = tail != 0 && v0 + nv == vectors;
+            let stripe = v0 * LANES..((v0 + nv) * LANES).min(n_out);
             for s in 0..samples {
+                let ahead = s + COPIES_PREFETCH_AHEAD;
+                prefetch_copies_tile(copies, out, ahead, first..first + count, stripe.clone());
                 let (index, value) = rest_after(copies, s);
                 let row = s * copies.columns + first * copies.width;
                 let windows: [*const f32; MAX_COPY_BLOCK] = std::array::from_fn(|i| {
