@@ -730,30 +730,34 @@ pub(crate) fn rest_after<'a>(copies: &WindowCopies<'a>, s: usize) -> (&'a [u32],
 /// prefetcher does not follow that stride, and on a Zen 3 (512 KiB of L2) perf put a
 /// fifth of the kernel's samples on the stall after the tile's first load. Two samples
 /// ahead is several hundred cycles of a tile's work, more than a miss to memory takes.
-pub(crate) const COPIES_PREFETCH_AHEAD: usize = 2;
+const COPIES_PREFETCH_AHEAD: usize = 2;
 
-/// Asks for the operands the window-copies tile of sample `s` reads first (a hint: see
-/// [`prefetch`]) and the lines of `out` it writes; nothing when `s` is past the last
-/// sample. `block` is the tile's copies, `outputs` its stripe of each output row.
+/// Called as the window-copies tile of sample `current` begins: asks for the operands the
+/// tile of the sample [`COPIES_PREFETCH_AHEAD`] later reads first (a hint: see
+/// [`prefetch`]) and the lines of `out` it writes; nothing past the last sample. `block` is
+/// the tile's copies, `outputs` its stripe of each output row.
 #[inline(always)]
 pub(crate) fn prefetch_copies_tile(
     copies: &WindowCopies<'_>,
     out: &[f32],
-    s: usize,
+    current: usize,
     block: Range<usize>,
     outputs: Range<usize>,
 ) {
-    if s >= copies.rest.samples() {
+    let s = current + COPIES_PREFETCH_AHEAD;
+    let samples = copies.rest.samples();
+    if s >= samples {
         return;
     }
-    let n_out = copies.start.len() / copies.rest.samples();
-    let at = s * n_out;
+    // `start` is shaped like one copy's outputs: samples × n_out.
+    let copy_len = copies.start.len();
+    let at = s * (copy_len / samples);
     prefetch(copies.start, at + outputs.start..at + outputs.end);
     for c in block {
         let window = s * copies.columns + c * copies.width;
         prefetch(copies.window, window..window + copies.width);
         // The outputs too: a store to a line not in the cache reads it first all the same.
-        let o = (c - copies.copies.start) * copies.start.len() + at;
+        let o = (c - copies.copies.start) * copy_len + at;
         prefetch(out, o + outputs.start..o + outputs.end);
     }
     // The head of the sample's shared terms; the hardware follows the rest in order.

@@ -4,8 +4,8 @@ use std::arch::x86_64::*;
 
 use super::{dense_tiles, dispatch_tile, offset};
 use crate::kernels::{
-    BlockTerms, COPIES_PREFETCH_AHEAD, COPY_BLOCK, SparseBlock, Weights, WindowCopies,
-    adds_on_fma_pipes, prefetch_copies_tile, rest_after,
+    BlockTerms, COPY_BLOCK, SparseBlock, Weights, WindowCopies, adds_on_fma_pipes,
+    prefetch_copies_tile, rest_after,
 };
 use crate::sparse::{BLOCK, SparseRows};
 
@@ -327,8 +327,7 @@ pub(crate) unsafe fn accumulate_window_copies(
             let masked = tail != 0 && v0 + nv == vectors;
             let stripe = v0 * LANES..((v0 + nv) * LANES).min(n_out);
             for s in 0..samples {
-                let ahead = s + COPIES_PREFETCH_AHEAD;
-                prefetch_copies_tile(copies, out, ahead, first..first + count, stripe.clone());
+                prefetch_copies_tile(copies, out, s, first..first + count, stripe.clone());
                 let (index, value) = rest_after(copies, s);
                 let row = s * copies.columns + first * copies.width;
                 let windows: [*const f32; COPY_BLOCK] = std::array::from_fn(|i| {
