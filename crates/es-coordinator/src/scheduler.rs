@@ -4,6 +4,12 @@
 //!
 //! Results are stored by index and handed to the update in index order, so θ does not depend
 //! on which worker evaluated what, in which order results arrived, or which were repeated.
+//!
+//! The coordinator's generation wants every index from the start ([`GenerationWork::new`]).
+//! A generation can also open empty and be granted indices as they come
+//! ([`GenerationWork::open`], [`GenerationWork::extend`]): the shape of the work of a node
+//! that is itself given chunks by another coordinator and hands them on to its own workers,
+//! reporting each granted chunk once it is whole ([`GenerationWork::take_finished`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -55,11 +61,51 @@ pub enum Submitted {
     NotFinite,
 }
 
+/// Why a grant of indices was refused ([`GenerationWork::extend`]); nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExtendError {
+    #[error("a grant of generation {generation} holds no index (count 0); expected at least 1")]
+    Empty { generation: u32 },
+    #[error(
+        "a grant of indices {first}..{first}+{count} of generation {generation} reaches past the population of {population}"
+    )]
+    OutOfRange {
+        generation: u32,
+        first: u32,
+        count: u32,
+        population: u32,
+    },
+    #[error(
+        "a grant of indices {first}..{first}+{count} of generation {generation} repeats index {index}, granted before; expected new indices only"
+    )]
+    Overlap {
+        generation: u32,
+        first: u32,
+        count: u32,
+        index: u32,
+    },
+}
+
+/// A granted chunk's progress towards being reported whole.
+#[derive(Clone, Copy, Debug)]
+struct Grant {
+    count: u32,
+    /// Indices of the chunk without a result.
+    missing: u32,
+}
+
 /// The work of one generation.
 #[derive(Debug)]
 pub struct GenerationWork {
     generation: u32,
     population: u32,
+    chunk_size: u32,
+    /// Whether each index was granted (is wanted this generation).
+    granted: Vec<bool>,
+    /// Indices granted so far; the generation is complete when each has a result.
+    wanted: u32,
+    /// Granted chunks not yet taken by [`GenerationWork::take_finished`], by first index.
+    grants: BTreeMap<u32, Grant>,
     waiting: VecDeque<Chunk>,
     /// Leases by the first index of their chunk.
     leases: BTreeMap<u32, Lease>,
@@ -77,24 +123,125 @@ pub struct GenerationWork {
 impl GenerationWork {
     /// `population` indices in chunks of `chunk_size`, all waiting.
     pub fn new(generation: u32, population: u32, chunk_size: u32) -> GenerationWork {
-        let chunk_size = chunk_size.max(1);
-        let waiting = (0..population)
-            .step_by(chunk_size as usize)
-            .map(|first| Chunk {
-                first,
-                count: chunk_size.min(population - first),
+        let mut work = GenerationWork::open(generation, population, chunk_size);
+        if population > 0 {
+            work.extend(Chunk {
+                first: 0,
+                count: population,
             })
-            .collect();
+            .expect("the whole population is one valid grant");
+        }
+        work
+    }
+
+    /// A generation of `population` indices of which none is wanted yet: [`Self::extend`]
+    /// grants them. Granted indices are handed out in chunks of at most `chunk_size`.
+    pub fn open(generation: u32, population: u32, chunk_size: u32) -> GenerationWork {
         GenerationWork {
             generation,
             population,
-            waiting,
+            chunk_size: chunk_size.max(1),
+            granted: vec![false; population as usize],
+            wanted: 0,
+            grants: BTreeMap::new(),
+            waiting: VecDeque::new(),
             leases: BTreeMap::new(),
             results: vec![None; population as usize],
             delivered_by: HashMap::new(),
             past_leases: HashMap::new(),
             received: 0,
             reassigned: 0,
+        }
+    }
+
+    /// Wants the indices of `grant` too: they wait, after those granted before, in chunks of
+    /// at most the chunk size. A grant that is empty, reaches past the population or repeats
+    /// an index is refused and changes nothing.
+    pub fn extend(&mut self, grant: Chunk) -> Result<(), ExtendError> {
+        let generation = self.generation;
+        let (first, count) = (grant.first, grant.count);
+        if count == 0 {
+            return Err(ExtendError::Empty { generation });
+        }
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > self.population)
+        {
+            return Err(ExtendError::OutOfRange {
+                generation,
+                first,
+                count,
+                population: self.population,
+            });
+        }
+        if let Some(index) = grant.indices().find(|&i| self.granted[i as usize]) {
+            return Err(ExtendError::Overlap {
+                generation,
+                first,
+                count,
+                index,
+            });
+        }
+        for i in grant.indices() {
+            self.granted[i as usize] = true;
+        }
+        self.wanted += count;
+        self.grants.insert(
+            first,
+            Grant {
+                count,
+                missing: count,
+            },
+        );
+        let end = first + count;
+        self.waiting.extend(
+            (first..end)
+                .step_by(self.chunk_size as usize)
+                .map(|first| Chunk {
+                    first,
+                    count: self.chunk_size.min(end - first),
+                }),
+        );
+        Ok(())
+    }
+
+    /// The granted chunks whose every index now has a result, each with its results in index
+    /// order, each handed out once (in the order of their first index). The results stay in
+    /// the generation: duplicates are still compared with them.
+    pub fn take_finished(&mut self) -> Vec<(Chunk, Vec<PairResult>)> {
+        let finished: Vec<Chunk> = self
+            .grants
+            .iter()
+            .filter(|(_, grant)| grant.missing == 0)
+            .map(|(&first, grant)| Chunk {
+                first,
+                count: grant.count,
+            })
+            .collect();
+        finished
+            .into_iter()
+            .map(|chunk| {
+                self.grants.remove(&chunk.first);
+                let results = chunk
+                    .indices()
+                    .map(|i| self.results[i as usize].expect("a finished grant is whole"))
+                    .collect();
+                (chunk, results)
+            })
+            .collect()
+    }
+
+    /// Counts a result in (`arrived`) or out of its grant, while the grant is not taken.
+    fn track_grant(&mut self, index: u32, arrived: bool) {
+        let Some((&first, grant)) = self.grants.range_mut(..=index).next_back() else {
+            return;
+        };
+        if index - first < grant.count {
+            if arrived {
+                grant.missing -= 1;
+            } else {
+                grant.missing += 1;
+            }
         }
     }
 
@@ -185,6 +332,7 @@ impl GenerationWork {
         self.results[slot] = Some(result);
         self.delivered_by.insert(result.index, worker);
         self.received += 1;
+        self.track_grant(result.index, true);
         self.retire_finished_leases(result.index);
         Submitted::Accepted {
             complete: self.is_complete(),
@@ -295,16 +443,24 @@ impl GenerationWork {
 
     /// Replaces the stored result of `truth.index` by `truth`: the coordinator's own evaluation
     /// settled a dispute against the worker that delivered it first. Returns whether the
-    /// stored result changed.
+    /// stored result changed. An index that was never granted is left alone.
     pub fn settle(&mut self, truth: PairResult) -> bool {
-        let Some(slot) = self.results.get_mut(truth.index as usize) else {
+        if !self
+            .granted
+            .get(truth.index as usize)
+            .copied()
+            .unwrap_or(false)
+        {
             return false;
-        };
-        let changed = !slot.is_some_and(|stored| same_result(&stored, &truth));
-        if slot.is_none() {
-            self.received += 1;
         }
+        let slot = &mut self.results[truth.index as usize];
+        let changed = !slot.is_some_and(|stored| same_result(&stored, &truth));
+        let arrived = slot.is_none();
         *slot = Some(truth);
+        if arrived {
+            self.received += 1;
+            self.track_grant(truth.index, true);
+        }
         self.delivered_by.remove(&truth.index);
         changed
     }
@@ -326,6 +482,7 @@ impl GenerationWork {
             self.delivered_by.remove(&index);
             self.results[index as usize] = None;
             self.received -= 1;
+            self.track_grant(index, false);
             self.waiting.push_front(Chunk {
                 first: index,
                 count: 1,
@@ -336,8 +493,14 @@ impl GenerationWork {
         returned
     }
 
+    /// Whether every granted index has a result (with [`Self::new`], every index).
     pub fn is_complete(&self) -> bool {
-        self.received == self.population
+        self.received == self.wanted
+    }
+
+    /// Indices granted so far (with [`Self::new`], the population).
+    pub fn wanted(&self) -> u32 {
+        self.wanted
     }
 
     /// Indices handed out again after a lease ended, so far.
@@ -349,9 +512,9 @@ impl GenerationWork {
         self.received
     }
 
-    /// The results in index order, once complete.
+    /// The results in index order, once every index of the population has one.
     pub fn into_results(self) -> Option<Vec<PairResult>> {
-        if !self.is_complete() {
+        if self.received != self.population {
             return None;
         }
         Some(
@@ -575,5 +738,171 @@ mod tests {
             work.submit(2, 0, result(i, 1.0));
         }
         assert!(work.is_complete());
+    }
+
+    #[test]
+    fn an_open_generation_hands_out_only_granted_indices_and_reports_each_grant_once_whole() {
+        let now = Instant::now();
+        let mut work = GenerationWork::open(5, 20, 3);
+        assert_eq!(work.assign(1, 100, now, LEASE), None, "nothing granted yet");
+        assert!(work.is_complete() && work.take_finished().is_empty());
+        work.extend(Chunk {
+            first: 10,
+            count: 4,
+        })
+        .unwrap();
+        work.extend(Chunk { first: 2, count: 2 }).unwrap();
+        assert_eq!(work.wanted(), 6);
+        // Grants wait in the order they came, cut to the chunk size.
+        let handed: Vec<Chunk> = std::iter::from_fn(|| work.assign(1, 100, now, LEASE)).collect();
+        assert_eq!(
+            handed,
+            [
+                Chunk {
+                    first: 10,
+                    count: 3
+                },
+                Chunk {
+                    first: 13,
+                    count: 1
+                },
+                Chunk { first: 2, count: 2 },
+            ]
+        );
+        assert_eq!(
+            work.submit(1, 5, result(0, 1.0)),
+            Submitted::NotAssigned,
+            "an index never granted"
+        );
+        for i in [3, 12, 10, 2] {
+            assert!(matches!(
+                work.submit(1, 5, result(i, f64::from(i))),
+                Submitted::Accepted { complete: false }
+            ));
+        }
+        let finished = work.take_finished();
+        assert_eq!(finished.len(), 1, "only the grant 2..4 is whole");
+        assert_eq!(finished[0].0, Chunk { first: 2, count: 2 });
+        assert_eq!(
+            finished[0].1.iter().map(|r| r.index).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert!(work.take_finished().is_empty(), "a grant is reported once");
+        work.submit(1, 5, result(11, 11.0));
+        assert_eq!(
+            work.submit(1, 5, result(13, 13.0)),
+            Submitted::Accepted { complete: true }
+        );
+        let finished = work.take_finished();
+        assert_eq!(finished.len(), 1);
+        assert_eq!(
+            finished[0].0,
+            Chunk {
+                first: 10,
+                count: 4
+            }
+        );
+        assert_eq!(
+            finished[0]
+                .1
+                .iter()
+                .map(|r| r.plus.fitness)
+                .collect::<Vec<_>>(),
+            [10.0, 11.0, 12.0, 13.0]
+        );
+        // A taken grant's results still count against duplicates.
+        assert_eq!(work.submit(1, 5, result(12, 12.0)), Submitted::Duplicate);
+        // More indices reopen the generation; the whole population never arrived.
+        work.extend(Chunk { first: 0, count: 1 }).unwrap();
+        assert!(!work.is_complete());
+        assert!(work.into_results().is_none());
+    }
+
+    #[test]
+    fn a_bad_grant_is_refused_and_changes_nothing() {
+        let now = Instant::now();
+        let mut work = GenerationWork::open(9, 8, 4);
+        work.extend(Chunk { first: 2, count: 3 }).unwrap();
+        assert_eq!(
+            work.extend(Chunk { first: 6, count: 0 }),
+            Err(ExtendError::Empty { generation: 9 })
+        );
+        assert_eq!(
+            work.extend(Chunk { first: 6, count: 3 }),
+            Err(ExtendError::OutOfRange {
+                generation: 9,
+                first: 6,
+                count: 3,
+                population: 8
+            })
+        );
+        assert!(matches!(
+            work.extend(Chunk {
+                first: u32::MAX,
+                count: 2
+            }),
+            Err(ExtendError::OutOfRange { .. })
+        ));
+        let overlap = work.extend(Chunk { first: 0, count: 3 }).unwrap_err();
+        assert_eq!(
+            overlap,
+            ExtendError::Overlap {
+                generation: 9,
+                first: 0,
+                count: 3,
+                index: 2
+            }
+        );
+        assert!(overlap.to_string().contains("repeats index 2"), "{overlap}");
+        assert_eq!(work.wanted(), 3);
+        assert_eq!(
+            work.assign(1, 100, now, LEASE),
+            Some(Chunk { first: 2, count: 3 })
+        );
+        assert_eq!(
+            work.assign(1, 100, now, LEASE),
+            None,
+            "index 0 was never granted"
+        );
+        assert!(
+            !work.settle(result(0, 1.0)),
+            "an index never granted is not settled"
+        );
+        assert_eq!(work.received(), 0);
+    }
+
+    #[test]
+    fn a_grant_that_loses_a_result_is_whole_again_only_when_it_is_redone() {
+        let now = Instant::now();
+        let mut work = GenerationWork::open(1, 6, 2);
+        work.extend(Chunk { first: 0, count: 4 }).unwrap();
+        let a = work.assign(1, 2, now, LEASE).unwrap();
+        let b = work.assign(2, 2, now, LEASE).unwrap();
+        for i in a.indices() {
+            work.submit(1, 1, result(i, 1.0));
+        }
+        work.submit(2, 1, result(b.first, 7.0));
+        // Worker 2 is quarantined before its grant was whole: its result is dropped.
+        assert_eq!(work.discard_worker(2), 2);
+        work.submit(2, 1, result(b.first + 1, 7.0));
+        assert!(work.take_finished().is_empty());
+        let redo: Vec<Chunk> = std::iter::from_fn(|| work.assign(1, 100, now, LEASE)).collect();
+        assert_eq!(
+            redo.iter().map(|c| c.count).sum::<u32>(),
+            2,
+            "both of worker 2's indices wait again"
+        );
+        for chunk in redo {
+            for i in chunk.indices() {
+                work.submit(1, 1, result(i, 1.0));
+            }
+        }
+        let finished = work.take_finished();
+        assert_eq!(finished.len(), 1);
+        assert!(finished[0].1.iter().all(|r| r.plus.fitness == 1.0));
+        // A settled dispute whose index had no result yet also completes its grant.
+        work.extend(Chunk { first: 4, count: 1 }).unwrap();
+        assert!(work.settle(result(4, 2.0)));
+        assert_eq!(work.take_finished()[0].0, Chunk { first: 4, count: 1 });
     }
 }
