@@ -1516,73 +1516,27 @@ async fn train(
         let t = es_state.generation;
         let gen_started = Instant::now();
         let cpu_started = process_cpu_secs();
+        // θ's digest and copy are made outside the lock: the handlers keep running meanwhile.
         let theta = Arc::new(EncodedTheta::new(&es_state.theta));
-        {
-            let mut state = shared.lock();
-            let threads: u32 = state
-                .workers
-                .values()
-                .map(|w| w.threads)
-                .sum::<u32>()
-                .max(1);
-            state.chunk_size = chunk_size(population, threads);
-            state.work = Some(GenerationWork::new(t, population, state.chunk_size));
-            state.current = Some((t, theta));
-            state.current_theta = Some(Arc::new(es_state.theta.clone()));
-            state.audited.clear();
-            let mut sources = theta_sources(&state, options.relay_fanout);
-            let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
-            for id in ids {
-                announce_from(&mut state, id, sources.remove(&id), Announcement::Start);
-                assign_to(&mut state, id, options);
-            }
-        }
-        // Wait for every index, re-leasing expired chunks as we go.
-        let (results, reassigned, workers, counters) = loop {
-            let notified = shared.changed.notified();
-            {
-                let mut state = shared.lock();
-                let checks_pending = state.checks_pending;
-                let work = state.work.as_mut().expect("a generation is running");
-                if work.is_complete() && checks_pending == 0 {
-                    let work = state.work.take().expect("checked above");
-                    let reassigned = work.reassigned();
-                    let workers = state.workers.len();
-                    // The pace of this generation sets the next one's leases.
-                    let threads: u32 = state.workers.values().map(|w| w.threads).sum();
-                    let pair_secs = gen_started.elapsed().as_secs_f64() * f64::from(threads.max(1))
-                        / f64::from(population.max(1));
-                    state.pair_secs = Some(match state.pair_secs {
-                        Some(previous) => 0.5 * (previous + pair_secs),
-                        None => pair_secs,
-                    });
-                    let counters = std::mem::take(&mut state.counters);
-                    break (
-                        work.into_results().expect("complete"),
-                        reassigned,
-                        workers,
-                        counters,
-                    );
-                }
-                let (expired, returned) = work.expire(Instant::now());
-                if returned > 0 {
-                    tracing::warn!(
-                        ?expired,
-                        returned,
-                        "leases expired: handing their indices to others"
-                    );
-                    assign_all(&mut state, options);
-                }
-            }
-            if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break (Vec::new(), 0, 0, GenerationCounters::default());
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
-        };
-        if interrupted {
+        let theta_values = Arc::new(es_state.theta.clone());
+        begin_generation(
+            &mut shared.lock(),
+            options,
+            t,
+            population,
+            theta,
+            theta_values,
+        );
+        let Some(Collected {
+            results,
+            reassigned,
+            workers,
+            counters,
+        }) = collect_results(shared, options, stop, gen_started).await
+        else {
+            interrupted = true;
             break;
-        }
+        };
         let eval_secs = gen_started.elapsed().as_secs_f64();
         let update_started = Instant::now();
         let pairs: Vec<_> = results.iter().map(PairResult::fitness).collect();
@@ -1686,6 +1640,98 @@ async fn train(
         &checkpointer,
     )
     .await
+}
+
+/// Starts generation `t` of `population` indices with θ (`theta` as it travels,
+/// `theta_values` to settle disputes): cuts it into chunks for the workers' threads, tells
+/// every proven worker (θ's bytes, or which relay to fetch them from) and hands each what its
+/// credits allow.
+fn begin_generation(
+    state: &mut State,
+    options: &ClusterOptions,
+    t: u32,
+    population: u32,
+    theta: Arc<EncodedTheta>,
+    theta_values: Arc<Vec<f32>>,
+) {
+    let threads: u32 = state
+        .workers
+        .values()
+        .map(|w| w.threads)
+        .sum::<u32>()
+        .max(1);
+    state.chunk_size = chunk_size(population, threads);
+    state.work = Some(GenerationWork::new(t, population, state.chunk_size));
+    state.current = Some((t, theta));
+    state.current_theta = Some(theta_values);
+    state.audited.clear();
+    let mut sources = theta_sources(state, options.relay_fanout);
+    let ids: Vec<WorkerId> = state.workers.keys().copied().collect();
+    for id in ids {
+        announce_from(state, id, sources.remove(&id), Announcement::Start);
+        assign_to(state, id, options);
+    }
+}
+
+/// A generation's results, in index order, and what it took to collect them.
+struct Collected {
+    results: Vec<PairResult>,
+    /// Indices evaluated again after a lost or late worker.
+    reassigned: u32,
+    /// Workers in the run when the last result came.
+    workers: usize,
+    counters: GenerationCounters,
+}
+
+/// Waits until the current generation has every result and no check is pending, handing
+/// expired leases' indices to other workers meanwhile; `None` when `stop` is set first.
+/// Its pace sets the next generation's leases.
+async fn collect_results(
+    shared: &Shared,
+    options: &ClusterOptions,
+    stop: &AtomicBool,
+    gen_started: Instant,
+) -> Option<Collected> {
+    loop {
+        let notified = shared.changed.notified();
+        {
+            let mut state = shared.lock();
+            let checks_pending = state.checks_pending;
+            let work = state.work.as_mut().expect("a generation is running");
+            if work.is_complete() && checks_pending == 0 {
+                let work = state.work.take().expect("checked above");
+                let population = work.population();
+                let reassigned = work.reassigned();
+                let workers = state.workers.len();
+                let threads: u32 = state.workers.values().map(|w| w.threads).sum();
+                let pair_secs = gen_started.elapsed().as_secs_f64() * f64::from(threads.max(1))
+                    / f64::from(population.max(1));
+                state.pair_secs = Some(match state.pair_secs {
+                    Some(previous) => 0.5 * (previous + pair_secs),
+                    None => pair_secs,
+                });
+                return Some(Collected {
+                    results: work.into_results().expect("complete"),
+                    reassigned,
+                    workers,
+                    counters: std::mem::take(&mut state.counters),
+                });
+            }
+            let (expired, returned) = work.expire(Instant::now());
+            if returned > 0 {
+                tracing::warn!(
+                    ?expired,
+                    returned,
+                    "leases expired: handing their indices to others"
+                );
+                assign_all(&mut state, options);
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
+    }
 }
 
 /// What the coordinator needs to spread a generation's update and check the answers.
