@@ -1334,61 +1334,13 @@ pub async fn run_from(
         monitor: env.monitor.clone(),
     });
 
-    let addr = listener.local_addr().map_err(|source| RunError::Io {
-        path: "listener".into(),
-        source,
-    })?;
-    let (health_reporter, health_service) = es_proto::tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServer<Service>>()
-        .await;
-    // Every call of the Coordinator service needs the token; the interceptor runs before a
-    // request's body is read. A worker sends small messages: the decoding limit is what a
-    // generation of results needs, not θ's size.
-    let service = InterceptedService::new(
-        CoordinatorServer::new(Service(Arc::clone(&shared)))
-            .max_decoding_message_size(inbound_message_limit(es.population))
-            .max_encoding_message_size(es_proto::MAX_MESSAGE_BYTES),
-        RequireToken::new(options.token.as_ref()),
-    );
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &options.tls {
-        builder = builder
-            .tls_config(tls.config())
-            .map_err(|e| RunError::Serve(format!("the TLS configuration is unusable: {e}")))?;
-    }
-    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        builder
-            // Flow-control windows bound what a client can make the coordinator buffer:
-            // workers send small messages (θ travels the other way, under the worker's own
-            // windows), so 1 MiB per stream and 2 MiB per connection slow nothing down.
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(2 * STREAM_WINDOW))
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            // Unary calls (Join) must finish within this; work streams have their own
-            // deadlines (first message, heartbeats) in `serve_worker`.
-            .timeout(CALL_TIMEOUT)
-            // A peer that stops answering pings (vanished, cut off) loses its connection.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(health_service)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                Incoming::new(listener, options.max_connections),
-                async {
-                    let _ = server_stopped.await;
-                },
-            ),
-    );
+    let server = Server::start(&shared, listener).await?;
     tracing::info!(
-        tls = options.tls.is_some(),
-        mutual_tls = options.tls.as_ref().is_some_and(ServerTls::mutual),
-        token = options.token.is_some(),
-        "coordinator security"
+        addr = %server.addr,
+        run_id,
+        workers = options.workers,
+        "coordinator listening"
     );
-    tracing::info!(%addr, run_id, workers = options.workers, "coordinator listening");
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -1404,47 +1356,128 @@ pub async fn run_from(
     )
     .await;
 
-    {
-        let mut state = shared.lock();
-        let finished = result.as_ref().is_ok_and(|s| !s.interrupted);
-        state.finished = Some(finished);
-        if !state.quarantined.is_empty() || state.rejected_messages > 0 {
-            let mut quarantined: Vec<WorkerId> = state.quarantined.iter().copied().collect();
-            quarantined.sort_unstable();
-            tracing::warn!(
-                ?quarantined,
-                rejected_messages = state.rejected_messages,
-                "workers sent results that were refused"
-            );
-        }
-        let reason = if finished {
-            "the run is over"
-        } else {
-            "the coordinator is stopping"
-        };
-        for (id, slot) in &state.workers {
-            tracing::info!(worker_id = id, name = %slot.name, pairs_accepted = slot.accepted, "worker at the end of the run");
-            let _ = slot.tx.send(Ok(shutdown_message(None, reason, finished)));
-        }
-        state.workers.clear();
-    }
-    // Give the shutdown messages a moment to leave before the server closes the streams.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // A graceful stop waits for clients to close their connections; one that never does
-    // (a stuck or hostile client) must not keep the coordinator from exiting.
-    let _ = stop_server.send(());
-    let mut server = server;
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace = ?SHUTDOWN_GRACE,
-            "clients kept connections open after the run: closing them"
-        );
-        server.abort();
-    }
+    let finished = result.as_ref().is_ok_and(|s| !s.interrupted);
+    end_streams(&shared, finished);
+    server.stop().await;
     result
+}
+
+/// The gRPC server of the `Coordinator` service (and gRPC health), serving `Shared`.
+struct Server {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Server {
+    /// Serves the workers' calls on `listener`, with the security and limits of
+    /// `shared.options`.
+    async fn start(
+        shared: &Arc<Shared>,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Server, RunError> {
+        let options = &shared.options;
+        let addr = listener.local_addr().map_err(|source| RunError::Io {
+            path: "listener".into(),
+            source,
+        })?;
+        let (health_reporter, health_service) = es_proto::tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<CoordinatorServer<Service>>()
+            .await;
+        // Every call of the Coordinator service needs the token; the interceptor runs before
+        // a request's body is read. A worker sends small messages: the decoding limit is what
+        // a generation of results needs, not θ's size.
+        let service = InterceptedService::new(
+            CoordinatorServer::new(Service(Arc::clone(shared)))
+                .max_decoding_message_size(inbound_message_limit(shared.es.population))
+                .max_encoding_message_size(es_proto::MAX_MESSAGE_BYTES),
+            RequireToken::new(options.token.as_ref()),
+        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &options.tls {
+            builder = builder
+                .tls_config(tls.config())
+                .map_err(|e| RunError::Serve(format!("the TLS configuration is unusable: {e}")))?;
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(
+            builder
+                // Flow-control windows bound what a client can make the coordinator buffer:
+                // workers send small messages (θ travels the other way, under the worker's
+                // own windows), so 1 MiB per stream and 2 MiB per connection slow nothing.
+                .initial_stream_window_size(Some(STREAM_WINDOW))
+                .initial_connection_window_size(Some(2 * STREAM_WINDOW))
+                .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+                .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+                // Unary calls (Join) must finish within this; work streams have their own
+                // deadlines (first message, heartbeats) in `serve_worker`.
+                .timeout(CALL_TIMEOUT)
+                // A peer that stops answering pings (vanished, cut off) loses its connection.
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .add_service(health_service)
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    Incoming::new(listener, options.max_connections),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        tracing::info!(
+            tls = options.tls.is_some(),
+            mutual_tls = options.tls.as_ref().is_some_and(ServerTls::mutual),
+            token = options.token.is_some(),
+            "coordinator security"
+        );
+        Ok(Server { addr, stop, task })
+    }
+
+    /// Stops serving after the last messages have had a moment to leave. A graceful stop
+    /// waits for clients to close their connections; one that never does (a stuck or
+    /// hostile client) must not keep the coordinator from exiting.
+    async fn stop(self) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "clients kept connections open after the run: closing them"
+            );
+            task.abort();
+        }
+    }
+}
+
+/// Tells every worker that the run is over (`finished`) or that the coordinator is stopping,
+/// and forgets them; logs who was refused.
+fn end_streams(shared: &Shared, finished: bool) {
+    let mut state = shared.lock();
+    state.finished = Some(finished);
+    if !state.quarantined.is_empty() || state.rejected_messages > 0 {
+        let mut quarantined: Vec<WorkerId> = state.quarantined.iter().copied().collect();
+        quarantined.sort_unstable();
+        tracing::warn!(
+            ?quarantined,
+            rejected_messages = state.rejected_messages,
+            "workers sent results that were refused"
+        );
+    }
+    let reason = if finished {
+        "the run is over"
+    } else {
+        "the coordinator is stopping"
+    };
+    for (id, slot) in &state.workers {
+        tracing::info!(worker_id = id, name = %slot.name, pairs_accepted = slot.accepted, "worker at the end of the run");
+        let _ = slot.tx.send(Ok(shutdown_message(None, reason, finished)));
+    }
+    state.workers.clear();
 }
 
 #[allow(clippy::too_many_arguments)]
