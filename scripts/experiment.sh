@@ -15,11 +15,12 @@
 # Re-running the same command on the same commit reproduces θ bit for bit.
 #
 # A run longer than one sitting: when --time-limit stops it before its last generation, its
-# newest checkpoint and curve are also kept in docs/results/NAME/resume/ (commit them with
-# `git add -f`), and `--resume NAME` continues it later, on any machine, from there (or from
-# runs/experiments/NAME when that is still on disk), with only operational flags (time limit,
-# threads, evaluation and checkpoint intervals). A resumed run ends bit-identical to one that
-# never stopped; its wall time is the sum of its sittings', which machine.txt lists.
+# newest checkpoint is also kept in docs/results/NAME/resume/ (commit the directory with
+# `git add -A docs/results/NAME`), and `--resume NAME` continues it later, on any machine,
+# from there and the kept curve (or from runs/experiments/NAME when that is still on disk),
+# with only operational flags (time limit, threads, evaluation and checkpoint intervals). A
+# resumed run ends bit-identical to one that never stopped; its wall time is the sum of its
+# sittings', which machine.txt lists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: scripts/experiment.sh [--resume] NAME [coordinator flags...]"
@@ -44,7 +45,7 @@ if $resume; then
       { echo "no checkpoint in $run/checkpoints or $out/resume to resume $name from" >&2; exit 1; }
     mkdir -p "$run/checkpoints"
     cp "$out"/resume/*.ckpt "$run/checkpoints/"
-    cp "$out/resume/metrics.jsonl" "$run/"
+    cp "$out/metrics.jsonl" "$run/"
   fi
 else
   rm -rf "$run" "$out/resume"
@@ -91,8 +92,8 @@ if python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); c = open(sys.
 import re; total = int(re.search(r"^generations = (\d+)", c, re.M).group(1))
 sys.exit(0 if s["generations"] < total else 1)' "$out/summary.json" "$out/config.toml"; then
   mkdir -p "$out/resume"
-  cp "$(ls "$run"/checkpoints/*.ckpt | sort | tail -n 1)" "$run/metrics.jsonl" "$out/resume/"
-  echo "$name stopped early: commit $out/resume (git add -f) and continue with scripts/experiment.sh --resume $name" >&2
+  cp "$(ls "$run"/checkpoints/*.ckpt | sort | tail -n 1)" "$out/resume/"
+  echo "$name stopped early: commit it (git add -A $out) and continue with scripts/experiment.sh --resume $name" >&2
 fi
 python3 - "$out" <<'PY'
 import json, sys
