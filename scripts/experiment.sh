@@ -67,25 +67,23 @@ cp "$run/config.toml" "$run/metrics.jsonl" "$run/summary.json" "$out/"
 "$bin/underflow" export "$run" --out "$out/model.safetensors" >&2
 cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
 cpu="$cpu (family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' '), model $(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')$(grep -q avx512f /proc/cpuinfo && echo ', avx512f'))"
+# machine.txt: the first sitting's lines, then an indented block for each resumed one.
 if $resume; then
-  {
-    echo "resumed: scripts/experiment.sh --resume $name $*"
-    echo "  commit: $commit"
-    echo "  cpu: $cpu"
-    echo "  cores: $(nproc)"
-    echo "  started: $started"
-    echo "  finished: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  } >> "$out/machine.txt"
+  heading="resumed: scripts/experiment.sh --resume $name $*"
+  indent="  "
 else
-  {
-    echo "command: scripts/experiment.sh $name $*"
-    echo "commit: $commit"
-    echo "cpu: $cpu"
-    echo "cores: $(nproc)"
-    echo "started: $started"
-    echo "finished: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  } > "$out/machine.txt"
+  heading="command: scripts/experiment.sh $name $*"
+  indent=""
+  : > "$out/machine.txt"
 fi
+{
+  echo "$heading"
+  echo "${indent}commit: $commit"
+  echo "${indent}cpu: $cpu"
+  echo "${indent}cores: $(nproc)"
+  echo "${indent}started: $started"
+  echo "${indent}finished: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} >> "$out/machine.txt"
 # Stopped before its last generation: keep what --resume needs (the newest checkpoint only).
 rm -rf "$out/resume"
 if python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); c = open(sys.argv[2]).read()
