@@ -24,10 +24,14 @@
 #     127.0.0.1:0`, each connection its own listener; the coordinator's default
 #     --relay-fanout 8): the coordinator sends θ to 8 workers per generation, the rest fetch
 #     it from each other. On one machine the fake workers' process still moves every copy
-#     of θ on the same 2 cores, so the coordinator's CPU time is the number to read there.
+#     of θ on the same 2 cores, so the coordinator's CPU time is the number to read there;
+#  6. the same fake workers behind hubs (HUB_WORKERS, HUBS: `coordinator --hub`, each with
+#     its share of the workers, in one fake-worker process per hub): the root serves HUBS
+#     streams; its CPU time is the number to read (hubs and workers share the 2 cores).
 #
 # Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOCAL_UPDATE_WORKERS
-# ("32"; empty: none), RELAY_WORKERS ("32 256 1000"; empty: none), LOAD_GENERATIONS (6),
+# ("32"; empty: none), RELAY_WORKERS ("32 256 1000"; empty: none), HUB_WORKERS ("1000";
+# empty: none), HUBS (8), LOAD_GENERATIONS (6),
 # LOAD_POPULATION (10000), GENERATIONS (30, for step 3), REPORT_JSON (also keep the raw
 # numbers there).
 set -euo pipefail
@@ -37,6 +41,8 @@ export UNDERFLOW_DATA="${UNDERFLOW_DATA:-$root/../shared/data/mnist}"
 fake_workers="${FAKE_WORKERS:-1 32 256 1000}"
 local_update_workers="${LOCAL_UPDATE_WORKERS-32}"
 relay_workers="${RELAY_WORKERS-32 256 1000}"
+hub_workers="${HUB_WORKERS-1000}"
+hubs="${HUBS:-8}"
 load_generations="${LOAD_GENERATIONS:-6}"
 load_population="${LOAD_POPULATION:-10000}"
 generations="${GENERATIONS:-30}"
@@ -140,12 +146,47 @@ for n in $relay_workers; do
     --relay-listen 127.0.0.1:0
 done
 
-python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" "$relay_workers" <<'PY'
+hub_cluster() { # name workers hubs population generations
+  local name=$1 workers=$2 hubs=$3 population=$4 gens=$5
+  local port per_hub=$(( (workers + hubs - 1) / hubs ))
+  port=$(free_port)
+  # The load test's settings of cluster() above, at the root and at each hub.
+  local load=(--audit-every 0 --max-results-per-sec 1000000 --heartbeat 10)
+  timeout 900 "$bin/coordinator" --workers "$hubs" --listen "127.0.0.1:$port" \
+    --generations "$gens" --population "$population" "${common[@]}" "${load[@]}" \
+    --max-workers "$hubs" --max-connections $((hubs + 16)) \
+    --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
+  local coordinator=$! pids=() i hub_port
+  for ((i = 0; i < hubs; i++)); do
+    hub_port=$(free_port)
+    "$bin/coordinator" --hub "http://127.0.0.1:$port" --hub-threads $((2 * per_hub)) \
+      --listen "127.0.0.1:$hub_port" "${load[@]}" --max-workers "$per_hub" \
+      --max-connections $((per_hub + 16)) --threads 1 --http off --mirror none \
+      --data "$UNDERFLOW_DATA" 2>>"$out/$name.hubs.log" &
+    pids+=($!)
+    "$bin/worker" --fake-fitness --connections "$per_hub" --threads 2 --give-up-after 30 \
+      --connect "127.0.0.1:$hub_port" --data "$UNDERFLOW_DATA" 2>>"$out/$name.workers.log" &
+    pids+=($!)
+  done
+  wait "$coordinator" || log "$name: the coordinator failed (see its log below)"
+  for pid in "${pids[@]}"; do
+    wait "$pid" || log "$name: a hub or its fake workers ended with an error (see $name.hubs.log, $name.workers.log)"
+  done
+  tail -3 "$out/$name.log" >&2
+}
+
+for n in $hub_workers; do
+  log "coordinator with $n fake workers behind $hubs hubs, P=$load_population"
+  hub_cluster "hub$n" "$n" "$hubs" "$load_population" "$load_generations"
+done
+
+python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" "$relay_workers" "$hub_workers" "$hubs" <<'PY'
 import json, os, statistics, sys
 
 out, trained, fakes, population, keep = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
 locals_ = sys.argv[6].split()
 relays = sys.argv[7].split()
+hub_runs, hub_count = sys.argv[8].split(), sys.argv[9]
 bench = json.load(open(f"{out}/bench.json"))
 rows = []  # (section, case, value, unit, ratio, note)
 
@@ -205,6 +246,7 @@ dim = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
 runs = [(f"fake{n}", int(n), "") for n in fakes]
 runs += [(f"local{n}", int(n), ", --local-update") for n in locals_]
 runs += [(f"relay{n}", int(n), ", relaying") for n in relays]
+runs += [(f"hub{n}", int(n), f" behind {hub_count} hubs") for n in hub_runs]
 for name, n, how in runs:
     m = metrics(name)[1:]
     if not m:

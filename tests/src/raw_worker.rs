@@ -79,6 +79,7 @@ pub fn join_request(data: &Mnist, name: &str) -> pb::JoinRequest {
         relay_port: 0,
         relay_host: String::new(),
         carried_credits: false,
+        hub: false,
     }
 }
 

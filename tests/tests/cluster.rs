@@ -509,3 +509,138 @@ fn coordinator_and_two_worker_processes_train_and_exit_cleanly() {
         );
     }
 }
+
+/// A root coordinator with one hub (`coordinator --hub`) between it and `workers`, audits
+/// on at both: θ's bytes, the root's metrics lines and how the hub and each worker ended.
+async fn hub_run(
+    config: &RunConfig,
+    scratch: &Scratch,
+    name: &str,
+    workers: &[TestWorker],
+) -> (
+    Vec<u8>,
+    Vec<serde_json::Value>,
+    Vec<Result<WorkerExit, es_worker::WorkerError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let root = format!("http://{}", listener.local_addr().unwrap());
+    let env = environment(scratch, name, 1);
+    let run_dir = env.run_dir.clone();
+    let options = ClusterOptions {
+        workers: 1,
+        audit_every: 1,
+        ..ClusterOptions::default()
+    };
+    let coordinator = tokio::spawn(cluster::run(
+        config.clone(),
+        env,
+        options,
+        listener,
+        Box::pin(std::future::pending()),
+    ));
+    let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
+    let hub_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let hub = cluster::Hub::new(cluster::HubOptions {
+        cluster: ClusterOptions {
+            audit_every: 1,
+            ..ClusterOptions::default()
+        },
+        listen: hub_addr,
+        threads: 1,
+    });
+    let mut hub_options = WorkerOptions::new(root, DataSource::Loaded(Arc::clone(&mnist)));
+    hub_options.threads = workers.iter().map(|w| w.threads).sum();
+    hub_options.cache_dir = scratch.path().join("cache");
+    hub_options.name = format!("{name}-hub");
+    hub_options.delegate = Some(Arc::new(hub));
+    let mut tasks = vec![tokio::spawn(es_worker::run(
+        hub_options,
+        std::future::pending::<()>(),
+    ))];
+    for (i, worker) in workers.iter().enumerate() {
+        let mut options = WorkerOptions::new(
+            format!("http://{hub_addr}"),
+            DataSource::Loaded(Arc::clone(&mnist)),
+        );
+        options.threads = worker.threads;
+        options.fake_fitness = worker.fake;
+        options.cache_dir = scratch.path().join("cache");
+        options.name = format!("{name}-{i}");
+        tasks.push(tokio::spawn(es_worker::run(
+            options,
+            std::future::pending::<()>(),
+        )));
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(300), coordinator)
+        .await
+        .expect("the run through a hub ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.generations, config.generations);
+    let mut exits = Vec::new();
+    for task in tasks {
+        let exit = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the hub and its workers exit")
+            .unwrap();
+        exits.push(exit);
+    }
+    let metrics = underflow_tests::processes::metrics(&run_dir);
+    (
+        std::fs::read(run_dir.join("theta.f32")).unwrap(),
+        metrics,
+        exits,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_hub_theta_is_bit_identical_and_the_root_serves_one_stream() {
+    let scratch = Arc::new(Scratch::new("cluster-hub"));
+    let config = config();
+    let embedded = embedded_theta(&config, &scratch).await;
+    let workers = [TestWorker::real(1), TestWorker::real(2)];
+    let (theta, metrics, exits) = hub_run(&config, &scratch, "hub", &workers).await;
+    assert!(
+        theta == embedded,
+        "θ through a hub differs from the embedded run"
+    );
+    // The hub, then both of its workers, saw the run finish.
+    assert_all_finished(exits);
+    assert_eq!(metrics.len(), config.generations as usize);
+    for line in &metrics {
+        assert_eq!(line["workers"], 1, "the root serves the hub alone: {line}");
+        // The hub answered the spread update (its workers summed the noise): the root
+        // summed nothing itself.
+        assert!(line["sums_delivered"].as_u64().unwrap() > 0, "{line}");
+        assert_eq!(line["sums_local"].as_u64(), Some(0), "{line}");
+        assert_eq!(line["quarantined"].as_u64(), Some(0), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_quarantines_a_worker_of_other_bits_before_any_of_its_results_go_up() {
+    let scratch = Arc::new(Scratch::new("cluster-hub-audit"));
+    let config = config();
+    let embedded = embedded_theta(&config, &scratch).await;
+    let fake = TestWorker {
+        fake: true,
+        ..TestWorker::real(1)
+    };
+    let (theta, metrics, exits) =
+        hub_run(&config, &scratch, "hub-audit", &[TestWorker::real(1), fake]).await;
+    assert!(
+        theta == embedded,
+        "θ through a hub with a wrong worker differs from the embedded run"
+    );
+    let [hub, real, fake]: [_; 3] = exits.try_into().unwrap();
+    assert_eq!(hub.unwrap(), WorkerExit::Finished);
+    assert_eq!(real.unwrap(), WorkerExit::Finished);
+    let refused = fake.unwrap_err();
+    assert!(refused.is_refusal(), "{refused}");
+    // The root never saw a wrong result: it audited the hub every generation and
+    // quarantined nobody.
+    for line in &metrics {
+        assert_eq!(line["quarantined"].as_u64(), Some(0), "{line}");
+        assert_eq!(line["workers"], 1, "{line}");
+    }
+}

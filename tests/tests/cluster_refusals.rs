@@ -68,6 +68,7 @@ fn request(digest: Vec<u8>) -> pb::JoinRequest {
         relay_port: 0,
         relay_host: String::new(),
         carried_credits: false,
+        hub: false,
     }
 }
 

@@ -69,6 +69,7 @@ fn join_request(digest: &[u8]) -> pb::JoinRequest {
         relay_port: 0,
         relay_host: String::new(),
         carried_credits: false,
+        hub: false,
     }
 }
 

@@ -5,6 +5,8 @@
 //! The network code is thin: every decision about indices lives in the synchronous
 //! [`GenerationWork`] behind one mutex, and the numeric work (update, test evaluation, the
 //! golden proof) runs on blocking threads, never on the async executor.
+//!
+//! [`hub`] serves the same workers as a node between them and a coordinator upstream.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -43,6 +45,9 @@ use crate::relays;
 use crate::run_dir::RunDir;
 use crate::scheduler::{GenerationWork, Submitted, WorkerId, same_result};
 use crate::sums::{SumWork, SumsSubmitted};
+
+mod hub;
+pub use hub::{Hub, HubOptions};
 
 /// How the cluster waits for and watches its workers, who may take part, and what each may
 /// cost (see `auth` and `limits`).
@@ -159,6 +164,8 @@ struct WorkerSlot {
     /// It takes credits granted in `Generation` and returns them in `Results` (its
     /// `JoinRequest` asked for carried credits).
     carried_credits: bool,
+    /// It is a hub, handing its chunks on to workers of its own (`JoinRequest.hub`).
+    hub: bool,
 }
 
 /// The most credits a worker can hold, whatever it grants (a bound on a peer's claim).
@@ -179,6 +186,7 @@ struct Joined {
     sums_noise: bool,
     relay: Option<String>,
     carried_credits: bool,
+    hub: bool,
 }
 
 #[derive(Default)]
@@ -193,6 +201,9 @@ struct State {
     current: Option<(u32, Arc<EncodedTheta>)>,
     current_theta: Option<Arc<Vec<f32>>>,
     chunk_size: u32,
+    /// The threads of the workers in the run when the generation began (hubs' grants are
+    /// their share of it).
+    threads: u32,
     /// Seconds one thread takes per pair, measured on the last generation: the expected
     /// time of a chunk, from which its lease follows.
     pair_secs: Option<f64>,
@@ -213,6 +224,8 @@ struct State {
     sums: Option<SumWork>,
     /// Seconds the last spread update waited for its workers (their leases follow from it).
     sums_secs: Option<f64>,
+    /// A hub's chunks from its own coordinator, waiting for their results; empty on the root.
+    upstream: hub::Upstream,
 }
 
 /// What the cluster counts between two generations' metrics lines, taken whole when a
@@ -258,6 +271,9 @@ struct Shared {
     changed: Notify,
     /// What people watching the run see (dashboard, `/metrics`, progress line).
     monitor: Monitor,
+    /// Every accepted result wakes the waiters, not only the generation's last one: a hub
+    /// answers its coordinator chunk by chunk ([`hub`]).
+    wake_on_each_result: bool,
 }
 
 impl Shared {
@@ -308,6 +324,7 @@ fn chunk_size(population: u32, threads: u32) -> u32 {
 fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
     let chunk_size = state.chunk_size.max(1);
     let pair_secs = state.pair_secs;
+    let all_threads = state.threads;
     let State {
         work,
         workers,
@@ -319,17 +336,25 @@ fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
     };
     let lease = lease_for(options, pair_secs, slot);
     let now = Instant::now();
+    // No more than two chunks' worth (or two per thread) in flight: the rest stays in the
+    // pool for whichever worker finishes first, instead of queueing behind this one (and
+    // being lost with it). A hub cuts each chunk again for its own workers, who evaluate
+    // them side by side: it gets its threads' share of the generation in about four chunks
+    // (messages to the root stay few) and holds three at a time.
+    let (chunk, most_in_flight) = if slot.hub {
+        let chunk = hub_chunk(work.population(), all_threads, slot.threads).max(chunk_size);
+        (chunk, chunk.saturating_mul(3))
+    } else {
+        (chunk_size, 2 * chunk_size.max(slot.threads))
+    };
     while slot.credits > 0 {
         // At most half the worker's capacity per chunk, so that it holds a second chunk while
         // it evaluates the first and never waits a round trip for work. (Half of the *current*
         // credits would shrink chunks to single indices, which a multi-threaded worker cannot
         // spread over its threads.)
-        let count = chunk_size.min((slot.capacity / 2).max(1)).min(slot.credits);
-        // No more than two chunks' worth (or two per thread) in flight: the rest stays in the
-        // pool for whichever worker finishes first, instead of queueing behind this one (and
-        // being lost with it).
+        let count = chunk.min((slot.capacity / 2).max(1)).min(slot.credits);
         let in_flight = slot.capacity.saturating_sub(slot.credits);
-        if in_flight >= 2 * chunk_size.max(slot.threads) {
+        if in_flight >= most_in_flight {
             break;
         }
         let Some(chunk) = work.assign(worker, count, now, lease) else {
@@ -343,6 +368,13 @@ fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
         };
         send(&mut counters.bytes_sent, &slot.tx, assign.into());
     }
+}
+
+/// A hub's chunk: a quarter of its threads' share of the generation's `population` pairs,
+/// of `all_threads` in the run.
+fn hub_chunk(population: u32, all_threads: u32, hub_threads: u32) -> u32 {
+    let share = u64::from(population) * u64::from(hub_threads) / u64::from(all_threads.max(1));
+    u32::try_from(share.div_ceil(4)).unwrap_or(u32::MAX).max(1)
 }
 
 fn assign_all(state: &mut State, options: &ClusterOptions) {
@@ -598,11 +630,12 @@ impl Coordinator for Service {
                     sums_noise: join.sums_noise,
                     relay: relay.clone(),
                     carried_credits: join.carried_credits,
+                    hub: join.hub,
                 },
             );
             id
         };
-        tracing::info!(worker_id, %name, threads = join.threads, %kernel, ?peer, ?relay, "worker joined");
+        tracing::info!(worker_id, %name, threads = join.threads, %kernel, ?peer, ?relay, hub = join.hub, "worker joined");
         let accepted = pb::JoinAccepted {
             protocol_version: PROTOCOL_VERSION,
             run_id: shared.run_id.clone(),
@@ -743,6 +776,7 @@ async fn serve_worker(
             sums_noise,
             relay,
             carried_credits,
+            hub,
             ..
         } = state.joined.remove(&worker).unwrap_or(Joined {
             threads: 1,
@@ -751,6 +785,7 @@ async fn serve_worker(
             sums_noise: false,
             relay: None,
             carried_credits: false,
+            hub: false,
         });
         if let Some(completed) = state.finished {
             let reason = if completed {
@@ -777,6 +812,7 @@ async fn serve_worker(
                 sums_noise,
                 relay,
                 carried_credits,
+                hub,
             },
         );
         announce(&mut state, worker, Announcement::Start);
@@ -1037,7 +1073,7 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 assign_to(&mut state, worker, &shared.options);
             }
             drop(state);
-            if complete {
+            if complete || shared.wake_on_each_result {
                 shared.changed.notify_waiters();
             }
             handled
@@ -1105,6 +1141,51 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
         Some(Kind::Heartbeat(_)) => Handled::default(),
         Some(Kind::Prove(_)) => Handled::error("prove after the stream was proven".into()),
         None => Handled::error("message with no kind".into()),
+    }
+}
+
+/// The run as one node (the root or a hub) computes on it itself.
+struct NodeRun {
+    net: NetConfig,
+    es: Arc<EsConfig>,
+    noise: Arc<NoiseSource>,
+    data: Arc<Mnist>,
+    kernel: es_kernel::Kernel,
+    run_seed: u64,
+}
+
+impl NodeRun {
+    /// The golden proof of (`generation`, `index`), computed on a blocking thread.
+    async fn golden(
+        self: &Arc<Self>,
+        generation: u32,
+        index: u32,
+    ) -> Result<GoldenProof, TrainError> {
+        let run = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let train = Dataset {
+                images: &run.data.train.images,
+                labels: &run.data.train.labels,
+            };
+            let runs = golden_task(
+                &run.net,
+                &run.es,
+                run.run_seed,
+                &run.noise,
+                train,
+                generation,
+                index,
+                run.kernel,
+            )?;
+            let [center, plus, minus] = runs.map(|g| GoldenEval::new(&g.evaluation, &g.logits));
+            Ok(GoldenProof {
+                center,
+                plus,
+                minus,
+            })
+        })
+        .await
+        .expect("the golden task does not panic")
     }
 }
 
@@ -1278,38 +1359,18 @@ pub async fn run_from(
         es: es.clone(),
         noise: es_proto::NoiseSpec::from(&noise),
     };
-    let golden = {
-        let (net, es, noise, data, kernel) = (
-            net.clone(),
-            es.clone(),
-            noise.clone(),
-            Arc::clone(&data),
-            env.kernel,
-        );
-        let seed = config.seed;
-        tokio::task::spawn_blocking(move || {
-            let train = Dataset {
-                images: &data.train.images,
-                labels: &data.train.labels,
-            };
-            golden_task(
-                &net,
-                &es,
-                seed,
-                &noise,
-                train,
-                es.golden_generation(),
-                GOLDEN_INDEX,
-                kernel,
-            )
-        })
-        .await
-        .expect("the golden task does not panic")?
-    };
-    let [center, plus, minus] = golden.map(|g| GoldenEval::new(&g.evaluation, &g.logits));
     let run_id = begun.run_id.clone();
     let noise = Arc::new(noise);
     let es = Arc::new(es);
+    let node = Arc::new(NodeRun {
+        net: net.clone(),
+        es: Arc::clone(&es),
+        noise: Arc::clone(&noise),
+        data: Arc::clone(&data),
+        kernel: env.kernel,
+        run_seed: config.seed,
+    });
+    let golden = node.golden(es.golden_generation(), GOLDEN_INDEX).await?;
     let referee = Referee {
         evaluator: Evaluator::new(net.clone(), env.kernel)?,
         es: Arc::clone(&es),
@@ -1320,11 +1381,7 @@ pub async fn run_from(
     let shared = Arc::new(Shared {
         run_id: run_id.clone(),
         spec: (&spec).into(),
-        golden: GoldenProof {
-            center,
-            plus,
-            minus,
-        },
+        golden,
         data_digest: data.digest,
         es: EsConfig::clone(&es),
         options: options.clone(),
@@ -1332,6 +1389,7 @@ pub async fn run_from(
         referee: Arc::new(Mutex::new(referee)),
         changed: Notify::new(),
         monitor: env.monitor.clone(),
+        wake_on_each_result: false,
     });
 
     let server = Server::start(&shared, listener).await?;
@@ -1555,6 +1613,7 @@ async fn train(
         begin_generation(
             &mut shared.lock(),
             options,
+            Wanted::All,
             t,
             population,
             theta,
@@ -1675,13 +1734,24 @@ async fn train(
     .await
 }
 
+/// Which indices of a generation are wanted when it begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wanted {
+    /// The whole population (the root).
+    All,
+    /// None yet: they are granted as a hub's coordinator hands them out.
+    Granted,
+}
+
 /// Starts generation `t` of `population` indices with θ (`theta` as it travels,
 /// `theta_values` to settle disputes): cuts it into chunks for the workers' threads, tells
 /// every proven worker (θ's bytes, or which relay to fetch them from) and hands each what its
 /// credits allow.
+#[allow(clippy::too_many_arguments)]
 fn begin_generation(
     state: &mut State,
     options: &ClusterOptions,
+    wanted: Wanted,
     t: u32,
     population: u32,
     theta: Arc<EncodedTheta>,
@@ -1691,10 +1761,14 @@ fn begin_generation(
         .workers
         .values()
         .map(|w| w.threads)
-        .sum::<u32>()
+        .fold(0u32, u32::saturating_add)
         .max(1);
     state.chunk_size = chunk_size(population, threads);
-    state.work = Some(GenerationWork::new(t, population, state.chunk_size));
+    state.threads = threads;
+    state.work = Some(match wanted {
+        Wanted::All => GenerationWork::new(t, population, state.chunk_size),
+        Wanted::Granted => GenerationWork::open(t, population, state.chunk_size),
+    });
     state.current = Some((t, theta));
     state.current_theta = Some(theta_values);
     state.audited.clear();
@@ -1795,6 +1869,23 @@ impl SpreadUpdate<'_> {
     ) -> Result<(Vec<f32>, (u32, u32)), RunError> {
         let weights = Arc::new(update_weights(self.es, pairs)?);
         let dim = ParamLayout::new(self.net).len();
+        let (work, counts) = self
+            .spread(shared, options, t, weights, std::slice::from_ref(&(0..dim)))
+            .await?;
+        Ok((work.assemble().expect("every range was filled"), counts))
+    }
+
+    /// Generation `t`'s noise sums with `weights` over the parameters of `within`, spread
+    /// over the workers as [`Self::noise_sums`] describes; every range is filled. Also returns
+    /// how many ranges workers delivered and how many this node summed itself.
+    async fn spread(
+        &self,
+        shared: &Arc<Shared>,
+        options: &ClusterOptions,
+        t: u32,
+        weights: Arc<Vec<f32>>,
+        within: &[Range<usize>],
+    ) -> Result<(SumWork, (u32, u32)), TrainError> {
         let started = Instant::now();
         let lease = {
             let mut state = shared.lock();
@@ -1805,7 +1896,7 @@ impl SpreadUpdate<'_> {
                 .map(|(id, _)| *id)
                 .collect();
             ids.sort_unstable();
-            let (work, assigned) = SumWork::plan(t, dim, &ids);
+            let (work, assigned) = SumWork::plan_within(t, within, &ids);
             let encoded = es_proto::work::f32s_to_bytes(&weights);
             let State {
                 workers, counters, ..
@@ -1898,7 +1989,7 @@ impl SpreadUpdate<'_> {
                 quarantine(&mut state, *worker, reason, options);
             }
         }
-        Ok((work.assemble().expect("every range was filled"), counts))
+        Ok((work, counts))
     }
 }
 
@@ -2025,6 +2116,15 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hub_gets_a_quarter_of_its_threads_share_per_chunk() {
+        // 8 hubs of 250 threads at P 10,000: 312.5 pairs each quarter, so four messages per
+        // hub and generation instead of one per worker chunk.
+        assert_eq!(hub_chunk(10_000, 2_000, 250), 313);
+        assert_eq!(hub_chunk(16, 3, 3), 4);
+        assert_eq!(hub_chunk(1, 1_000, 1), 1, "never empty");
+    }
 
     #[test]
     fn chunks_are_four_per_thread_but_never_more_than_max_chunks() {

@@ -9,7 +9,8 @@
 //! A generation can also open empty and be granted indices as they come
 //! ([`GenerationWork::open`], [`GenerationWork::extend`]): the shape of the work of a node
 //! that is itself given chunks by another coordinator and hands them on to its own workers,
-//! reporting each granted chunk once it is whole ([`GenerationWork::take_finished`]).
+//! answering each of its chunks once every index of it has a result
+//! ([`GenerationWork::results_of`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -86,14 +87,6 @@ pub enum ExtendError {
     },
 }
 
-/// A granted chunk's progress towards being reported whole.
-#[derive(Clone, Copy, Debug)]
-struct Grant {
-    count: u32,
-    /// Indices of the chunk without a result.
-    missing: u32,
-}
-
 /// The work of one generation.
 #[derive(Debug)]
 pub struct GenerationWork {
@@ -104,8 +97,6 @@ pub struct GenerationWork {
     granted: Vec<bool>,
     /// Indices granted so far; the generation is complete when each has a result.
     wanted: u32,
-    /// Granted chunks not yet taken by [`GenerationWork::take_finished`], by first index.
-    grants: BTreeMap<u32, Grant>,
     waiting: VecDeque<Chunk>,
     /// Leases by the first index of their chunk.
     leases: BTreeMap<u32, Lease>,
@@ -143,7 +134,6 @@ impl GenerationWork {
             chunk_size: chunk_size.max(1),
             granted: vec![false; population as usize],
             wanted: 0,
-            grants: BTreeMap::new(),
             waiting: VecDeque::new(),
             leases: BTreeMap::new(),
             results: vec![None; population as usize],
@@ -186,13 +176,6 @@ impl GenerationWork {
             self.granted[i as usize] = true;
         }
         self.wanted += count;
-        self.grants.insert(
-            first,
-            Grant {
-                count,
-                missing: count,
-            },
-        );
         let end = first + count;
         self.waiting.extend(
             (first..end)
@@ -205,44 +188,32 @@ impl GenerationWork {
         Ok(())
     }
 
-    /// The granted chunks whose every index now has a result, each with its results in index
-    /// order, each handed out once (in the order of their first index). The results stay in
-    /// the generation: duplicates are still compared with them.
-    pub fn take_finished(&mut self) -> Vec<(Chunk, Vec<PairResult>)> {
-        let finished: Vec<Chunk> = self
-            .grants
-            .iter()
-            .filter(|(_, grant)| grant.missing == 0)
-            .map(|(&first, grant)| Chunk {
-                first,
-                count: grant.count,
-            })
-            .collect();
-        finished
-            .into_iter()
-            .map(|chunk| {
-                self.grants.remove(&chunk.first);
-                let results = chunk
-                    .indices()
-                    .map(|i| self.results[i as usize].expect("a finished grant is whole"))
-                    .collect();
-                (chunk, results)
-            })
-            .collect()
-    }
-
-    /// Counts a result in (`arrived`) or out of its grant, while the grant is not taken.
-    fn track_grant(&mut self, index: u32, arrived: bool) {
-        let Some((&first, grant)) = self.grants.range_mut(..=index).next_back() else {
-            return;
-        };
-        if index - first < grant.count {
-            if arrived {
-                grant.missing -= 1;
-            } else {
-                grant.missing += 1;
+    /// The runs of `indices` (clamped to the population) not granted yet, in order: what a
+    /// repeated grant adds (a coordinator upstream hands out again indices whose lease ended).
+    pub fn ungranted(&self, indices: std::ops::Range<u32>) -> Vec<Chunk> {
+        let end = indices.end.min(self.population);
+        let mut runs: Vec<Chunk> = Vec::new();
+        for i in indices.start.min(end)..end {
+            if self.granted[i as usize] {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(run) if run.first + run.count == i => run.count += 1,
+                _ => runs.push(Chunk { first: i, count: 1 }),
             }
         }
+        runs
+    }
+
+    /// The results of `indices` in index order, once every one of them has a result (they
+    /// stay in the generation: duplicates are still compared with them); `None` before, or
+    /// for indices outside the population.
+    pub fn results_of(&self, indices: std::ops::Range<u32>) -> Option<Vec<PairResult>> {
+        self.results
+            .get(indices.start as usize..indices.end as usize)?
+            .iter()
+            .copied()
+            .collect()
     }
 
     pub fn generation(&self) -> u32 {
@@ -332,7 +303,6 @@ impl GenerationWork {
         self.results[slot] = Some(result);
         self.delivered_by.insert(result.index, worker);
         self.received += 1;
-        self.track_grant(result.index, true);
         self.retire_finished_leases(result.index);
         Submitted::Accepted {
             complete: self.is_complete(),
@@ -459,7 +429,6 @@ impl GenerationWork {
         *slot = Some(truth);
         if arrived {
             self.received += 1;
-            self.track_grant(truth.index, true);
         }
         self.delivered_by.remove(&truth.index);
         changed
@@ -482,7 +451,6 @@ impl GenerationWork {
             self.delivered_by.remove(&index);
             self.results[index as usize] = None;
             self.received -= 1;
-            self.track_grant(index, false);
             self.waiting.push_front(Chunk {
                 first: index,
                 count: 1,
@@ -741,11 +709,11 @@ mod tests {
     }
 
     #[test]
-    fn an_open_generation_hands_out_only_granted_indices_and_reports_each_grant_once_whole() {
+    fn an_open_generation_hands_out_only_granted_indices_and_answers_each_grant_once_whole() {
         let now = Instant::now();
         let mut work = GenerationWork::open(5, 20, 3);
         assert_eq!(work.assign(1, 100, now, LEASE), None, "nothing granted yet");
-        assert!(work.is_complete() && work.take_finished().is_empty());
+        assert!(work.is_complete() && work.results_of(10..14).is_none());
         work.extend(Chunk {
             first: 10,
             count: 4,
@@ -780,38 +748,47 @@ mod tests {
                 Submitted::Accepted { complete: false }
             ));
         }
-        let finished = work.take_finished();
-        assert_eq!(finished.len(), 1, "only the grant 2..4 is whole");
-        assert_eq!(finished[0].0, Chunk { first: 2, count: 2 });
+        assert!(
+            work.results_of(10..14).is_none(),
+            "only the grant 2..4 is whole"
+        );
         assert_eq!(
-            finished[0].1.iter().map(|r| r.index).collect::<Vec<_>>(),
+            work.results_of(2..4)
+                .unwrap()
+                .iter()
+                .map(|r| r.index)
+                .collect::<Vec<_>>(),
             [2, 3]
         );
-        assert!(work.take_finished().is_empty(), "a grant is reported once");
         work.submit(1, 5, result(11, 11.0));
         assert_eq!(
             work.submit(1, 5, result(13, 13.0)),
             Submitted::Accepted { complete: true }
         );
-        let finished = work.take_finished();
-        assert_eq!(finished.len(), 1);
         assert_eq!(
-            finished[0].0,
-            Chunk {
-                first: 10,
-                count: 4
-            }
-        );
-        assert_eq!(
-            finished[0]
-                .1
+            work.results_of(10..14)
+                .unwrap()
                 .iter()
                 .map(|r| r.plus.fitness)
                 .collect::<Vec<_>>(),
             [10.0, 11.0, 12.0, 13.0]
         );
-        // A taken grant's results still count against duplicates.
+        assert!(work.results_of(19..21).is_none(), "past the population");
+        // Answered results still count against duplicates.
         assert_eq!(work.submit(1, 5, result(12, 12.0)), Submitted::Duplicate);
+        // A repeated grant adds only the indices not granted before.
+        assert_eq!(
+            work.ungranted(1..12),
+            [Chunk { first: 1, count: 1 }, Chunk { first: 4, count: 6 }]
+        );
+        assert_eq!(
+            work.ungranted(18..25),
+            [Chunk {
+                first: 18,
+                count: 2
+            }]
+        );
+        assert!(work.ungranted(10..14).is_empty());
         // More indices reopen the generation; the whole population never arrived.
         work.extend(Chunk { first: 0, count: 1 }).unwrap();
         assert!(!work.is_complete());
@@ -885,7 +862,7 @@ mod tests {
         // Worker 2 is quarantined before its grant was whole: its result is dropped.
         assert_eq!(work.discard_worker(2), 2);
         work.submit(2, 1, result(b.first + 1, 7.0));
-        assert!(work.take_finished().is_empty());
+        assert!(work.results_of(0..4).is_none());
         let redo: Vec<Chunk> = std::iter::from_fn(|| work.assign(1, 100, now, LEASE)).collect();
         assert_eq!(
             redo.iter().map(|c| c.count).sum::<u32>(),
@@ -897,12 +874,12 @@ mod tests {
                 work.submit(1, 1, result(i, 1.0));
             }
         }
-        let finished = work.take_finished();
-        assert_eq!(finished.len(), 1);
-        assert!(finished[0].1.iter().all(|r| r.plus.fitness == 1.0));
+        let answered = work.results_of(0..4).unwrap();
+        assert!(answered.iter().all(|r| r.plus.fitness == 1.0));
         // A settled dispute whose index had no result yet also completes its grant.
         work.extend(Chunk { first: 4, count: 1 }).unwrap();
+        assert!(work.results_of(4..5).is_none());
         assert!(work.settle(result(4, 2.0)));
-        assert_eq!(work.take_finished()[0].0, Chunk { first: 4, count: 1 });
+        assert_eq!(work.results_of(4..5).unwrap()[0].plus.fitness, 2.0);
     }
 }

@@ -54,14 +54,30 @@ impl SumWork {
     /// each gets about D/N, in ranges of at most [`MAX_RANGE_LEN`]). Returns the work and
     /// each worker's ranges. With no workers, every range belongs to the coordinator.
     pub fn plan(generation: u32, dim: usize, workers: &[WorkerId]) -> (SumWork, Vec<Share>) {
-        let share = dim.div_ceil(workers.len().max(1));
+        SumWork::plan_within(generation, std::slice::from_ref(&(0..dim)), workers)
+    }
+
+    /// Like [`SumWork::plan`], over the parameters of `within` only (a hub's share of θ,
+    /// which it splits among its own workers): each gets about 1/N of them, in ranges that
+    /// never cross from one of `within` to the next.
+    pub fn plan_within(
+        generation: u32,
+        within: &[Range<usize>],
+        workers: &[WorkerId],
+    ) -> (SumWork, Vec<Share>) {
+        let total: usize = within.iter().map(Range::len).sum();
+        let share = total.div_ceil(workers.len().max(1));
         let len = share
             .next_multiple_of(RANGE_ALIGN)
             .clamp(1, MAX_RANGE_LEN)
-            .min(dim.max(1));
-        let ranges: Vec<Range<usize>> = (0..dim)
-            .step_by(len)
-            .map(|start| start..(start + len).min(dim))
+            .min(total.max(1));
+        let ranges: Vec<Range<usize>> = within
+            .iter()
+            .flat_map(|part| {
+                part.clone()
+                    .step_by(len)
+                    .map(move |start| start..(start + len).min(part.end))
+            })
             .collect();
         let owners: Vec<Option<WorkerId>> = (0..ranges.len())
             .map(|r| (!workers.is_empty()).then(|| workers[r % workers.len()]))
@@ -185,6 +201,18 @@ impl SumWork {
         }
     }
 
+    /// The sums of the parameters of `part` (a union of whole ranges, e.g. one of the
+    /// ranges of [`SumWork::plan_within`]), in order; `None` if one of its ranges has none.
+    pub fn sums_of(&self, part: Range<usize>) -> Option<Vec<f32>> {
+        let mut sums = Vec::with_capacity(part.len());
+        for (range, range_sums) in self.ranges.iter().zip(&self.sums) {
+            if range.start >= part.start && range.end <= part.end {
+                sums.extend_from_slice(range_sums.as_deref()?);
+            }
+        }
+        (sums.len() == part.len()).then_some(sums)
+    }
+
     /// The sums of all of θ, in order; `None` if a range has none.
     pub fn assemble(self) -> Option<Vec<f32>> {
         let mut g = Vec::with_capacity(self.ranges.last().map_or(0, |r| r.end));
@@ -232,6 +260,47 @@ mod tests {
                 "{dim} over {workers}: {least}..={most} ranges each"
             );
         }
+    }
+
+    #[test]
+    fn a_plan_within_parts_of_theta_splits_each_part_and_answers_each_part_whole() {
+        // A hub's share of θ: two ranges of the root's plan, split over three workers.
+        let within = [65_536..131_072, 262_144..300_000];
+        let (mut work, assigned) = SumWork::plan_within(2, &within, &[4, 5, 6]);
+        let mut all: Vec<Range<usize>> = assigned.iter().flat_map(|(_, r)| r.clone()).collect();
+        all.sort_by_key(|r| r.start);
+        assert_eq!(all, work.ranges);
+        for part in &within {
+            let pieces: Vec<&Range<usize>> = all
+                .iter()
+                .filter(|r| r.start >= part.start && r.end <= part.end)
+                .collect();
+            assert_eq!(pieces.first().unwrap().start, part.start);
+            assert_eq!(pieces.last().unwrap().end, part.end);
+            assert!(pieces.windows(2).all(|w| w[0].end == w[1].start));
+        }
+        assert_eq!(
+            all.iter().map(Range::len).sum::<usize>(),
+            within.iter().map(Range::len).sum::<usize>(),
+            "no range crosses from one part to the next"
+        );
+        assert!(
+            assigned.len() == 3,
+            "every worker gets a share: {assigned:?}"
+        );
+        for (worker, ranges) in &assigned {
+            for r in ranges {
+                let values = (r.start..r.end).map(|j| j as f32).collect();
+                work.submit(*worker, 2, r.start, values);
+            }
+        }
+        let second = work.sums_of(within[1].clone()).unwrap();
+        assert_eq!(second.len(), within[1].len());
+        assert_eq!((second[0], second[37_855]), (262_144.0, 299_999.0));
+        assert!(
+            work.sums_of(65_536..70_000).is_none(),
+            "not a union of whole ranges"
+        );
     }
 
     #[test]

@@ -227,6 +227,7 @@ fn seeds() -> Vec<Vec<u8>> {
         relay_port: 0,
         relay_host: String::new(),
         carried_credits: true,
+        hub: false,
     };
     let accepted = pb::JoinReply::from(pb::JoinAccepted {
         protocol_version: es_proto::PROTOCOL_VERSION,

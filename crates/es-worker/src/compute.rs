@@ -25,14 +25,15 @@ use es_proto::{GoldenEval, GoldenProof};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::context::RunContext;
+use crate::delegate::{DelegatedWork, SumsRequest};
 use crate::error::WorkerError;
 
 /// A ticket that no job carries: set when no generation is current.
-pub(crate) const NO_TICKET: u64 = 0;
+pub const NO_TICKET: u64 = 0;
 
 /// One chunk of perturbation indices of one generation, with everything needed to evaluate it.
 #[derive(Clone, Debug)]
-pub(crate) struct ChunkJob {
+pub struct ChunkJob {
     /// The generation announcement this chunk belongs to (see the module docs).
     pub ticket: u64,
     pub generation: u32,
@@ -44,7 +45,7 @@ pub(crate) struct ChunkJob {
 
 /// What became of a [`ChunkJob`].
 #[derive(Debug)]
-pub(crate) struct ChunkDone {
+pub struct ChunkDone {
     pub ticket: u64,
     pub generation: u32,
     pub indices: Range<u32>,
@@ -53,7 +54,7 @@ pub(crate) struct ChunkDone {
 
 /// What became of a job.
 #[derive(Debug)]
-pub(crate) enum Outcome<T> {
+pub enum Outcome<T> {
     /// Computed: a chunk's pair results in index order, or one sum per parameter of a range.
     Done(T),
     /// Not computed: its generation was no longer current when its turn came.
@@ -62,8 +63,8 @@ pub(crate) enum Outcome<T> {
     Failed(String),
 }
 
-pub(crate) type ChunkOutcome = Outcome<Vec<PairResult>>;
-pub(crate) type SumsOutcome = Outcome<Vec<f32>>;
+pub type ChunkOutcome = Outcome<Vec<PairResult>>;
+pub type SumsOutcome = Outcome<Vec<f32>>;
 
 /// One range of a generation's noise sums (`es_core::train::noise_sums`), the worker's share
 /// of the update.
@@ -78,7 +79,7 @@ pub(crate) struct SumsJob {
 
 /// What became of a [`SumsJob`].
 #[derive(Debug)]
-pub(crate) struct SumsDone {
+pub struct SumsDone {
     pub ticket: u64,
     pub generation: u32,
     pub range: Range<usize>,
@@ -193,12 +194,6 @@ impl ComputeThread {
         self.current.store(ticket, Ordering::SeqCst);
     }
 
-    /// A handle that resets the current ticket to [`NO_TICKET`] when dropped (at the end of a
-    /// stream, however it ends).
-    pub fn ticket_guard(&self) -> TicketGuard {
-        TicketGuard(Arc::clone(&self.current))
-    }
-
     /// Evaluates the golden task of `generation` and `index` (see `es_proto::GoldenProof`).
     pub async fn golden(&self, generation: u32, index: u32) -> Result<GoldenProof, WorkerError> {
         let (reply, answer) = oneshot::channel();
@@ -236,6 +231,87 @@ impl ComputeThread {
 
     fn send(&self, job: Job) -> Result<(), WorkerError> {
         self.jobs.send(job).map_err(|_| stopped())
+    }
+}
+
+/// What computes a worker's jobs: its own compute thread, or work it delegates (a hub's
+/// workers, see [`crate::delegate`]).
+#[derive(Debug)]
+pub(crate) enum Backend {
+    Local(ComputeThread),
+    Delegated {
+        work: Box<dyn DelegatedWork>,
+        current: Arc<AtomicU64>,
+    },
+}
+
+impl Backend {
+    fn current(&self) -> &Arc<AtomicU64> {
+        match self {
+            Backend::Local(thread) => &thread.current,
+            Backend::Delegated { current, .. } => current,
+        }
+    }
+
+    /// Makes `ticket` the current one: queued jobs of any other ticket will be skipped.
+    pub fn set_current(&self, ticket: u64) {
+        self.current().store(ticket, Ordering::SeqCst);
+    }
+
+    /// A handle that resets the current ticket to [`NO_TICKET`] when dropped (at the end of a
+    /// stream, however it ends).
+    pub fn ticket_guard(&self) -> TicketGuard {
+        TicketGuard(Arc::clone(self.current()))
+    }
+
+    /// The golden proof of (`generation`, `index`).
+    pub async fn golden(&self, generation: u32, index: u32) -> Result<GoldenProof, WorkerError> {
+        match self {
+            Backend::Local(thread) => thread.golden(generation, index).await,
+            Backend::Delegated { work, .. } => work.golden(generation, index).await,
+        }
+    }
+
+    /// The run is over: delegated work tells whoever it handed work on to.
+    pub async fn run_finished(&self) {
+        if let Backend::Delegated { work, .. } = self {
+            work.run_finished().await;
+        }
+    }
+
+    /// Queues `job`; its [`ChunkDone`] is sent on `reply`.
+    pub fn submit(
+        &self,
+        job: ChunkJob,
+        reply: &tokio_mpsc::UnboundedSender<ChunkDone>,
+    ) -> Result<(), WorkerError> {
+        match self {
+            Backend::Local(thread) => thread.submit(job, reply),
+            Backend::Delegated { work, .. } => work.submit(job, reply),
+        }
+    }
+
+    /// Queues the request's ranges; one [`SumsDone`] per range is sent on `reply`.
+    pub fn submit_sums(
+        &self,
+        request: SumsRequest,
+        reply: &tokio_mpsc::UnboundedSender<SumsDone>,
+    ) -> Result<(), WorkerError> {
+        match self {
+            Backend::Local(thread) => {
+                for range in request.ranges {
+                    let job = SumsJob {
+                        ticket: request.ticket,
+                        generation: request.generation,
+                        weights: Arc::clone(&request.weights),
+                        range,
+                    };
+                    thread.submit_sums(job, reply)?;
+                }
+                Ok(())
+            }
+            Backend::Delegated { work, .. } => work.submit_sums(request, reply),
+        }
     }
 }
 
@@ -535,7 +611,7 @@ mod tests {
         assert!(matches!(outcomes[2].outcome, ChunkOutcome::Skipped));
 
         // Once the stream's guard is gone nothing is current.
-        let guard = compute.ticket_guard();
+        let guard = TicketGuard(Arc::clone(&compute.current));
         drop(guard);
         compute.submit(job(&context, 2, 1, 0..1), &tx).unwrap();
         assert!(matches!(

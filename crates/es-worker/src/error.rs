@@ -83,6 +83,9 @@ pub enum WorkerError {
     /// The compute thread failed (an evaluation error or a panic).
     #[error("the compute thread failed: {0}")]
     Compute(String),
+    /// The work this worker hands on (a hub's, see `crate::delegate`) cannot go on.
+    #[error("the hub behind this worker failed: {0}")]
+    Delegate(String),
     /// A blocking task of the worker panicked or was cancelled.
     #[error("the worker's {what} task failed: {source}")]
     Task {

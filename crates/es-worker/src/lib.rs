@@ -15,6 +15,8 @@
 //! - `compute` (private): the dedicated compute thread that runs every forward pass, so the
 //!   async executor never does.
 //! - `context` (private): a `RunSpec` turned into the core's types, with the noise source.
+//! - [`delegate`]: the seam a hub plugs into, computing nothing itself but handing each
+//!   chunk and sums request on to workers of its own.
 //! - `relay` (private): with [`RelayOptions`], the `ThetaRelay` service that hands the θ this
 //!   worker received on to others of the run, and the fetch from another worker's, so that
 //!   the coordinator sends θ's bytes to a few workers per generation instead of to all.
@@ -36,6 +38,7 @@
 
 mod compute;
 mod context;
+pub mod delegate;
 mod error;
 mod options;
 mod relay;

@@ -48,6 +48,10 @@ pub struct WorkerOptions {
     /// coordinator need not send it to every worker; `None`: relay nothing. Fetching θ from
     /// another worker's relay, when the coordinator says so, needs no option.
     pub relay: Option<crate::RelayOptions>,
+    /// Hand the work on instead of computing it (a hub: see [`crate::delegate`]); `None`:
+    /// evaluate on this worker's threads. `threads` then declares the threads of the workers
+    /// behind it.
+    pub delegate: Option<Arc<dyn crate::delegate::Delegate>>,
 }
 
 impl WorkerOptions {
@@ -71,6 +75,7 @@ impl WorkerOptions {
             fake_fitness: false,
             proof_permits: None,
             relay: None,
+            delegate: None,
         }
     }
 }
@@ -94,6 +99,7 @@ impl std::fmt::Debug for WorkerOptions {
                 &self.proof_permits.as_ref().map(|s| s.available_permits()),
             )
             .field("relay", &self.relay)
+            .field("delegate", &self.delegate)
             .finish()
     }
 }

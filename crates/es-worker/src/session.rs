@@ -27,9 +27,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::compute::{
-    ChunkDone, ChunkJob, ChunkOutcome, ComputeThread, Fitnesses, SumsDone, SumsJob, SumsOutcome,
+    Backend, ChunkDone, ChunkJob, ChunkOutcome, ComputeThread, Fitnesses, SumsDone, SumsOutcome,
 };
 use crate::context::RunContext;
+use crate::delegate::{DelegatedRun, SumsRequest};
 use crate::error::WorkerError;
 use crate::options::{AUTHORIZATION_KEY, DataSource, WorkerOptions};
 use crate::relay::{self, Board};
@@ -118,6 +119,9 @@ async fn run_inner(
         let (reason, drop_caches) = match end {
             SessionEnd::Finished => {
                 info!(pairs_sent = worker.pairs_sent, "run finished");
+                if let Some(cache) = &worker.cache {
+                    cache.compute.run_finished().await;
+                }
                 return Ok(WorkerExit::Finished);
             }
             SessionEnd::Retry {
@@ -397,7 +401,7 @@ struct RunCache {
     run_id: String,
     spec: RunSpec,
     context: Arc<RunContext>,
-    compute: ComputeThread,
+    compute: Backend,
     /// The last θ received, by digest.
     theta: Option<(Digest, Arc<Vec<f32>>)>,
 }
@@ -443,6 +447,7 @@ impl Worker {
                 .and_then(|r| r.host.clone())
                 .unwrap_or_default(),
             carried_credits: true,
+            hub: self.options.delegate.is_some(),
         });
         request.set_timeout(JOIN_TIMEOUT);
         // The deadline is also enforced here: over a network that swallows packets the
@@ -575,12 +580,31 @@ impl Worker {
         } else {
             Fitnesses::Evaluated
         };
-        let compute = ComputeThread::spawn(
-            Arc::clone(&context),
-            self.options.kernel,
-            self.options.threads,
-            fitnesses,
-        )?;
+        let compute = match &self.options.delegate {
+            Some(delegate) => {
+                let current = Arc::new(std::sync::atomic::AtomicU64::new(
+                    crate::delegate::NO_TICKET,
+                ));
+                let run = DelegatedRun {
+                    run_id: run_id.to_owned(),
+                    spec: spec.clone(),
+                    noise: context.noise.clone(),
+                    data: Arc::clone(&context.data),
+                    kernel: self.options.kernel,
+                    current: Arc::clone(&current),
+                };
+                Backend::Delegated {
+                    work: delegate.start(run).await?,
+                    current,
+                }
+            }
+            None => Backend::Local(ComputeThread::spawn(
+                Arc::clone(&context),
+                self.options.kernel,
+                self.options.threads,
+                fitnesses,
+            )?),
+        };
         self.cache = Some(RunCache {
             run_id: run_id.to_owned(),
             spec,
@@ -924,16 +948,13 @@ impl Serving<'_> {
             );
             return Ok(None);
         };
-        let weights = Arc::new(weights);
-        for range in ranges {
-            let job = SumsJob {
-                ticket: current.ticket,
-                generation,
-                weights: Arc::clone(&weights),
-                range,
-            };
-            self.cache.compute.submit_sums(job, &self.sums_done)?;
-        }
+        let request = SumsRequest {
+            ticket: current.ticket,
+            generation,
+            weights: Arc::new(weights),
+            ranges,
+        };
+        self.cache.compute.submit_sums(request, &self.sums_done)?;
         Ok(None)
     }
 

@@ -27,8 +27,23 @@ use es_kernel::Kernel;
 #[command(version)]
 struct Cli {
     /// Serve gRPC and wait for this many remote workers instead of training in-process.
-    #[arg(help_heading = "Cluster", long)]
+    #[arg(help_heading = "Cluster", long, conflicts_with = "hub")]
     workers: Option<usize>,
+    /// Be a hub of the coordinator at this URI (e.g. http://root:50051) instead of training:
+    /// to it, one worker of --hub-threads threads; to the workers that connect to --listen,
+    /// their coordinator. The root then serves a few hubs instead of every worker.
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        value_name = "URI",
+        requires = "hub_threads",
+        conflicts_with_all = RUN_SETTINGS
+    )]
+    hub: Option<String>,
+    /// With --hub: the threads of the workers expected behind this hub (the root sizes the
+    /// hub's chunks by them).
+    #[arg(help_heading = "Cluster", long, value_name = "N", requires = "hub")]
+    hub_threads: Option<usize>,
     /// Address to serve on with --workers (default: loopback only). Any other address needs
     /// a token or mutual TLS, or --insecure.
     #[arg(help_heading = "Cluster", long, default_value = "127.0.0.1:50051")]
@@ -401,6 +416,9 @@ fn main() -> anyhow::Result<()> {
             .as_ref()
             .map_or_else(LogWriter::default, Progress::log_writer),
     );
+    if let Some(upstream) = &cli.hub {
+        return run_hub(&cli, upstream);
+    }
     let result = train(&cli, monitor);
     if let Some(progress) = progress {
         progress.finish();
@@ -423,6 +441,18 @@ fn bind_http(cli: &Cli) -> anyhow::Result<Option<std::net::TcpListener>> {
                 Ok(None)
             }
         },
+    }
+}
+
+/// The MNIST mirrors `--mirror` names: the usual public ones by default, none for `none`.
+fn mirrors(cli: &Cli) -> Vec<String> {
+    match cli.mirrors.as_slice() {
+        [] => mnist::DEFAULT_MIRRORS
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+        [none] if none == "none" => Vec::new(),
+        given => given.to_vec(),
     }
 }
 
@@ -463,14 +493,7 @@ fn train(cli: &Cli, monitor: Monitor) -> anyhow::Result<embedded::RunSummary> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let env = Environment {
         data_dir: cli.data.clone().unwrap_or_else(mnist::default_data_dir),
-        mirrors: match cli.mirrors.as_slice() {
-            [] => mnist::DEFAULT_MIRRORS
-                .iter()
-                .map(|m| m.to_string())
-                .collect(),
-            [none] if none == "none" => Vec::new(),
-            given => given.to_vec(),
-        },
+        mirrors: mirrors(cli),
         cache_dir: cli
             .cache_dir
             .clone()
@@ -507,6 +530,34 @@ fn run_cluster(
     resume: Option<Checkpoint>,
     http: Option<std::net::TcpListener>,
 ) -> anyhow::Result<embedded::RunSummary> {
+    let options = ClusterOptions {
+        workers: workers.max(1),
+        max_workers: cli.max_workers.max(workers),
+        ..cluster_options(cli)?
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        if let Some(listener) = http {
+            let addr = listener.local_addr()?;
+            let monitor = env.monitor.clone();
+            tokio::spawn(async move {
+                if let Err(error) = http::serve(listener, monitor, std::future::pending()).await {
+                    tracing::error!(%error, "the HTTP server stopped");
+                }
+            });
+            http::announce(addr);
+        }
+        let listener = tokio::net::TcpListener::bind(&cli.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}: is another coordinator running there? choose another address with --listen", cli.listen))?;
+        let shutdown = Box::pin(stop_signal());
+        Ok(cluster::run_from(config, env, options, listener, shutdown, resume).await?)
+    })
+}
+
+/// The coordinator's side of the cluster flags (security, limits, leases, audits, the
+/// spread update, relays), for a root or a hub.
+fn cluster_options(cli: &Cli) -> anyhow::Result<ClusterOptions> {
     let seconds = |flag: &str, value: f64| {
         anyhow::ensure!(
             value.is_finite() && value > 0.0,
@@ -535,47 +586,77 @@ fn run_cluster(
         "--max-results-per-sec {}: expected at least 1",
         cli.max_results_per_sec
     );
-    let options = ClusterOptions {
-        workers: workers.max(1),
+    Ok(ClusterOptions {
         lease: seconds("lease", cli.lease)?,
         heartbeat: seconds("heartbeat", cli.heartbeat)?,
         audit_every: cli.audit_every,
         token,
         tls,
         insecure: cli.insecure,
-        max_workers: cli.max_workers.max(workers),
+        max_workers: cli.max_workers,
         max_connections: cli.max_connections.max(1),
         results_per_sec: cli.max_results_per_sec,
         spread_update: !cli.local_update,
         relay_fanout: cli.relay_fanout,
         ..ClusterOptions::default()
-    };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
-        if let Some(listener) = http {
-            let addr = listener.local_addr()?;
-            let monitor = env.monitor.clone();
-            tokio::spawn(async move {
-                if let Err(error) = http::serve(listener, monitor, std::future::pending()).await {
-                    tracing::error!(%error, "the HTTP server stopped");
-                }
-            });
-            http::announce(addr);
-        }
-        let listener = tokio::net::TcpListener::bind(&cli.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}: is another coordinator running there? choose another address with --listen", cli.listen))?;
-        let shutdown = Box::pin(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("stopping on signal");
-        });
-        Ok(cluster::run_from(config, env, options, listener, shutdown, resume).await?)
     })
+}
+
+/// Hub mode: a worker session towards `upstream` whose work is handed on to the workers that
+/// connect to `--listen`; SIGINT and SIGTERM stop it.
+fn run_hub(cli: &Cli, upstream: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !upstream.starts_with("https://"),
+        "--hub {upstream}: a hub reaches its coordinator over plain HTTP/2 in this release (its own workers may use TLS); expected http://HOST:PORT"
+    );
+    let options = cluster_options(cli)?;
+    let hub_threads = cli.hub_threads.expect("clap requires --hub-threads").max(1);
+    let listen: std::net::SocketAddr = cli.listen.parse().with_context(|| {
+        format!(
+            "--listen {}: a hub listens on an IP address and port, e.g. 0.0.0.0:50052",
+            cli.listen
+        )
+    })?;
+    let kernel = match &cli.kernel {
+        Some(name) if !name.is_empty() => name.parse::<Kernel>()?,
+        _ => Kernel::detect()?,
+    };
+    let token = options.token.as_ref().map(|t| t.expose().to_owned());
+    let hub = cluster::Hub::new(cluster::HubOptions {
+        cluster: options,
+        listen,
+        threads: cli
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    });
+    let data = es_worker::DataSource::Dir {
+        dir: cli.data.clone().unwrap_or_else(mnist::default_data_dir),
+        mirrors: mirrors(cli),
+    };
+    let mut worker = es_worker::WorkerOptions::new(upstream, data);
+    worker.threads = hub_threads;
+    worker.kernel = kernel;
+    worker.token = token;
+    worker.name = format!("hub-{}", es_worker::default_name());
+    if let Some(dir) = &cli.cache_dir {
+        worker.cache_dir = dir.clone();
+    }
+    worker.delegate = Some(Arc::new(hub));
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let exit = runtime.block_on(es_worker::run(worker, stop_signal()))?;
+    tracing::info!(?exit, "hub stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping on signal");
 }
 
 /// Asks the gRPC health service at `address` about the Coordinator service.
