@@ -277,6 +277,39 @@ struct Shared {
 }
 
 impl Shared {
+    /// The state of a node (root or hub) serving run `run_id` of `node`, its workers to prove
+    /// `golden`; its `Referee` evaluates with the node's kernel.
+    fn new(
+        node: &NodeRun,
+        run_id: String,
+        spec: pb::RunSpec,
+        golden: GoldenProof,
+        options: ClusterOptions,
+        monitor: Monitor,
+        wake_on_each_result: bool,
+    ) -> Result<Shared, es_kernel::ConfigError> {
+        let referee = Referee {
+            evaluator: Evaluator::new(node.net.clone(), node.kernel)?,
+            es: Arc::clone(&node.es),
+            run_seed: node.run_seed,
+            noise: Arc::clone(&node.noise),
+            data: Arc::clone(&node.data),
+        };
+        Ok(Shared {
+            run_id,
+            spec,
+            golden,
+            data_digest: node.data.digest,
+            es: EsConfig::clone(&node.es),
+            options,
+            state: Mutex::new(State::default()),
+            referee: Arc::new(Mutex::new(referee)),
+            changed: Notify::new(),
+            monitor,
+            wake_on_each_result,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
@@ -1371,26 +1404,15 @@ pub async fn run_from(
         run_seed: config.seed,
     });
     let golden = node.golden(es.golden_generation(), GOLDEN_INDEX).await?;
-    let referee = Referee {
-        evaluator: Evaluator::new(net.clone(), env.kernel)?,
-        es: Arc::clone(&es),
-        run_seed: config.seed,
-        noise: Arc::clone(&noise),
-        data: Arc::clone(&data),
-    };
-    let shared = Arc::new(Shared {
-        run_id: run_id.clone(),
-        spec: (&spec).into(),
+    let shared = Arc::new(Shared::new(
+        &node,
+        run_id.clone(),
+        (&spec).into(),
         golden,
-        data_digest: data.digest,
-        es: EsConfig::clone(&es),
-        options: options.clone(),
-        state: Mutex::new(State::default()),
-        referee: Arc::new(Mutex::new(referee)),
-        changed: Notify::new(),
-        monitor: env.monitor.clone(),
-        wake_on_each_result: false,
-    });
+        options.clone(),
+        env.monitor.clone(),
+        false,
+    )?);
 
     let server = Server::start(&shared, listener).await?;
     tracing::info!(

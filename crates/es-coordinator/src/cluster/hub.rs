@@ -105,26 +105,18 @@ impl Delegate for Hub {
             .golden(golden_at.0, golden_at.1)
             .await
             .map_err(WorkerError::Golden)?;
-        let referee = Referee {
-            evaluator: Evaluator::new(spec.net.clone(), kernel).map_err(WorkerError::Evaluators)?,
-            es: Arc::clone(&es),
-            run_seed: spec.run_seed,
-            noise: Arc::clone(&noise),
-            data: Arc::clone(&data),
-        };
-        let shared = Arc::new(Shared {
-            run_id: run_id.clone(),
-            spec: (&spec).into(),
-            golden,
-            data_digest: data.digest,
-            es: EsConfig::clone(&es),
-            options: cluster.clone(),
-            state: Mutex::new(State::default()),
-            referee: Arc::new(Mutex::new(referee)),
-            changed: Notify::new(),
-            monitor: Monitor::default(),
-            wake_on_each_result: true,
-        });
+        let shared = Arc::new(
+            Shared::new(
+                &node,
+                run_id.clone(),
+                (&spec).into(),
+                golden,
+                cluster.clone(),
+                Monitor::default(),
+                true,
+            )
+            .map_err(WorkerError::Evaluators)?,
+        );
         let listener = bind(options.listen).await?;
         let server = Server::start(&shared, listener)
             .await
