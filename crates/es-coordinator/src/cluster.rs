@@ -1846,20 +1846,29 @@ async fn collect_results(
                     counters: std::mem::take(&mut state.counters),
                 });
             }
-            let (expired, returned) = work.expire(Instant::now());
-            if returned > 0 {
-                tracing::warn!(
-                    ?expired,
-                    returned,
-                    "leases expired: handing their indices to others"
-                );
-                assign_all(&mut state, options);
-            }
+            hand_out_expired(&mut state, options);
         }
         if stop.load(Ordering::SeqCst) {
             return None;
         }
         let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
+    }
+}
+
+/// Returns the indices of the current generation's expired leases to the pool and hands
+/// them to workers with credits.
+fn hand_out_expired(state: &mut State, options: &ClusterOptions) {
+    let Some(work) = state.work.as_mut() else {
+        return;
+    };
+    let (expired, returned) = work.expire(Instant::now());
+    if returned > 0 {
+        tracing::warn!(
+            ?expired,
+            returned,
+            "leases expired: handing their indices to others"
+        );
+        assign_all(state, options);
     }
 }
 

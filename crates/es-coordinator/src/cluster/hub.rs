@@ -361,42 +361,29 @@ async fn answer_upstream(shared: Arc<Shared>, current: Arc<AtomicU64>) {
             let mut state = shared.lock();
             let checked = state.checks_pending == 0;
             let State { work, upstream, .. } = &mut *state;
-            if let Some(work) = work.as_mut() {
-                if checked {
-                    let live = current.load(Ordering::SeqCst);
-                    let (answered, waiting): (Vec<_>, Vec<_>) =
-                        std::mem::take(&mut upstream.chunks)
-                            .into_iter()
-                            .map(|chunk| {
-                                let results = (chunk.ticket == live
-                                    && chunk.generation == work.generation())
-                                .then(|| work.results_of(chunk.indices.clone()))
-                                .flatten();
-                                (chunk, results)
-                            })
-                            .partition(|(chunk, results)| {
-                                results.is_some() || chunk.ticket != live
-                            });
-                    upstream.chunks = waiting.into_iter().map(|(chunk, _)| chunk).collect();
-                    for (chunk, results) in answered {
-                        let _ = chunk.reply.send(ChunkDone {
-                            ticket: chunk.ticket,
-                            generation: chunk.generation,
-                            indices: chunk.indices,
-                            outcome: results.map_or(Outcome::Skipped, Outcome::Done),
-                        });
-                    }
-                }
-                let (expired, returned) = work.expire(Instant::now());
-                if returned > 0 {
-                    tracing::warn!(
-                        ?expired,
-                        returned,
-                        "leases expired: handing their indices to others"
-                    );
-                    assign_all(&mut state, &shared.options);
+            if checked && let Some(work) = work.as_mut() {
+                let live = current.load(Ordering::SeqCst);
+                let (answered, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut upstream.chunks)
+                    .into_iter()
+                    .map(|chunk| {
+                        let results = (chunk.ticket == live
+                            && chunk.generation == work.generation())
+                        .then(|| work.results_of(chunk.indices.clone()))
+                        .flatten();
+                        (chunk, results)
+                    })
+                    .partition(|(chunk, results)| results.is_some() || chunk.ticket != live);
+                upstream.chunks = waiting.into_iter().map(|(chunk, _)| chunk).collect();
+                for (chunk, results) in answered {
+                    let _ = chunk.reply.send(ChunkDone {
+                        ticket: chunk.ticket,
+                        generation: chunk.generation,
+                        indices: chunk.indices,
+                        outcome: results.map_or(Outcome::Skipped, Outcome::Done),
+                    });
                 }
             }
+            hand_out_expired(&mut state, &shared.options);
         }
         let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
     }
