@@ -27,7 +27,9 @@
 #     of θ on the same 2 cores, so the coordinator's CPU time is the number to read there;
 #  6. the same fake workers behind hubs (HUB_WORKERS, HUBS: `coordinator --hub`, each with
 #     its share of the workers, in one fake-worker process per hub): the root serves HUBS
-#     streams; its CPU time is the number to read (hubs and workers share the 2 cores).
+#     streams and sends θ to HUB_RELAY_FANOUT of them, the others fetch it from those
+#     (`--relay-listen`); its CPU time is the number to read (hubs and workers share the 2
+#     cores).
 #
 # Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOCAL_UPDATE_WORKERS
 # ("32"; empty: none), RELAY_WORKERS ("32 256 1000"; empty: none), HUB_WORKERS ("1000";
@@ -43,6 +45,7 @@ local_update_workers="${LOCAL_UPDATE_WORKERS-32}"
 relay_workers="${RELAY_WORKERS-32 256 1000}"
 hub_workers="${HUB_WORKERS-1000}"
 hubs="${HUBS:-8}"
+hub_relay_fanout="${HUB_RELAY_FANOUT:-2}"
 load_generations="${LOAD_GENERATIONS:-6}"
 load_population="${LOAD_POPULATION:-10000}"
 generations="${GENERATIONS:-30}"
@@ -154,7 +157,7 @@ hub_cluster() { # name workers hubs population generations
   local load=(--audit-every 0 --max-results-per-sec 1000000 --heartbeat 10)
   timeout 900 "$bin/coordinator" --workers "$hubs" --listen "127.0.0.1:$port" \
     --generations "$gens" --population "$population" "${common[@]}" "${load[@]}" \
-    --max-workers "$hubs" --max-connections $((hubs + 16)) \
+    --max-workers "$hubs" --max-connections $((hubs + 16)) --relay-fanout "$hub_relay_fanout" \
     --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
   local coordinator=$! pids=() i hub_port
   for ((i = 0; i < hubs; i++)); do
@@ -162,7 +165,7 @@ hub_cluster() { # name workers hubs population generations
     "$bin/coordinator" --hub "http://127.0.0.1:$port" --hub-threads $((2 * per_hub)) \
       --listen "127.0.0.1:$hub_port" "${load[@]}" --max-workers "$per_hub" \
       --max-connections $((per_hub + 16)) --threads 1 --http off --mirror none \
-      --data "$UNDERFLOW_DATA" 2>>"$out/$name.hubs.log" &
+      --relay-listen 127.0.0.1:0 --data "$UNDERFLOW_DATA" 2>>"$out/$name.hubs.log" &
     pids+=($!)
     "$bin/worker" --fake-fitness --connections "$per_hub" --threads 2 --give-up-after 30 \
       --connect "127.0.0.1:$hub_port" --data "$UNDERFLOW_DATA" 2>>"$out/$name.workers.log" &
@@ -176,7 +179,7 @@ hub_cluster() { # name workers hubs population generations
 }
 
 for n in $hub_workers; do
-  log "coordinator with $n fake workers behind $hubs hubs, P=$load_population"
+  log "coordinator with $n fake workers behind $hubs hubs (θ to $hub_relay_fanout, relayed to the rest), P=$load_population"
   hub_cluster "hub$n" "$n" "$hubs" "$load_population" "$load_generations"
 done
 

@@ -49,6 +49,44 @@ impl TestWorker {
     }
 }
 
+/// A worker's in-process run, as spawned by [`spawn_workers`].
+type WorkerTask = tokio::task::JoinHandle<Result<WorkerExit, es_worker::WorkerError>>;
+
+/// The relay options a test worker (or hub) with `relay` runs with.
+fn relay_options(relay: Relay) -> Option<RelayOptions> {
+    match relay {
+        Relay::Off => None,
+        Relay::On => Some(RelayOptions::new("127.0.0.1:0".parse().unwrap(), None).unwrap()),
+        // Loopback answers on every 127.x address, but only the bound one has a listener.
+        Relay::Unreachable => Some(
+            RelayOptions::new("127.0.0.2:0".parse().unwrap(), Some("127.0.0.3".into())).unwrap(),
+        ),
+    }
+}
+
+/// Starts one in-process worker of `endpoint` per entry of `workers`, named `{name}-{i}`.
+fn spawn_workers(
+    endpoint: &str,
+    workers: &[TestWorker],
+    name: &str,
+    scratch: &Scratch,
+    mnist: &Arc<es_data::mnist::Mnist>,
+) -> Vec<WorkerTask> {
+    workers
+        .iter()
+        .enumerate()
+        .map(|(i, worker)| {
+            let mut options = WorkerOptions::new(endpoint, DataSource::Loaded(Arc::clone(mnist)));
+            options.threads = worker.threads;
+            options.fake_fitness = worker.fake;
+            options.cache_dir = scratch.path().join("cache");
+            options.name = format!("{name}-{i}");
+            options.relay = relay_options(worker.relay);
+            tokio::spawn(es_worker::run(options, std::future::pending::<()>()))
+        })
+        .collect()
+}
+
 /// Runs `config` on a coordinator (auditing every `audit_every` generations, spreading the
 /// update over the workers unless `local_update`) with one in-process worker per entry of
 /// `workers`; returns the final θ's bytes and how each worker ended. A spread update must
@@ -94,31 +132,7 @@ async fn cluster_run_with(
         Box::pin(std::future::pending()),
     ));
     let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
-    let mut tasks = Vec::new();
-    for (i, worker) in workers.iter().enumerate() {
-        let mut options =
-            WorkerOptions::new(endpoint.clone(), DataSource::Loaded(Arc::clone(&mnist)));
-        options.threads = worker.threads;
-        options.fake_fitness = worker.fake;
-        options.cache_dir = scratch.path().join("cache");
-        options.name = format!("{name}-{i}");
-        options.relay = match worker.relay {
-            Relay::Off => None,
-            Relay::On => Some(RelayOptions {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                host: None,
-            }),
-            // Loopback answers on every 127.x address, but only the bound one has a listener.
-            Relay::Unreachable => Some(RelayOptions {
-                listen: "127.0.0.2:0".parse().unwrap(),
-                host: Some("127.0.0.3".into()),
-            }),
-        };
-        tasks.push(tokio::spawn(es_worker::run(
-            options,
-            std::future::pending::<()>(),
-        )));
-    }
+    let tasks = spawn_workers(&endpoint, workers, name, scratch, &mnist);
     let summary = coordinator.await.unwrap().unwrap();
     assert_eq!(summary.generations, 5);
     let mut exits = Vec::new();
@@ -510,13 +524,18 @@ fn coordinator_and_two_worker_processes_train_and_exit_cleanly() {
     }
 }
 
-/// A root coordinator with one hub (`coordinator --hub`) between it and `workers`, audits
-/// on at both: θ's bytes, the root's metrics lines and how the hub and each worker ended.
+/// Runs `config` on a root coordinator (audits every generation, θ's bytes sent to at most
+/// `relay_fanout` hubs) served by one hub per entry of `hubs`, each with its in-process
+/// workers and relaying θ to other hubs as `hub_relay` says; returns the final θ's bytes,
+/// the root's metrics lines and how each hub and worker ended (per hub: the hub, then its
+/// workers).
 async fn hub_run(
     config: &RunConfig,
     scratch: &Scratch,
     name: &str,
-    workers: &[TestWorker],
+    hubs: &[&[TestWorker]],
+    hub_relay: Relay,
+    relay_fanout: usize,
 ) -> (
     Vec<u8>,
     Vec<serde_json::Value>,
@@ -527,8 +546,9 @@ async fn hub_run(
     let env = environment(scratch, name, 1);
     let run_dir = env.run_dir.clone();
     let options = ClusterOptions {
-        workers: 1,
+        workers: hubs.len(),
         audit_every: 1,
+        relay_fanout,
         ..ClusterOptions::default()
     };
     let coordinator = tokio::spawn(cluster::run(
@@ -539,41 +559,39 @@ async fn hub_run(
         Box::pin(std::future::pending()),
     ));
     let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
-    let hub_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let hub = cluster::Hub::new(cluster::HubOptions {
-        cluster: ClusterOptions {
-            audit_every: 1,
-            ..ClusterOptions::default()
-        },
-        listen: hub_addr,
-        threads: 1,
-    });
-    let mut hub_options = WorkerOptions::new(root, DataSource::Loaded(Arc::clone(&mnist)));
-    hub_options.threads = workers.iter().map(|w| w.threads).sum();
-    hub_options.cache_dir = scratch.path().join("cache");
-    hub_options.name = format!("{name}-hub");
-    hub_options.delegate = Some(Arc::new(hub));
-    let mut tasks = vec![tokio::spawn(es_worker::run(
-        hub_options,
-        std::future::pending::<()>(),
-    ))];
-    for (i, worker) in workers.iter().enumerate() {
-        let mut options = WorkerOptions::new(
-            format!("http://{hub_addr}"),
-            DataSource::Loaded(Arc::clone(&mnist)),
-        );
-        options.threads = worker.threads;
-        options.fake_fitness = worker.fake;
-        options.cache_dir = scratch.path().join("cache");
-        options.name = format!("{name}-{i}");
+    let mut tasks = Vec::new();
+    for (h, workers) in hubs.iter().enumerate() {
+        let hub_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let hub = cluster::Hub::new(cluster::HubOptions {
+            cluster: ClusterOptions {
+                audit_every: 1,
+                ..ClusterOptions::default()
+            },
+            listen: hub_addr,
+            threads: 1,
+        });
+        let mut hub_options =
+            WorkerOptions::new(root.clone(), DataSource::Loaded(Arc::clone(&mnist)));
+        hub_options.threads = workers.iter().map(|w| w.threads).sum();
+        hub_options.cache_dir = scratch.path().join("cache");
+        hub_options.name = format!("{name}-hub{h}");
+        hub_options.relay = relay_options(hub_relay);
+        hub_options.delegate = Some(Arc::new(hub));
         tasks.push(tokio::spawn(es_worker::run(
-            options,
+            hub_options,
             std::future::pending::<()>(),
         )));
+        tasks.extend(spawn_workers(
+            &format!("http://{hub_addr}"),
+            workers,
+            &format!("{name}-hub{h}"),
+            scratch,
+            &mnist,
+        ));
     }
     let summary = tokio::time::timeout(Duration::from_secs(300), coordinator)
         .await
-        .expect("the run through a hub ends")
+        .expect("the run through hubs ends")
         .unwrap()
         .unwrap();
     assert_eq!(summary.generations, config.generations);
@@ -581,7 +599,7 @@ async fn hub_run(
     for task in tasks {
         let exit = tokio::time::timeout(Duration::from_secs(30), task)
             .await
-            .expect("the hub and its workers exit")
+            .expect("the hubs and their workers exit")
             .unwrap();
         exits.push(exit);
     }
@@ -599,7 +617,8 @@ async fn through_a_hub_theta_is_bit_identical_and_the_root_serves_one_stream() {
     let config = config();
     let embedded = embedded_theta(&config, &scratch).await;
     let workers = [TestWorker::real(1), TestWorker::real(2)];
-    let (theta, metrics, exits) = hub_run(&config, &scratch, "hub", &workers).await;
+    let (theta, metrics, exits) =
+        hub_run(&config, &scratch, "hub", &[&workers], Relay::Off, 8).await;
     assert!(
         theta == embedded,
         "θ through a hub differs from the embedded run"
@@ -626,8 +645,9 @@ async fn a_hub_quarantines_a_worker_of_other_bits_before_any_of_its_results_go_u
         fake: true,
         ..TestWorker::real(1)
     };
+    let workers = [TestWorker::real(1), fake];
     let (theta, metrics, exits) =
-        hub_run(&config, &scratch, "hub-audit", &[TestWorker::real(1), fake]).await;
+        hub_run(&config, &scratch, "hub-audit", &[&workers], Relay::Off, 8).await;
     assert!(
         theta == embedded,
         "θ through a hub with a wrong worker differs from the embedded run"
@@ -642,5 +662,36 @@ async fn a_hub_quarantines_a_worker_of_other_bits_before_any_of_its_results_go_u
     for line in &metrics {
         assert_eq!(line["quarantined"].as_u64(), Some(0), "{line}");
         assert_eq!(line["workers"], 1, "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_relay_theta_to_each_other_and_theta_stays_bit_identical() {
+    let scratch = Arc::new(Scratch::new("cluster-hub-relay"));
+    let config = config();
+    let embedded = embedded_theta(&config, &scratch).await;
+    let (a, b) = ([TestWorker::real(1)], [TestWorker::real(1)]);
+    // The root sends θ's bytes to one hub; the other fetches them from it.
+    let (theta, metrics, exits) =
+        hub_run(&config, &scratch, "hub-relay", &[&a, &b], Relay::On, 1).await;
+    assert!(
+        theta == embedded,
+        "θ through two relaying hubs differs from the embedded run"
+    );
+    assert_all_finished(exits);
+    assert_eq!(metrics.len(), config.generations as usize);
+    for line in &metrics {
+        assert_eq!(line["workers"], 2, "{line}");
+        assert_eq!(
+            line["theta_relayed"].as_u64(),
+            Some(1),
+            "one hub fetched θ: {line}"
+        );
+        assert_eq!(
+            line["theta_requested"].as_u64(),
+            Some(0),
+            "no fetch failed: {line}"
+        );
+        assert_eq!(line["sums_local"].as_u64(), Some(0), "{line}");
     }
 }

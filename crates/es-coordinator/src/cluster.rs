@@ -1036,8 +1036,9 @@ fn handle_message(shared: &Shared, worker: WorkerId, message: pb::WorkerMessage)
                 ));
                 return handled;
             }
+            let batch = shared.es.batch_at(results.generation);
             for pair in &results.pairs {
-                let result = match pair.to_core(shared.es.batch_at(results.generation)) {
+                let result = match pair.to_core(batch) {
                     Ok(result) => result,
                     Err(e) => {
                         handled.errors.push(format!("malformed result: {e}"));
@@ -1488,6 +1489,7 @@ impl Server {
                 // own windows), so 1 MiB per stream and 2 MiB per connection slow nothing.
                 .initial_stream_window_size(Some(STREAM_WINDOW))
                 .initial_connection_window_size(Some(2 * STREAM_WINDOW))
+                .max_frame_size(Some(es_proto::HTTP2_MAX_FRAME_BYTES))
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
                 .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
                 // Unary calls (Join) must finish within this; work streams have their own

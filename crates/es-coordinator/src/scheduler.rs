@@ -38,6 +38,9 @@ struct Lease {
     worker: WorkerId,
     chunk: Chunk,
     deadline: Instant,
+    /// Indices of the chunk still without a result: the lease ends when it reaches 0 (a
+    /// count, so that a result costs O(1) rather than a scan of its chunk).
+    pending: u32,
 }
 
 /// What happened to one submitted result.
@@ -101,8 +104,9 @@ pub struct GenerationWork {
     /// Leases by the first index of their chunk.
     leases: BTreeMap<u32, Lease>,
     results: Vec<Option<PairResult>>,
-    /// Which worker delivered each index first (for conflict reports).
-    delivered_by: HashMap<u32, WorkerId>,
+    /// Which worker delivered each index first (for conflict reports), by index: a vector
+    /// rather than a map because every index of the population gets one per generation.
+    delivered_by: Vec<Option<WorkerId>>,
     /// Chunks whose lease ended before they were done, per worker: their late results are
     /// dropped, after a cross-check against the result that is in.
     past_leases: HashMap<WorkerId, Vec<Chunk>>,
@@ -137,7 +141,7 @@ impl GenerationWork {
             waiting: VecDeque::new(),
             leases: BTreeMap::new(),
             results: vec![None; population as usize],
-            delivered_by: HashMap::new(),
+            delivered_by: vec![None; population as usize],
             past_leases: HashMap::new(),
             received: 0,
             reassigned: 0,
@@ -245,12 +249,17 @@ impl GenerationWork {
             });
             chunk.count = max_count;
         }
+        let pending = chunk
+            .indices()
+            .filter(|&i| self.results[i as usize].is_none())
+            .count() as u32;
         self.leases.insert(
             chunk.first,
             Lease {
                 worker,
                 chunk,
                 deadline: now + lease,
+                pending,
             },
         );
         Some(chunk)
@@ -281,7 +290,7 @@ impl GenerationWork {
             // unasked for, and must not make the coordinator evaluate the index itself.
             let involved = holds_lease
                 || self.was_leased_to(worker, result.index)
-                || self.delivered_by.get(&result.index) == Some(&worker);
+                || self.delivered_by[slot] == Some(worker);
             return if !involved {
                 Submitted::NotAssigned
             } else if same_result(&first, &result) {
@@ -301,9 +310,9 @@ impl GenerationWork {
             };
         }
         self.results[slot] = Some(result);
-        self.delivered_by.insert(result.index, worker);
+        self.delivered_by[slot] = Some(worker);
         self.received += 1;
-        self.retire_finished_leases(result.index);
+        self.count_arrival(result.index);
         Submitted::Accepted {
             complete: self.is_complete(),
         }
@@ -311,7 +320,7 @@ impl GenerationWork {
 
     /// The worker that delivered `index` first.
     pub fn delivered_by(&self, index: u32) -> Option<WorkerId> {
-        self.delivered_by.get(&index).copied()
+        self.delivered_by.get(index as usize).copied().flatten()
     }
 
     fn lease_of(&self, index: u32) -> Option<&Lease> {
@@ -330,16 +339,18 @@ impl GenerationWork {
             .is_some_and(|chunks| chunks.iter().any(|c| c.indices().contains(&index)))
     }
 
-    fn retire_finished_leases(&mut self, index: u32) {
-        let Some(&lease) = self.lease_of(index) else {
+    /// A result for `index` arrived: the lease that covers it has one fewer to wait for, and
+    /// ends when it has none.
+    fn count_arrival(&mut self, index: u32) {
+        let Some((&first, lease)) = self.leases.range_mut(..=index).next_back() else {
             return;
         };
-        if lease
-            .chunk
-            .indices()
-            .all(|i| self.results[i as usize].is_some())
-        {
-            self.leases.remove(&lease.chunk.first);
+        if !lease.chunk.indices().contains(&index) {
+            return;
+        }
+        lease.pending = lease.pending.saturating_sub(1);
+        if lease.pending == 0 {
+            self.leases.remove(&first);
         }
     }
 
@@ -429,8 +440,9 @@ impl GenerationWork {
         *slot = Some(truth);
         if arrived {
             self.received += 1;
+            self.count_arrival(truth.index);
         }
-        self.delivered_by.remove(&truth.index);
+        self.delivered_by[truth.index as usize] = None;
         changed
     }
 
@@ -440,15 +452,11 @@ impl GenerationWork {
     pub fn discard_worker(&mut self, worker: WorkerId) -> u32 {
         let mut returned = self.release_worker(worker);
         self.past_leases.remove(&worker);
-        let mut delivered: Vec<u32> = self
-            .delivered_by
-            .iter()
-            .filter(|&(_, &w)| w == worker)
-            .map(|(&i, _)| i)
+        let delivered: Vec<u32> = (0..self.population)
+            .filter(|&i| self.delivered_by[i as usize] == Some(worker))
             .collect();
-        delivered.sort_unstable();
         for &index in delivered.iter().rev() {
-            self.delivered_by.remove(&index);
+            self.delivered_by[index as usize] = None;
             self.results[index as usize] = None;
             self.received -= 1;
             self.waiting.push_front(Chunk {
@@ -706,6 +714,31 @@ mod tests {
             work.submit(2, 0, result(i, 1.0));
         }
         assert!(work.is_complete());
+    }
+
+    #[test]
+    fn a_lease_ends_with_its_last_result_in_any_order_and_not_before() {
+        let now = Instant::now();
+        let mut work = GenerationWork::new(0, 8, 4);
+        work.assign(1, 4, now, LEASE).unwrap();
+        work.assign(2, 4, now, LEASE).unwrap();
+        // Worker 1 delivers three of its four, out of order; worker 2 all of its.
+        for i in [3, 0, 2] {
+            work.submit(1, 0, result(i, 1.0));
+        }
+        for i in [7, 5, 4, 6] {
+            work.submit(2, 0, result(i, 1.0));
+        }
+        // Only worker 1's lease is still open: at the deadline index 1 alone goes back.
+        assert_eq!(work.expire(now + LEASE), (vec![1], 1));
+        let again = work.assign(3, 4, now + LEASE, LEASE).unwrap();
+        assert_eq!(again, Chunk { first: 1, count: 1 });
+        assert_eq!(
+            work.submit(3, 0, result(1, 1.0)),
+            Submitted::Accepted { complete: true }
+        );
+        // Its lease ended with that result: nothing is left to expire.
+        assert_eq!(work.expire(now + 4 * LEASE), (vec![], 0));
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// default network is 2.7 MB; 8 MiB leaves room for networks three times as large.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
+/// The largest HTTP/2 DATA frame a server or client of the cluster accepts (apply it with
+/// `max_frame_size` on both sides; the sender cuts its data to the receiver's setting).
+/// HTTP/2's default, 16 KiB, cuts θ into 170 frames, each parsed, flow-controlled and
+/// written on its own: at a root serving many hubs that framing, not the bytes, was most
+/// of the cost of sending θ and receiving noise sums. 1 MiB makes it three.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// The most parameters a network of the cluster may have: θ travels in one `Generation`
 /// message, which needs a few bytes besides θ's 4·D. [`RunSpec`]'s conversion from the wire
 /// refuses larger networks; a coordinator can check its own spec by converting it there and

@@ -59,6 +59,26 @@ pub struct RelayOptions {
     pub host: Option<String>,
 }
 
+impl RelayOptions {
+    /// Relay options listening on `listen`, reached by other workers at `host` when given;
+    /// refuses a host that is empty, too long for a DNS name or holds spaces, slashes or
+    /// other characters no host name has.
+    pub fn new(listen: SocketAddr, host: Option<String>) -> Result<RelayOptions, WorkerError> {
+        if let Some(host) = &host
+            && (host.is_empty()
+                || host.len() > 253
+                || host
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "/@?#".contains(c)))
+        {
+            return Err(WorkerError::Relay(format!(
+                "relay host {host:?}: expected a host name or an IP address of at most 253 characters"
+            )));
+        }
+        Ok(RelayOptions { listen, host })
+    }
+}
+
 /// A θ the worker holds, ready to hand on.
 #[derive(Clone)]
 struct Held {
@@ -167,6 +187,7 @@ pub(crate) async fn bind(
             .max_concurrent_streams(Some(MAX_CONCURRENT_FETCHES))
             .initial_stream_window_size(Some(crate::session::HTTP2_WINDOW))
             .initial_connection_window_size(Some(crate::session::HTTP2_WINDOW))
+            .max_frame_size(Some(es_proto::HTTP2_MAX_FRAME_BYTES))
             .add_service(service)
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await;
@@ -193,6 +214,7 @@ pub(crate) async fn fetch(
             .tcp_nodelay(true)
             .initial_stream_window_size(crate::session::HTTP2_WINDOW)
             .initial_connection_window_size(crate::session::HTTP2_WINDOW)
+            .max_frame_size(es_proto::HTTP2_MAX_FRAME_BYTES)
             .connect()
             .await
             .map_err(|e| format!("connecting to relay {source}: {e}"))?;
@@ -217,6 +239,23 @@ pub(crate) async fn fetch(
 mod tests {
     use super::*;
     use es_proto::EncodedTheta;
+
+    #[test]
+    fn relay_options_take_host_names_and_addresses_and_refuse_what_no_host_is() {
+        let listen: SocketAddr = "0.0.0.0:50052".parse().unwrap();
+        for host in ["relay-3.cluster.local", "10.0.0.7", "::1"] {
+            let options = RelayOptions::new(listen, Some(host.into())).unwrap();
+            assert_eq!(options.host.as_deref(), Some(host));
+        }
+        assert_eq!(RelayOptions::new(listen, None).unwrap().host, None);
+        for host in ["", "a b", "host/path", "user@host", "x\n", &"h".repeat(254)] {
+            let error = RelayOptions::new(listen, Some(host.into())).unwrap_err();
+            assert!(
+                error.to_string().contains("expected a host name"),
+                "{host:?}: {error}"
+            );
+        }
+    }
 
     fn metadata(token: &str) -> Option<AsciiMetadataValue> {
         Some(format!("Bearer {token}").parse().unwrap())

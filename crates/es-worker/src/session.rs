@@ -204,6 +204,7 @@ fn client(options: &WorkerOptions) -> Result<Client, WorkerError> {
         // in dozens of flow-control round trips.
         .initial_stream_window_size(HTTP2_WINDOW)
         .initial_connection_window_size(HTTP2_WINDOW)
+        .max_frame_size(es_proto::HTTP2_MAX_FRAME_BYTES)
         .http2_keep_alive_interval(options.keepalive)
         .keep_alive_timeout(options.keepalive * 2)
         .keep_alive_while_idle(true);

@@ -44,6 +44,26 @@ struct Cli {
     /// hub's chunks by them).
     #[arg(help_heading = "Cluster", long, value_name = "N", requires = "hub")]
     hub_threads: Option<usize>,
+    /// With --hub: hand the θ this hub receives on to other hubs of the run, listening on
+    /// this address (e.g. 0.0.0.0:50053): the root then sends θ to --relay-fanout hubs per
+    /// generation and the others fetch it from them (as `worker --relay-listen`). A listener
+    /// reachable from other machines needs the token.
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        value_name = "HOST:PORT",
+        requires = "hub"
+    )]
+    relay_listen: Option<std::net::SocketAddr>,
+    /// With --relay-listen: the host other hubs reach it at (default: the address the root
+    /// sees this hub at).
+    #[arg(
+        help_heading = "Cluster",
+        long,
+        value_name = "HOST",
+        requires = "relay_listen"
+    )]
+    relay_host: Option<String>,
     /// Address to serve on with --workers (default: loopback only). Any other address needs
     /// a token or mutual TLS, or --insecure.
     #[arg(help_heading = "Cluster", long, default_value = "127.0.0.1:50051")]
@@ -118,8 +138,9 @@ struct Cli {
     #[arg(help_heading = "Cluster", long)]
     local_update: bool,
     /// Send θ's bytes to at most this many workers per generation: the others fetch it from
-    /// workers that relay it (worker --relay-listen), each relaying to at most this many
-    /// (0: send θ to every worker). Workers that do not relay get it as before.
+    /// workers that relay it (worker --relay-listen, or hubs with --relay-listen), each
+    /// relaying to at most this many (0: send θ to every worker). Workers that do not relay
+    /// get it as before.
     #[arg(help_heading = "Cluster", long, default_value_t = 8, value_name = "K")]
     relay_fanout: usize,
     /// Continue the run in this run directory from its newest checkpoint (or from this
@@ -640,6 +661,11 @@ fn run_hub(cli: &Cli, upstream: &str) -> anyhow::Result<()> {
     worker.name = format!("hub-{}", es_worker::default_name());
     if let Some(dir) = &cli.cache_dir {
         worker.cache_dir = dir.clone();
+    }
+    if let Some(listen) = cli.relay_listen {
+        worker.relay = Some(
+            es_worker::RelayOptions::new(listen, cli.relay_host.clone()).context("--relay-host")?,
+        );
     }
     worker.delegate = Some(Arc::new(hub));
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -215,16 +215,9 @@ impl Cli {
                 "--relay-listen {listen} with --connections {}: each connection listens on its own port, so give port 0",
                 self.connections
             );
-            if let Some(host) = &self.relay_host {
-                anyhow::ensure!(
-                    !host.is_empty() && host.len() <= 253 && !host.contains([' ', '/', '\t']),
-                    "--relay-host {host:?}: expected a host name or an IP address"
-                );
-            }
-            options.relay = Some(es_worker::RelayOptions {
-                listen,
-                host: self.relay_host,
-            });
+            options.relay = Some(
+                es_worker::RelayOptions::new(listen, self.relay_host).context("--relay-host")?,
+            );
         }
         Ok(options)
     }
