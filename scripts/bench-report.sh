@@ -28,12 +28,15 @@
 #  6. the same fake workers behind hubs (HUB_WORKERS, HUBS: `coordinator --hub`, each with
 #     its share of the workers, in one fake-worker process per hub): the root serves HUBS
 #     streams and sends θ to HUB_RELAY_FANOUT of them, the others fetch it from those
-#     (`--relay-listen`); its CPU time is the number to read (hubs and workers share the 2
-#     cores).
+#     (`--relay-listen`); its CPU time is the number to read. Run twice: with every process
+#     sharing all cores, and with the root alone on core 0 and the hubs and fake workers on
+#     the others (`taskset`; HUB_PINNED=0 skips it), the nearest this one machine comes to
+#     a root with a machine of its own. (In session 22 it was no cheaper: with the rest on
+#     one core the generation stretches and the hubs' messages arrive one by one.)
 #
 # Environment: UNDERFLOW_DATA (MNIST), FAKE_WORKERS ("1 32 256 1000"), LOCAL_UPDATE_WORKERS
 # ("32"; empty: none), RELAY_WORKERS ("32 256 1000"; empty: none), HUB_WORKERS ("1000";
-# empty: none), HUBS (8), LOAD_GENERATIONS (6),
+# empty: none), HUBS (8), HUB_RELAY_FANOUT (2), HUB_PINNED (1), LOAD_GENERATIONS (6),
 # LOAD_POPULATION (10000), GENERATIONS (30, for step 3), REPORT_JSON (also keep the raw
 # numbers there).
 set -euo pipefail
@@ -46,6 +49,7 @@ relay_workers="${RELAY_WORKERS-32 256 1000}"
 hub_workers="${HUB_WORKERS-1000}"
 hubs="${HUBS:-8}"
 hub_relay_fanout="${HUB_RELAY_FANOUT:-2}"
+hub_pinned="${HUB_PINNED:-1}"
 load_generations="${LOAD_GENERATIONS:-6}"
 load_population="${LOAD_POPULATION:-10000}"
 generations="${GENERATIONS:-30}"
@@ -149,25 +153,34 @@ for n in $relay_workers; do
     --relay-listen 127.0.0.1:0
 done
 
-hub_cluster() { # name workers hubs population generations
-  local name=$1 workers=$2 hubs=$3 population=$4 gens=$5
+hub_cluster() { # name workers hubs population generations [pinned]
+  local name=$1 workers=$2 hubs=$3 population=$4 gens=$5 pinned=${6:-0}
   local port per_hub=$(( (workers + hubs - 1) / hubs ))
+  # Pinned: the root alone on core 0, the hubs and fake workers on the other cores.
+  local root_cpus=() rest_cpus=()
+  if [[ $pinned == 1 ]]; then
+    root_cpus=(taskset -c 0)
+    rest_cpus=(taskset -c "1-$(($(nproc) - 1))")
+  fi
   port=$(free_port)
-  # The load test's settings of cluster() above, at the root and at each hub.
+  # The load test's settings of cluster() above, at the root and at each hub. The hubs'
+  # relays listen on another loopback address: a relay's port 0 cannot then take the port
+  # free_port picked for a hub that has not bound it yet.
   local load=(--audit-every 0 --max-results-per-sec 1000000 --heartbeat 10)
-  timeout 900 "$bin/coordinator" --workers "$hubs" --listen "127.0.0.1:$port" \
+  timeout 900 "${root_cpus[@]}" "$bin/coordinator" --workers "$hubs" --listen "127.0.0.1:$port" \
     --generations "$gens" --population "$population" "${common[@]}" "${load[@]}" \
     --max-workers "$hubs" --max-connections $((hubs + 16)) --relay-fanout "$hub_relay_fanout" \
     --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
   local coordinator=$! pids=() i hub_port
   for ((i = 0; i < hubs; i++)); do
     hub_port=$(free_port)
-    "$bin/coordinator" --hub "http://127.0.0.1:$port" --hub-threads $((2 * per_hub)) \
+    "${rest_cpus[@]}" "$bin/coordinator" --hub "http://127.0.0.1:$port" --hub-threads $((2 * per_hub)) \
       --listen "127.0.0.1:$hub_port" "${load[@]}" --max-workers "$per_hub" \
       --max-connections $((per_hub + 16)) --threads 1 --http off --mirror none \
-      --relay-listen 127.0.0.1:0 --data "$UNDERFLOW_DATA" 2>>"$out/$name.hubs.log" &
+      --relay-listen 127.0.0.2:0 --relay-host 127.0.0.2 --data "$UNDERFLOW_DATA" \
+      2>>"$out/$name.hubs.log" &
     pids+=($!)
-    "$bin/worker" --fake-fitness --connections "$per_hub" --threads 2 --give-up-after 30 \
+    "${rest_cpus[@]}" "$bin/worker" --fake-fitness --connections "$per_hub" --threads 2 --give-up-after 30 \
       --connect "127.0.0.1:$hub_port" --data "$UNDERFLOW_DATA" 2>>"$out/$name.workers.log" &
     pids+=($!)
   done
@@ -181,15 +194,20 @@ hub_cluster() { # name workers hubs population generations
 for n in $hub_workers; do
   log "coordinator with $n fake workers behind $hubs hubs (θ to $hub_relay_fanout, relayed to the rest), P=$load_population"
   hub_cluster "hub$n" "$n" "$hubs" "$load_population" "$load_generations"
+  if [[ $hub_pinned == 1 && $(nproc) -ge 2 ]]; then
+    log "the same, with the root alone on core 0 and the hubs and fake workers on the others"
+    hub_cluster "pinned$n" "$n" "$hubs" "$load_population" "$load_generations" 1
+  fi
 done
 
-python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" "$relay_workers" "$hub_workers" "$hubs" <<'PY'
+python3 - "$out" "$trained" "$fake_workers" "$load_population" "${REPORT_JSON:-}" "$local_update_workers" "$relay_workers" "$hub_workers" "$hubs" "$hub_pinned" <<'PY'
 import json, os, statistics, sys
 
 out, trained, fakes, population, keep = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
 locals_ = sys.argv[6].split()
 relays = sys.argv[7].split()
 hub_runs, hub_count = sys.argv[8].split(), sys.argv[9]
+pinned_runs = hub_runs if sys.argv[10] == "1" and (os.cpu_count() or 1) >= 2 else []
 bench = json.load(open(f"{out}/bench.json"))
 rows = []  # (section, case, value, unit, ratio, note)
 
@@ -250,6 +268,7 @@ runs = [(f"fake{n}", int(n), "") for n in fakes]
 runs += [(f"local{n}", int(n), ", --local-update") for n in locals_]
 runs += [(f"relay{n}", int(n), ", relaying") for n in relays]
 runs += [(f"hub{n}", int(n), f" behind {hub_count} hubs") for n in hub_runs]
+runs += [(f"pinned{n}", int(n), f" behind {hub_count} hubs, root on its own core") for n in pinned_runs]
 for name, n, how in runs:
     m = metrics(name)[1:]
     if not m:
@@ -285,7 +304,7 @@ for k in ("cpu", "kernel", "threads", "load at start", "build", "trained"):
         print(f"{k:<14} {header[k]}")
 print(f"trained run    {trained}: 100 generations of the first release's default config")
 print()
-w = [12, 52, 12, 15, 20]
+w = [12, max(52, 2 + max(len(r[1]) for r in rows)), 12, 15, 20]
 print(f"{'section':<{w[0]}}{'case':<{w[1]}}{'value':>{w[2]}}  {'unit':<{w[3]}}{'vs':<{w[4]}}notes")
 print("-" * 170)
 for s, c, v, u, r, n in rows:
