@@ -163,9 +163,11 @@ hub_cluster() { # name workers hubs population generations [pinned]
     rest_cpus=(taskset -c "1-$(($(nproc) - 1))")
   fi
   port=$(free_port)
-  # The load test's settings of cluster() above, at the root and at each hub. The hubs'
-  # relays listen on another loopback address: a relay's port 0 cannot then take the port
-  # free_port picked for a hub that has not bound it yet.
+  # The load test's settings of cluster() above, at the root and at each hub. Each hub
+  # waits for all its fake workers (--workers) before it joins the root's generations, so
+  # every generation has all of them. The hubs' relays listen on another loopback address:
+  # a relay's port 0 cannot then take the port free_port picked for a hub that has not
+  # bound it yet.
   local load=(--audit-every 0 --max-results-per-sec 1000000 --heartbeat 10)
   timeout 900 "${root_cpus[@]}" "$bin/coordinator" --workers "$hubs" --listen "127.0.0.1:$port" \
     --generations "$gens" --population "$population" "${common[@]}" "${load[@]}" \
@@ -176,7 +178,7 @@ hub_cluster() { # name workers hubs population generations [pinned]
     hub_port=$(free_port)
     "${rest_cpus[@]}" "$bin/coordinator" --hub "http://127.0.0.1:$port" --hub-threads $((2 * per_hub)) \
       --listen "127.0.0.1:$hub_port" "${load[@]}" --max-workers "$per_hub" \
-      --max-connections $((per_hub + 16)) --threads 1 --http off --mirror none \
+      --max-connections $((per_hub + 16)) --workers "$per_hub" --threads 1 --http off --mirror none \
       --relay-listen 127.0.0.2:0 --relay-host 127.0.0.2 --data "$UNDERFLOW_DATA" \
       2>>"$out/$name.hubs.log" &
     pids+=($!)

@@ -563,7 +563,9 @@ async fn hub_run(
     for (h, workers) in hubs.iter().enumerate() {
         let hub_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let hub = cluster::Hub::new(cluster::HubOptions {
+            // Each hub joins the root's generations once all its workers are in.
             cluster: ClusterOptions {
+                workers: workers.len(),
                 audit_every: 1,
                 ..ClusterOptions::default()
             },

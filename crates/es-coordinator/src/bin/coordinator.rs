@@ -27,7 +27,9 @@ use es_kernel::Kernel;
 #[command(version)]
 struct Cli {
     /// Serve gRPC and wait for this many remote workers instead of training in-process.
-    #[arg(help_heading = "Cluster", long, conflicts_with = "hub")]
+    /// With --hub: the workers the hub waits for before it joins the root's generations
+    /// (default: none, it joins at once and its workers join as they come).
+    #[arg(help_heading = "Cluster", long)]
     workers: Option<usize>,
     /// Be a hub of the coordinator at this URI (e.g. http://root:50051) instead of training:
     /// to it, one worker of --hub-threads threads; to the workers that connect to --listen,
@@ -630,7 +632,10 @@ fn run_hub(cli: &Cli, upstream: &str) -> anyhow::Result<()> {
         !upstream.starts_with("https://"),
         "--hub {upstream}: a hub reaches its coordinator over plain HTTP/2 in this release (its own workers may use TLS); expected http://HOST:PORT"
     );
-    let options = cluster_options(cli)?;
+    let options = ClusterOptions {
+        workers: cli.workers.unwrap_or(0),
+        ..cluster_options(cli)?
+    };
     let hub_threads = cli.hub_threads.expect("clap requires --hub-threads").max(1);
     let listen: std::net::SocketAddr = cli.listen.parse().with_context(|| {
         format!(

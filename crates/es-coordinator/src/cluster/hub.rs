@@ -29,7 +29,9 @@ use super::*;
 #[derive(Clone, Debug)]
 pub struct HubOptions {
     /// Security, limits, leases, audits and the spread update towards the hub's workers, as
-    /// a coordinator's (`workers`, the count a coordinator waits for, is not used).
+    /// a coordinator's. `workers` is how many of its own workers the hub waits for before it
+    /// proves the golden task upstream: the root counts the hub, and starts generations it
+    /// waits for, only then (0 or 1: the hub joins at once; its workers join as they come).
     pub cluster: ClusterOptions,
     /// Where the hub's workers connect.
     pub listen: SocketAddr,
@@ -176,6 +178,31 @@ struct HubWork {
     sum_threads: usize,
 }
 
+impl HubWork {
+    /// Returns once the hub has its `cluster.workers` workers (proven); says every few
+    /// seconds how many it has.
+    async fn wait_for_workers(&self) {
+        let wanted = self.shared.options.workers;
+        let mut last_log = Instant::now();
+        loop {
+            let notified = self.shared.changed.notified();
+            let workers = self.shared.lock().workers.len();
+            if workers >= wanted {
+                return;
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                tracing::info!(
+                    workers,
+                    wanted,
+                    "waiting for the hub's workers before proving upstream"
+                );
+                last_log = Instant::now();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    }
+}
+
 impl fmt::Debug for HubWork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // No lock taken: a Debug print must never wait for (or deadlock on) the state.
@@ -191,6 +218,7 @@ impl DelegatedWork for HubWork {
     async fn golden(&self, generation: u32, index: u32) -> Result<GoldenProof, WorkerError> {
         let (at, proof) = self.golden;
         if at == (generation, index) {
+            self.wait_for_workers().await;
             return Ok(proof);
         }
         // Another task than the one the hub's workers prove: computed on its own.
