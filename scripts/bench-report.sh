@@ -165,7 +165,9 @@ hub_cluster() { # name workers hubs population generations [pinned]
   port=$(free_port)
   # The load test's settings of cluster() above, at the root and at each hub. Each hub
   # waits for all its fake workers (--workers) before it joins the root's generations, so
-  # every generation has all of them. The hubs' relays listen on another loopback address:
+  # every generation has all of them; --max-workers leaves room for a connection whose Join
+  # timed out under load and joins again (its first place is held for JOIN_TTL). The hubs'
+  # relays listen on another loopback address:
   # a relay's port 0 cannot then take the port free_port picked for a hub that has not
   # bound it yet.
   local load=(--audit-every 0 --max-results-per-sec 1000000 --heartbeat 10)
@@ -177,7 +179,7 @@ hub_cluster() { # name workers hubs population generations [pinned]
   for ((i = 0; i < hubs; i++)); do
     hub_port=$(free_port)
     "${rest_cpus[@]}" "$bin/coordinator" --hub "http://127.0.0.1:$port" --hub-threads $((2 * per_hub)) \
-      --listen "127.0.0.1:$hub_port" "${load[@]}" --max-workers "$per_hub" \
+      --listen "127.0.0.1:$hub_port" "${load[@]}" --max-workers $((per_hub + 8)) \
       --max-connections $((per_hub + 16)) --workers "$per_hub" --threads 1 --http off --mirror none \
       --relay-listen 127.0.0.2:0 --relay-host 127.0.0.2 --data "$UNDERFLOW_DATA" \
       2>>"$out/$name.hubs.log" &
