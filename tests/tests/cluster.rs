@@ -64,6 +64,45 @@ fn relay_options(relay: Relay) -> Option<RelayOptions> {
     }
 }
 
+/// Starts an in-process coordinator of `config` with `options` on a free loopback port: its
+/// endpoint, its run directory and its task.
+async fn start_coordinator(
+    config: &RunConfig,
+    scratch: &Scratch,
+    name: &str,
+    options: ClusterOptions,
+) -> (
+    String,
+    std::path::PathBuf,
+    tokio::task::JoinHandle<Result<embedded::RunSummary, es_coordinator::RunError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let env = environment(scratch, name, 1);
+    let run_dir = env.run_dir.clone();
+    let coordinator = tokio::spawn(cluster::run(
+        config.clone(),
+        env,
+        options,
+        listener,
+        Box::pin(std::future::pending()),
+    ));
+    (endpoint, run_dir, coordinator)
+}
+
+/// How each of `tasks` ended, each given 30 s after the run to see that it is over.
+async fn exits_of(tasks: Vec<WorkerTask>) -> Vec<Result<WorkerExit, es_worker::WorkerError>> {
+    let mut exits = Vec::new();
+    for task in tasks {
+        let exit = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the worker (or hub) exits after the run")
+            .unwrap();
+        exits.push(exit);
+    }
+    exits
+}
+
 /// Starts one in-process worker of `endpoint` per entry of `workers`, named `{name}-{i}`.
 fn spawn_workers(
     endpoint: &str,
@@ -116,33 +155,16 @@ async fn cluster_run_with(
     options: ClusterOptions,
 ) -> (Vec<u8>, Vec<Result<WorkerExit, es_worker::WorkerError>>) {
     let local_update = !options.spread_update;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let env = environment(scratch, name, 1);
-    let run_dir = env.run_dir.clone();
     let options = ClusterOptions {
         workers: workers.len(),
         ..options
     };
-    let coordinator = tokio::spawn(cluster::run(
-        config.clone(),
-        env,
-        options,
-        listener,
-        Box::pin(std::future::pending()),
-    ));
+    let (endpoint, run_dir, coordinator) = start_coordinator(config, scratch, name, options).await;
     let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
     let tasks = spawn_workers(&endpoint, workers, name, scratch, &mnist);
     let summary = coordinator.await.unwrap().unwrap();
     assert_eq!(summary.generations, 5);
-    let mut exits = Vec::new();
-    for task in tasks {
-        let exit = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("worker exits")
-            .unwrap();
-        exits.push(exit);
-    }
+    let exits = exits_of(tasks).await;
     let metrics = underflow_tests::processes::metrics(&run_dir);
     for line in &metrics {
         let (delivered, local) = (&line["sums_delivered"], &line["sums_local"]);
@@ -541,23 +563,13 @@ async fn hub_run(
     Vec<serde_json::Value>,
     Vec<Result<WorkerExit, es_worker::WorkerError>>,
 ) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let root = format!("http://{}", listener.local_addr().unwrap());
-    let env = environment(scratch, name, 1);
-    let run_dir = env.run_dir.clone();
     let options = ClusterOptions {
         workers: hubs.len(),
         audit_every: 1,
         relay_fanout,
         ..ClusterOptions::default()
     };
-    let coordinator = tokio::spawn(cluster::run(
-        config.clone(),
-        env,
-        options,
-        listener,
-        Box::pin(std::future::pending()),
-    ));
+    let (root, run_dir, coordinator) = start_coordinator(config, scratch, name, options).await;
     let mnist = Arc::new(es_data::mnist::load(&mnist_dir()).unwrap());
     let mut tasks = Vec::new();
     for (h, workers) in hubs.iter().enumerate() {
@@ -597,14 +609,7 @@ async fn hub_run(
         .unwrap()
         .unwrap();
     assert_eq!(summary.generations, config.generations);
-    let mut exits = Vec::new();
-    for task in tasks {
-        let exit = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("the hubs and their workers exit")
-            .unwrap();
-        exits.push(exit);
-    }
+    let exits = exits_of(tasks).await;
     let metrics = underflow_tests::processes::metrics(&run_dir);
     (
         std::fs::read(run_dir.join("theta.f32")).unwrap(),

@@ -537,9 +537,6 @@ fn theta_sources(state: &State, fanout: usize) -> HashMap<WorkerId, String> {
         .collect()
 }
 
-/// The longest relay host a `JoinRequest` may name (a DNS name's limit).
-const MAX_RELAY_HOST_CHARS: usize = 253;
-
 /// Where a joining worker serves `ThetaRelay` ("host:port"), if it does: its `relay_host`,
 /// or else the address its connection comes from (`peer`), with its `relay_port`.
 fn relay_address(
@@ -556,14 +553,11 @@ fn relay_address(
         )
     })?;
     let host = &join.relay_host;
-    if host.len() > MAX_RELAY_HOST_CHARS
-        || host
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || "/@?#".contains(c))
-    {
+    if !es_proto::plausible_host(host) {
         return Err(format!(
-            "relay_host {:?}: expected a host name or an IP address of at most {MAX_RELAY_HOST_CHARS} characters",
-            host.chars().take(64).collect::<String>()
+            "relay_host {:?}: expected a host name or an IP address of at most {} characters",
+            host.chars().take(64).collect::<String>(),
+            es_proto::MAX_HOST_CHARS
         ));
     }
     if !host.is_empty() {
@@ -1584,33 +1578,19 @@ async fn train(
     let population = es.population as u32;
     let checkpointer = Arc::new(checkpointer);
 
-    // Wait for the workers.
     shared.monitor.set_phase(Phase::WaitingForWorkers);
-    let mut last_log = Instant::now();
-    loop {
-        let notified = shared.changed.notified();
-        let workers = shared.lock().workers.len();
-        if workers >= options.workers {
-            break;
-        }
-        if stop.load(Ordering::SeqCst) {
-            return finish(
-                env,
-                net,
-                &mut run_dir,
-                es_state,
-                data,
-                Instant::now(),
-                true,
-                &checkpointer,
-            )
-            .await;
-        }
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            tracing::info!(workers, wanted = options.workers, "waiting for workers");
-            last_log = Instant::now();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+    if !wait_for_workers(shared, stop).await {
+        return finish(
+            env,
+            net,
+            &mut run_dir,
+            es_state,
+            data,
+            Instant::now(),
+            true,
+            &checkpointer,
+        )
+        .await;
     }
 
     let started = Instant::now();
@@ -1756,6 +1736,29 @@ async fn train(
         &checkpointer,
     )
     .await
+}
+
+/// Waits until `shared` has its `options.workers` proven workers (a root before its first
+/// generation, a hub before it proves upstream), saying every 5 s how many it has; `false`
+/// if `stop` is set first.
+async fn wait_for_workers(shared: &Shared, stop: &AtomicBool) -> bool {
+    let wanted = shared.options.workers;
+    let mut last_log = Instant::now();
+    loop {
+        let notified = shared.changed.notified();
+        let workers = shared.lock().workers.len();
+        if workers >= wanted {
+            return true;
+        }
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            tracing::info!(workers, wanted, "waiting for workers");
+            last_log = Instant::now();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+    }
 }
 
 /// Which indices of a generation are wanted when it begins.

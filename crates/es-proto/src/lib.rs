@@ -62,6 +62,20 @@ pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// of the cost of sending θ and receiving noise sums. 1 MiB makes it three.
 pub const HTTP2_MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// The longest host name a relay may be announced at (a DNS name's limit).
+pub const MAX_HOST_CHARS: usize = 253;
+
+/// Whether `host` could be a host name or an IP address to reach a relay at: at most
+/// [`MAX_HOST_CHARS`] characters, none of them whitespace, control characters or the
+/// `/@?#` that would turn "host:port" into something else. The empty string passes (callers
+/// that need a host refuse it themselves).
+pub fn plausible_host(host: &str) -> bool {
+    host.len() <= MAX_HOST_CHARS
+        && !host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "/@?#".contains(c))
+}
+
 /// The most parameters a network of the cluster may have: θ travels in one `Generation`
 /// message, which needs a few bytes besides θ's 4·D. [`RunSpec`]'s conversion from the wire
 /// refuses larger networks; a coordinator can check its own spec by converting it there and

@@ -65,14 +65,11 @@ impl RelayOptions {
     /// other characters no host name has.
     pub fn new(listen: SocketAddr, host: Option<String>) -> Result<RelayOptions, WorkerError> {
         if let Some(host) = &host
-            && (host.is_empty()
-                || host.len() > 253
-                || host
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control() || "/@?#".contains(c)))
+            && (host.is_empty() || !es_proto::plausible_host(host))
         {
             return Err(WorkerError::Relay(format!(
-                "relay host {host:?}: expected a host name or an IP address of at most 253 characters"
+                "relay host {host:?}: expected a host name or an IP address of at most {} characters",
+                es_proto::MAX_HOST_CHARS
             )));
         }
         Ok(RelayOptions { listen, host })

@@ -178,31 +178,6 @@ struct HubWork {
     sum_threads: usize,
 }
 
-impl HubWork {
-    /// Returns once the hub has its `cluster.workers` workers (proven); says every few
-    /// seconds how many it has.
-    async fn wait_for_workers(&self) {
-        let wanted = self.shared.options.workers;
-        let mut last_log = Instant::now();
-        loop {
-            let notified = self.shared.changed.notified();
-            let workers = self.shared.lock().workers.len();
-            if workers >= wanted {
-                return;
-            }
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                tracing::info!(
-                    workers,
-                    wanted,
-                    "waiting for the hub's workers before proving upstream"
-                );
-                last_log = Instant::now();
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
-        }
-    }
-}
-
 impl fmt::Debug for HubWork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // No lock taken: a Debug print must never wait for (or deadlock on) the state.
@@ -218,7 +193,9 @@ impl DelegatedWork for HubWork {
     async fn golden(&self, generation: u32, index: u32) -> Result<GoldenProof, WorkerError> {
         let (at, proof) = self.golden;
         if at == (generation, index) {
-            self.wait_for_workers().await;
+            // The upstream proof waits for the hub's own workers (`--workers`). A hub has no
+            // stop flag: its session ends the wait by dropping this future.
+            wait_for_workers(&self.shared, &AtomicBool::new(false)).await;
             return Ok(proof);
         }
         // Another task than the one the hub's workers prove: computed on its own.
