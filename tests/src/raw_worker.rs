@@ -80,6 +80,7 @@ pub fn join_request(data: &Mnist, name: &str) -> pb::JoinRequest {
         relay_host: String::new(),
         carried_credits: false,
         hub: false,
+        join_key: 0,
     }
 }
 

@@ -19,13 +19,25 @@ async fn coordinator(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
+    coordinator_with(scratch, ClusterOptions::default()).await
+}
+
+/// As [`coordinator`], with `options` but for the 5 workers it waits for.
+async fn coordinator_with(
+    scratch: &Scratch,
+    options: ClusterOptions,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let env = environment(scratch, "run", 1);
     let options = ClusterOptions {
         workers: 5,
-        ..ClusterOptions::default()
+        ..options
     };
     let config = RunConfig { ..small_run(1) };
     let handle = tokio::spawn(async move {
@@ -69,6 +81,7 @@ fn request(digest: Vec<u8>) -> pb::JoinRequest {
         relay_host: String::new(),
         carried_credits: false,
         hub: false,
+        join_key: 0,
     }
 }
 
@@ -147,17 +160,32 @@ async fn workers_with_other_data_versions_or_runs_are_refused_with_reasons() {
     };
     let task = accepted.golden.unwrap();
     assert_eq!((task.generation, task.index), (0, 0));
-    let wrong = es_proto::GoldenEval {
-        fitness_bits: 1.0f64.to_bits(),
+    let r = refused_proof(&mut client, &accepted, 1.0).await;
+    assert_eq!(r.reason(), RefusalReason::GoldenMismatch);
+    assert!(r.message.contains("center fitness"), "{}", r.message);
+
+    let _ = stop.send(());
+    handle.await.unwrap();
+}
+
+/// Opens the work stream of `joined` with a golden proof of `fitness` everywhere (not the
+/// coordinator's) and returns the refusal the coordinator answers with.
+async fn refused_proof(
+    client: &mut CoordinatorClient<Channel>,
+    joined: &pb::JoinAccepted,
+    fitness: f64,
+) -> pb::Refusal {
+    let eval = es_proto::GoldenEval {
+        fitness_bits: fitness.to_bits(),
         correct: 0,
         logits_digest: [0; 32],
     };
     let proof = es_proto::GoldenProof {
-        center: wrong,
-        plus: wrong,
-        minus: wrong,
+        center: eval,
+        plus: eval,
+        minus: eval,
     };
-    let prove = pb::Prove::new(&accepted.run_id, accepted.worker_id, &proof, None);
+    let prove = pb::Prove::new(&joined.run_id, joined.worker_id, &proof, None);
     // The sender stays alive so that the request stream is open while the coordinator answers.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tx.send(pb::WorkerMessage::from(prove)).unwrap();
@@ -170,11 +198,61 @@ async fn workers_with_other_data_versions_or_runs_are_refused_with_reasons() {
     let Some(pb::coordinator_message::Kind::Shutdown(shutdown)) = first.kind else {
         panic!("expected a refusal, got {first:?}");
     };
-    let r = shutdown.refusal.expect("a refusal");
-    assert_eq!(r.reason(), RefusalReason::GoldenMismatch);
-    assert!(r.message.contains("center fitness"), "{}", r.message);
-
     drop(tx);
+    shutdown.refusal.expect("a refusal")
+}
+
+fn accepted(outcome: Outcome) -> pb::JoinAccepted {
+    match outcome {
+        Outcome::Accepted(a) => a,
+        Outcome::Refused(r) => panic!("refused: {r:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_retried_with_the_same_key_takes_the_place_of_the_first() {
+    let scratch = Scratch::new("join-key");
+    let options = ClusterOptions {
+        max_workers: 2,
+        ..ClusterOptions::default()
+    };
+    let (addr, stop, handle) = coordinator_with(&scratch, options).await;
+    let mut client = client(&addr).await;
+    let digest = mnist_digest();
+    let keyed = |join_key: u64| pb::JoinRequest {
+        join_key,
+        ..request(digest.clone())
+    };
+
+    // Worker 7 joins, and joins again as after a lost reply: one place, not two, so that
+    // worker 8 still finds one.
+    let first = accepted(join(&mut client, keyed(7)).await);
+    let retried = accepted(join(&mut client, keyed(7)).await);
+    assert_ne!(first.worker_id, retried.worker_id);
+    accepted(join(&mut client, keyed(8)).await);
+
+    // Both places are taken now: a third worker is refused, with or without a key.
+    for key in [9, 0] {
+        let r = refusal(join(&mut client, keyed(key)).await);
+        assert_eq!(r.reason(), RefusalReason::Full, "key {key}");
+        assert!(
+            r.message.contains("2 workers joined") && r.message.contains("--max-workers"),
+            "{}",
+            r.message
+        );
+    }
+
+    // The join that was given up is gone: a stream that proves with its id is told to join
+    // again.
+    let r = refused_proof(&mut client, &first, 0.0).await;
+    assert_eq!(r.reason(), RefusalReason::RunMismatch);
+    assert!(
+        r.message
+            .contains(&format!("worker id {} is unknown", first.worker_id)),
+        "{}",
+        r.message
+    );
+
     let _ = stop.send(());
     handle.await.unwrap();
 }

@@ -70,6 +70,7 @@ fn join_request(digest: &[u8]) -> pb::JoinRequest {
         relay_host: String::new(),
         carried_credits: false,
         hub: false,
+        join_key: 0,
     }
 }
 

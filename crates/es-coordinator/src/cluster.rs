@@ -187,6 +187,9 @@ struct Joined {
     relay: Option<String>,
     carried_credits: bool,
     hub: bool,
+    /// `JoinRequest.join_key`: the worker's own number (0: none), by which a retried Join
+    /// replaces this one.
+    join_key: u64,
 }
 
 #[derive(Default)]
@@ -629,12 +632,21 @@ impl Coordinator for Service {
         };
         let name: String = join.name.chars().take(MAX_NAME_CHARS).collect();
         let kernel: String = join.kernel.chars().take(MAX_NAME_CHARS).collect();
-        let worker_id = {
+        let (worker_id, replaced) = {
             let mut state = shared.lock();
             let now = Instant::now();
             state
                 .joined
                 .retain(|_, joined| now.duration_since(joined.at) < JOIN_TTL);
+            // An earlier join of this same worker gives its place back: the worker joins
+            // again only once it has given that one up (its reply was lost, or its stream
+            // never opened).
+            let key = join.join_key;
+            let before = state.joined.len();
+            if key != 0 {
+                state.joined.retain(|_, joined| joined.join_key != key);
+            }
+            let replaced = before - state.joined.len();
             let taken = state.joined.len() + state.workers.len();
             if taken >= shared.options.max_workers {
                 drop(state);
@@ -658,10 +670,18 @@ impl Coordinator for Service {
                     relay: relay.clone(),
                     carried_credits: join.carried_credits,
                     hub: join.hub,
+                    join_key: key,
                 },
             );
-            id
+            (id, replaced)
         };
+        if replaced > 0 {
+            tracing::info!(
+                %name,
+                ?peer,
+                "worker joined again before opening its stream: its earlier join is dropped"
+            );
+        }
         tracing::info!(worker_id, %name, threads = join.threads, %kernel, ?peer, ?relay, hub = join.hub, "worker joined");
         let accepted = pb::JoinAccepted {
             protocol_version: PROTOCOL_VERSION,
@@ -813,6 +833,7 @@ async fn serve_worker(
             relay: None,
             carried_credits: false,
             hub: false,
+            join_key: 0,
         });
         if let Some(completed) = state.finished {
             let reason = if completed {

@@ -228,6 +228,7 @@ fn seeds() -> Vec<Vec<u8>> {
         relay_host: String::new(),
         carried_credits: true,
         hub: false,
+        join_key: 0x0123_4567_89AB_CDEF,
     };
     let accepted = pb::JoinReply::from(pb::JoinAccepted {
         protocol_version: es_proto::PROTOCOL_VERSION,

@@ -439,7 +439,9 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
         coord.options(cache.path()),
         std::future::pending(),
     ));
-    let (_, reply) = coord.join().await;
+    let (first_join, reply) = coord.join().await;
+    // The worker's key, by which a retried Join replaces its earlier one, is never "none".
+    assert_ne!(first_join.join_key, 0);
     reply.send(coord.accepted("run-1", 1, 0)).unwrap();
     let mut stream = coord.stream().await;
     stream.prove().await;
@@ -503,6 +505,10 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     stream.send(shutdown(false, None));
     let (join, reply) = coord.join().await;
     assert_eq!(join.run_id, "run-1");
+    assert_eq!(
+        join.join_key, first_join.join_key,
+        "the same worker, the same key"
+    );
     reply.send(coord.accepted("run-1", 2, 0)).unwrap();
     let mut stream = coord.stream().await;
     let prove = stream.prove().await;
@@ -530,6 +536,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     ));
     let (join, reply) = coord.join().await;
     assert_eq!(join.run_id, "");
+    assert_eq!(join.join_key, first_join.join_key);
     reply.send(coord.accepted("run-2", 1, 0)).unwrap();
     let mut stream = coord.stream().await;
     let prove = stream.prove().await;

@@ -103,6 +103,8 @@ async fn run_inner(
         token,
         relay,
         cache: None,
+        // Never 0, which means "no key".
+        join_key: rand::random::<u64>().max(1),
         next_ticket: 1,
         pairs_sent: 0,
         failures: Failures::default(),
@@ -416,6 +418,9 @@ struct Worker {
     /// The relay this worker serves, if any.
     relay: Option<Relaying>,
     cache: Option<RunCache>,
+    /// Sent with every Join (`JoinRequest.join_key`): a Join retried after a lost reply or a
+    /// stream that never opened replaces the earlier one instead of holding a second place.
+    join_key: u64,
     /// The next generation ticket (see `compute`); unique over the worker's life.
     next_ticket: u64,
     failures: Failures,
@@ -449,6 +454,7 @@ impl Worker {
                 .unwrap_or_default(),
             carried_credits: true,
             hub: self.options.delegate.is_some(),
+            join_key: self.join_key,
         });
         request.set_timeout(JOIN_TIMEOUT);
         // The deadline is also enforced here: over a network that swallows packets the
