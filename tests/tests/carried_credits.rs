@@ -43,10 +43,14 @@ async fn a_worker_with_carried_credits_needs_one_ready_per_stream() {
         eval_every: 0,
         ..small_run(3)
     };
-    // The raw worker's fitnesses are made up: no audits.
+    // The raw worker's fitnesses are made up: no audits. It sends no heartbeats either, so
+    // they are not due while the coordinator finishes the run: its final evaluations
+    // (unflushed ones among them) take longer than three default intervals on CPUs where
+    // denormal arithmetic is slow, such as Intel's.
     let options = ClusterOptions {
         workers: 1,
         audit_every: 0,
+        heartbeat: WAIT,
         ..ClusterOptions::default()
     };
     let coordinator = tokio::spawn(cluster::run(
