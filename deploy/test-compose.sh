@@ -6,7 +6,9 @@
 #     from the network (and reconnect it) mid-run; the run completes, θ is bit-identical to
 #     the reference, and all 3 workers contributed;
 #  4. `docker-compose down -v` leaves no container, network or volume (the run directory on
-#     the host stays).
+#     the host stays);
+#  5. the same run with a hub between the coordinator and 2 workers
+#     (deploy/docker-compose.hubs.yml): θ again bit-identical, both workers contributed.
 # Prints start-up time and the generation time of the cluster against the embedded run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,4 +126,38 @@ vols=$(docker volume ls -q --filter "label=com.docker.compose.project=$project" 
   || { echo "FAIL: down left $left containers, $nets networks, $vols volumes" >&2; exit 1; }
 [ -f "$work/runs/run/theta.f32" ] || { echo "FAIL: the run directory did not survive down" >&2; exit 1; }
 echo "down left no containers, networks or volumes; the run directory stays"
+
+echo "== compose with a hub: the root, 1 hub, 2 workers behind the hub"
+hubs=(-f deploy/docker-compose.yml -f deploy/docker-compose.hubs.yml)
+dh() { "${compose[@]}" "${hubs[@]}" "$@"; }
+# The root waits for its one hub; the hub for its two workers, so both take part.
+UNDERFLOW_RUN=hubs UNDERFLOW_WORKERS=1 UNDERFLOW_HUB_WORKERS=2 UNDERFLOW_HUB_THREADS=2 \
+  dh up -d --scale hub=1 --scale worker=2
+coordinator=$(dh ps -q coordinator)
+status=$(docker wait "$coordinator")
+dh logs --no-color coordinator > "$work/hubs-coordinator.log" 2>&1
+dh logs --no-color hub > "$work/hubs-hub.log" 2>&1
+[ "$status" -eq 0 ] || { echo "FAIL: the root exited with $status" >&2; cat "$work/hubs-coordinator.log" "$work/hubs-hub.log" >&2; exit 1; }
+for c in $(dh ps -q hub worker); do
+  s=$(docker wait "$c")
+  [ "$s" -eq 0 ] || { echo "FAIL: container $c of the hub run exited with $s" >&2; dh logs >&2; exit 1; }
+done
+cmp "$work/reference/theta.f32" "$work/runs/hubs/theta.f32" \
+  || { echo "FAIL: θ behind a hub differs from the embedded run" >&2; exit 1; }
+echo "θ behind a hub bit-identical to the embedded run"
+python3 - "$work" <<'PY'
+import json, re, sys
+work = sys.argv[1]
+lines = [json.loads(l) for l in open(f"{work}/runs/hubs/metrics.jsonl")]
+assert len(lines) == 40, f"{len(lines)} generations behind the hub: expected 40"
+assert all(l["workers"] == 1 for l in lines), "the root served exactly its one hub"
+behind = {}
+for line in open(f"{work}/hubs-hub.log"):
+    m = re.search(r"worker at the end of the run.* name=(\S+) pairs_accepted=(\d+)", line)
+    if m:
+        behind[m.group(1)] = behind.get(m.group(1), 0) + int(m.group(2))
+assert len(behind) == 2 and all(n > 0 for n in behind.values()), f"pairs per worker behind the hub: {behind}"
+print("pairs accepted per worker behind the hub:", behind)
+PY
+dh down -v --remove-orphans
 echo "PASS"

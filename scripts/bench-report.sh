@@ -165,9 +165,10 @@ hub_cluster() { # name workers hubs population generations [pinned]
   port=$(free_port)
   # The load test's settings of cluster() above, at the root and at each hub. Each hub
   # waits for all its fake workers (--workers) before it joins the root's generations, so
-  # every generation has all of them; --max-workers leaves room for a connection whose Join
-  # timed out under load and joins again (its first place is held for JOIN_TTL). The hubs'
-  # relays listen on another loopback address:
+  # every generation has all of them; --max-workers leaves a margin of 8 places (before
+  # join keys, a Join that timed out under load and was tried again held a second place for
+  # JOIN_TTL; now it replaces its first). The hubs' relays listen on another loopback
+  # address:
   # a relay's port 0 cannot then take the port free_port picked for a hub that has not
   # bound it yet.
   local load=(--audit-every 0 --max-results-per-sec 1000000 --heartbeat 10)
