@@ -9,7 +9,7 @@
 #     the update's GB/s against a plain parallel memory read;
 #  3. a whole generation at P = 256, B = 100: embedded (2 threads) and a coordinator with 2
 #     local worker processes of 1 thread, with pairs that perturb all of θ (the first
-#     release's settings); and embedded, the recommended recipe's kind of pairs (each
+#     release's settings); and both again with the recommended recipe's kind of pairs (each
 #     perturbs one group of one layer's neurons) at the same P and B;
 #  4. the coordinator at P = 10,000 with 1, 32, 256 and 1,000 fake workers (one `worker
 #     --fake-fitness --connections N --threads 2` process, so chunks are sized as for real
@@ -125,16 +125,23 @@ cluster() { # name workers population generations coordinator-args -- worker-arg
   tail -3 "$out/$name.log" >&2
 }
 
+local2() { # name coordinator-args...: a coordinator and 2 local worker processes of 1 thread
+  local name=$1 port
+  shift
+  port=$(free_port)
+  # Audits stay on here: real workers pass them.
+  "$bin/coordinator" --workers 2 --listen "127.0.0.1:$port" --generations "$generations" \
+    "$@" --run-dir "$out/$name" >/dev/null 2>"$out/$name.log" &
+  local coordinator=$!
+  "$bin/worker" --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/$name.workers.log" &
+  "$bin/worker" --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/$name.workers.log" &
+  wait "$coordinator"
+  wait
+}
 log "2 local worker processes, $generations generations"
-port=$(free_port)
-# Audits stay on here: real workers pass them.
-"$bin/coordinator" --workers 2 --listen "127.0.0.1:$port" --generations "$generations" \
-  "${common[@]}" --run-dir "$out/local2" >/dev/null 2>"$out/local2.log" &
-coordinator=$!
-"$bin/worker" --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/local2.workers.log" &
-"$bin/worker" --connect "127.0.0.1:$port" --threads 1 --data "$UNDERFLOW_DATA" 2>>"$out/local2.workers.log" &
-wait "$coordinator"
-wait
+local2 local2 "${common[@]}"
+log "2 local worker processes, the recipe at P=256, $generations generations"
+local2 local2recipe "${recipe256[@]}"
 
 for n in $fake_workers; do
   log "coordinator with $n fake workers, P=$load_population, $load_generations generations"
@@ -262,6 +269,8 @@ rec_gen = statistics.median(gen_times(rec))
 add("generation", f"embedded recipe P=256 B=100, {threads} threads", rec_gen, "s/generation", f"{emb_gen / rec_gen:.1f}× faster",
     "layer populations 16,160,80, neuron groups 16,32,10: a pair perturbs one group of one layer")
 add("generation", "2 local workers × 1 thread, P=256 B=100", loc_gen, "s/generation", f"{loc_gen / emb_gen:.2f}× embedded", "audits on")
+loc_rec_gen = statistics.median(gen_times(metrics("local2recipe")))
+add("generation", "2 local workers × 1 thread, recipe P=256 B=100", loc_rec_gen, "s/generation", f"{loc_rec_gen / rec_gen:.2f}× embedded recipe", "audits on")
 
 # 32 real workers of this machine's speed (2 cores each) at the load test's population.
 per_core = emb_eps / threads

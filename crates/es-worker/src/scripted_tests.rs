@@ -24,6 +24,9 @@ use crate::{Backoff, DataSource, WorkerError, WorkerExit, WorkerOptions};
 
 type Outbound = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>;
 
+/// The credits the test worker (2 threads, [`Coord::options`]) grants per generation.
+const CAPACITY: u32 = 2 * crate::session::CREDITS_PER_THREAD;
+
 /// The server: forwards each call to the test body.
 struct Script {
     joins: mpsc::UnboundedSender<(pb::JoinRequest, oneshot::Sender<pb::JoinReply>)>,
@@ -333,8 +336,8 @@ async fn a_worker_proves_evaluates_its_chunks_and_finishes() {
     let ready = stream.ready().await;
     assert_eq!(
         (ready.generation, ready.credits),
-        (0, 32),
-        "16 credits per thread"
+        (0, CAPACITY),
+        "CREDITS_PER_THREAD per thread"
     );
 
     stream.assign(0, 0, 5);
@@ -385,7 +388,7 @@ async fn carried_credits_come_in_generations_and_go_back_with_results() {
     let encoded = EncodedTheta::new(&theta);
     stream.send(pb::Generation::with_theta(0, &encoded));
     let ready = stream.ready().await;
-    assert_eq!((ready.generation, ready.credits), (0, 32));
+    assert_eq!((ready.generation, ready.credits), (0, CAPACITY));
     // Results return their indices' credits themselves: no Ready follows them.
     stream.assign(0, 0, 3);
     let results = stream.results().await;
@@ -393,7 +396,7 @@ async fn carried_credits_come_in_generations_and_go_back_with_results() {
     assert_eq!(results.pairs, expected_pairs(&coord, &theta, 0, 0..3));
 
     // A generation that grants the whole capacity is answered with results alone.
-    stream.send(pb::Generation::digest_only(1, encoded.digest()).granting(32));
+    stream.send(pb::Generation::digest_only(1, encoded.digest()).granting(CAPACITY));
     stream.assign(1, 4, 2);
     let results = stream.results().await;
     assert_eq!((results.generation, results.credits), (1, 2));
@@ -402,13 +405,13 @@ async fn carried_credits_come_in_generations_and_go_back_with_results() {
     // A partial grant is topped up by a Ready for the rest.
     stream.send(pb::Generation::digest_only(2, encoded.digest()).granting(20));
     let ready = stream.ready().await;
-    assert_eq!((ready.generation, ready.credits), (2, 12));
+    assert_eq!((ready.generation, ready.credits), (2, CAPACITY - 20));
 
     // θ asked for by digest: the repeated Generation that brings it grants nothing more and
     // asks for no Ready; the chunk assigned meanwhile starts with it.
     let theta3 = coord.theta(0.5);
     let encoded3 = EncodedTheta::new(&theta3);
-    stream.send(pb::Generation::digest_only(3, encoded3.digest()).granting(32));
+    stream.send(pb::Generation::digest_only(3, encoded3.digest()).granting(CAPACITY));
     match stream.next().await {
         Kind::ThetaRequest(request) => assert_eq!(request.generation, 3),
         other => panic!("expected a theta request, got {other:?}"),
@@ -462,7 +465,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     stream.assign(0, 10, 2);
     stream.send(pb::Generation::with_theta(0, &encoded));
     let ready = stream.ready().await;
-    assert_eq!((ready.generation, ready.credits), (0, 32));
+    assert_eq!((ready.generation, ready.credits), (0, CAPACITY));
     let results = stream.results().await;
     assert_eq!(results.pairs, expected_pairs(&coord, &theta, 0, 10..12));
     assert_eq!(stream.ready().await.credits, 2);
@@ -471,7 +474,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
     stream.assign(9, 0, 4);
     stream.send(pb::Generation::digest_only(1, encoded.digest()));
     let ready = stream.ready().await;
-    assert_eq!((ready.generation, ready.credits), (1, 32));
+    assert_eq!((ready.generation, ready.credits), (1, CAPACITY));
 
     // A new generation abandons queued work of the old one: only generation 3's results come.
     let theta3 = coord.theta(-0.5);
@@ -490,7 +493,7 @@ async fn theta_by_digest_stale_work_rejoins_and_a_final_refusal() {
             Kind::Ready(ready) if ready.generation == 2 => {}
             Kind::Results(results) if results.generation == 2 => {}
             Kind::Ready(ready) => {
-                assert_eq!((ready.generation, ready.credits), (3, 32));
+                assert_eq!((ready.generation, ready.credits), (3, CAPACITY));
                 break;
             }
             other => panic!("expected generation 2's stragglers or a ready, got {other:?}"),
