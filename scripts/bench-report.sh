@@ -270,7 +270,7 @@ add("generation", f"embedded recipe P=256 B=100, {threads} threads", rec_gen, "s
     "layer populations 16,160,80, neuron groups 16,32,10: a pair perturbs one group of one layer")
 add("generation", "2 local workers × 1 thread, P=256 B=100", loc_gen, "s/generation", f"{loc_gen / emb_gen:.2f}× embedded", "audits on")
 loc_rec_gen = statistics.median(gen_times(metrics("local2recipe")))
-add("generation", "2 local workers × 1 thread, recipe P=256 B=100", loc_rec_gen, "s/generation", f"{loc_rec_gen / rec_gen:.2f}× embedded recipe", "audits on")
+add("generation", "2 local workers × 1 thread, recipe P=256 B=100", loc_rec_gen, "s/generation", f"{loc_rec_gen / rec_gen:.2f}× embedded", "against the embedded recipe; audits on")
 
 # 32 real workers of this machine's speed (2 cores each) at the load test's population.
 per_core = emb_eps / threads
