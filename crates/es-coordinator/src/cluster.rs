@@ -940,14 +940,21 @@ async fn serve_worker(
             shared.monitor.worker_lost();
         }
         shared.publish_workers(&state);
-        let (name, accepted) = removed.map(|s| (s.name, s.accepted)).unwrap_or_default();
         let released = state.work.as_mut().map_or(0, |w| w.release_worker(worker))
             + state
                 .sums
                 .as_mut()
                 .map_or(0, |s| s.release_worker(worker, false) as u32);
         assign_all(&mut state, &shared.options);
-        tracing::info!(worker_id = worker, %name, reason = %end, released, pairs_accepted = accepted, workers = state.workers.len(), "worker left");
+        match removed {
+            Some(slot) => {
+                tracing::info!(worker_id = worker, name = %slot.name, reason = %end, released, pairs_accepted = slot.accepted, workers = state.workers.len(), "worker left");
+            }
+            // Already logged when it was taken off the list (the end of the run, quarantine).
+            None => {
+                tracing::debug!(worker_id = worker, reason = %end, released, "stream of a worker off the list ended");
+            }
+        }
     }
     shared.changed.notify_waiters();
 }
