@@ -635,18 +635,21 @@ impl Coordinator for Service {
         let (worker_id, replaced) = {
             let mut state = shared.lock();
             let now = Instant::now();
-            state
-                .joined
-                .retain(|_, joined| now.duration_since(joined.at) < JOIN_TTL);
-            // An earlier join of this same worker gives its place back: the worker joins
-            // again only once it has given that one up (its reply was lost, or its stream
-            // never opened).
+            // Expired joins give their places back, and so does an earlier join of this same
+            // worker: it joins again only once it has given that one up (its reply was lost,
+            // or its stream never opened).
             let key = join.join_key;
-            let before = state.joined.len();
-            if key != 0 {
-                state.joined.retain(|_, joined| joined.join_key != key);
-            }
-            let replaced = before - state.joined.len();
+            let mut replaced = 0;
+            state.joined.retain(|_, joined| {
+                if now.duration_since(joined.at) >= JOIN_TTL {
+                    false
+                } else if key != 0 && joined.join_key == key {
+                    replaced += 1;
+                    false
+                } else {
+                    true
+                }
+            });
             let taken = state.joined.len() + state.workers.len();
             if taken >= shared.options.max_workers {
                 drop(state);
