@@ -1643,8 +1643,9 @@ async fn train(
         let gen_started = Instant::now();
         let cpu_started = process_cpu_secs();
         // θ's digest and copy are made outside the lock: the handlers keep running meanwhile.
-        let theta = Arc::new(EncodedTheta::new(&es_state.theta));
+        // One copy serves both as the wire's bytes and as the values disputes are settled on.
         let theta_values = Arc::new(es_state.theta.clone());
+        let theta = Arc::new(EncodedTheta::shared(Arc::clone(&theta_values)));
         begin_generation(
             &mut shared.lock(),
             options,

@@ -1452,20 +1452,14 @@ pub fn finish_update(
             (layer.bias.end - layer.weights.start, scaled, two_p)
         })
         .collect();
-    let grad_sq = adam_blocks(state, &mut g, &steps, threads);
+    let (grad_sq, theta_sq) = adam_blocks(state, &mut g, &steps, threads);
     if es.average_decay > 0.0 {
         update_average(&mut state.average, &state.theta, es.average_decay);
     }
     state.generation += 1;
-    let theta_norm = state
-        .theta
-        .iter()
-        .map(|&x| (x as f64) * (x as f64))
-        .sum::<f64>()
-        .sqrt();
     Ok(UpdateStats {
         grad_norm: grad_sq.sqrt(),
-        theta_norm,
+        theta_norm: theta_sq.sqrt(),
         lr,
     })
 }
@@ -1525,14 +1519,14 @@ fn for_pieces(pieces: &mut [Piece<'_>], threads: usize, f: impl Fn(&mut Piece<'_
     });
 }
 
-/// `g /= 2P` (each layer's own P), then Adam on every block; returns ‖g‖² summed in block
-/// order.
+/// `g /= 2P` (each layer's own P), then Adam on every block; returns ‖g‖² and the new
+/// ‖θ‖², each summed in block order.
 fn adam_blocks(
     state: &mut EsState,
     g: &mut [f32],
     steps: &[(usize, AdamStep, f32)],
     threads: usize,
-) -> f64 {
+) -> (f64, f64) {
     // Cut θ, m, v and g into per-layer segments (each with its own step), then into blocks.
     let mut blocks = Vec::new();
     let (mut theta, mut m, mut v, mut g) = (
@@ -1572,14 +1566,20 @@ fn adam_blocks(
                         sq += (*x as f64) * (*x as f64);
                     }
                     step.apply(theta, m, v, g);
-                    sums.lock().expect("no panics while locked").push((b, sq));
+                    // θ's norm from the block while it is in cache, not in a serial pass.
+                    let theta_sq: f64 = theta.iter().map(|&x| (x as f64) * (x as f64)).sum();
+                    sums.lock()
+                        .expect("no panics while locked")
+                        .push((b, sq, theta_sq));
                 }
             });
         }
     });
     let mut sums = sums.into_inner().expect("threads joined");
-    sums.sort_by_key(|(b, _)| *b);
-    sums.iter().map(|(_, s)| s).sum()
+    // Block order, whatever thread summed which block: the same sums for any thread count.
+    sums.sort_by_key(|(b, _, _)| *b);
+    sums.iter()
+        .fold((0.0, 0.0), |(g, t), (_, gs, ts)| (g + gs, t + ts))
 }
 
 /// What one generation of the single-process trainer did.

@@ -2,6 +2,7 @@
 //! protocol uses to name θ, to prove logits and to check a worker's data.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
@@ -35,15 +36,17 @@ impl EncodedTheta {
     /// Encodes θ as little-endian f32 values, every bit preserved (−0.0, NaN payloads,
     /// denormals), and hashes the result.
     pub fn new(theta: &[f32]) -> Self {
-        let mut bytes = Vec::with_capacity(4 * theta.len());
-        for v in theta {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        Self::shared(Arc::new(theta.to_vec()))
+    }
+
+    /// Encodes θ held in `theta` as [`EncodedTheta::new`] does, without copying it on a
+    /// little-endian machine: the wire bytes are the values' own memory, kept alive by the
+    /// `Arc` (a node that also keeps θ's values, to settle disputes, then holds one copy of
+    /// θ instead of two, and a generation's start copies megabytes once, not twice).
+    pub fn shared(theta: Arc<Vec<f32>>) -> Self {
+        let bytes = le_bytes(theta);
         let digest = Sha256::digest(&bytes).into();
-        EncodedTheta {
-            bytes: bytes.into(),
-            digest,
-        }
+        EncodedTheta { bytes, digest }
     }
 
     /// SHA-256 of [`EncodedTheta::bytes`]; equal to [`theta_digest`] of the same θ.
@@ -97,10 +100,53 @@ pub(crate) fn f32s_from_bytes(
             expected,
         });
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(f32s_from_le_bytes(bytes))
+}
+
+/// `values` as the wire's little-endian bytes, sharing their memory where the machine is
+/// little-endian (the wire's order is then the memory's).
+fn le_bytes(values: Arc<Vec<f32>>) -> Bytes {
+    #[cfg(target_endian = "little")]
+    {
+        /// f32 values owned by [`Bytes`], seen as bytes.
+        struct AsLeBytes(Arc<Vec<f32>>);
+        impl AsRef<[u8]> for AsLeBytes {
+            fn as_ref(&self) -> &[u8] {
+                bytemuck::cast_slice(self.0.as_slice())
+            }
+        }
+        Bytes::from_owner(AsLeBytes(values))
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        f32s_to_le_bytes(&values)
+    }
+}
+
+/// `values` copied into the wire's little-endian bytes.
+pub(crate) fn f32s_to_le_bytes(values: &[f32]) -> Bytes {
+    if cfg!(target_endian = "little") {
+        // One copy of memory whose order is already the wire's.
+        Bytes::copy_from_slice(bytemuck::cast_slice(values))
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// Little-endian f32 values from `bytes` (a multiple of 4 long, checked by the caller).
+fn f32s_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    debug_assert!(bytes.len().is_multiple_of(4));
+    if cfg!(target_endian = "little") {
+        // One copy into fresh, aligned f32s (the wire's bytes need not be aligned).
+        let mut values = vec![0f32; bytes.len() / 4];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(bytes);
+        values
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
 }
 
 /// SHA-256 of θ's wire bytes (the little-endian f32 values), without building them: the

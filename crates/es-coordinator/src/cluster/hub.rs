@@ -218,7 +218,7 @@ impl DelegatedWork for HubWork {
         let shared = &self.shared;
         let fresh = shared.lock().upstream.ticket != ticket;
         // θ's digest and copy are made outside the lock, as on the root.
-        let encoded = fresh.then(|| Arc::new(EncodedTheta::new(&theta)));
+        let encoded = fresh.then(|| Arc::new(EncodedTheta::shared(Arc::clone(&theta))));
         let mut state = shared.lock();
         if let Some(encoded) = encoded {
             let upstream = std::mem::take(&mut state.upstream.chunks);
