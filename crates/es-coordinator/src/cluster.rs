@@ -393,7 +393,12 @@ fn assign_to(state: &mut State, worker: WorkerId, options: &ClusterOptions) {
         if in_flight >= most_in_flight {
             break;
         }
-        let Some(chunk) = work.assign(worker, count, now, lease) else {
+        let assigned = if slot.hub {
+            work.assign_run(worker, count, now, lease)
+        } else {
+            work.assign(worker, count, now, lease)
+        };
+        let Some(chunk) = assigned else {
             break;
         };
         slot.credits -= chunk.count;
@@ -2192,6 +2197,55 @@ mod tests {
         assert_eq!(hub_chunk(10_000, 2_000, 250), 313);
         assert_eq!(hub_chunk(16, 3, 3), 4);
         assert_eq!(hub_chunk(1, 1_000, 1), 1, "never empty");
+    }
+
+    /// What `assign_to` hands one worker of `threads` threads and `credits` credits in a run
+    /// of `all_threads` threads at population `population`: the counts of its Assigns.
+    fn assigned_counts(hub: bool, threads: u32, credits: u32, all_threads: u32) -> Vec<u32> {
+        let population = 10_000;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut state = State {
+            threads: all_threads,
+            chunk_size: chunk_size(population, all_threads),
+            ..State::default()
+        };
+        state.work = Some(GenerationWork::new(0, population, state.chunk_size));
+        state.workers.insert(
+            1,
+            WorkerSlot {
+                name: "w".into(),
+                threads,
+                credits,
+                capacity: credits,
+                tx,
+                theta_digest: None,
+                rejected: 0,
+                accepted: 0,
+                theta_requests: (0, 0),
+                sums_noise: true,
+                relay: None,
+                carried_credits: true,
+                hub,
+            },
+        );
+        assign_to(&mut state, 1, &ClusterOptions::default());
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| match m.expect("no error").kind {
+                Some(pb::coordinator_message::Kind::Assign(a)) => a.count,
+                other => panic!("expected an Assign, got {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hub_is_leased_a_quarter_of_its_share_per_assign_however_small_the_chunks() {
+        // One of 8 hubs of 250 threads at P 10,000: the generation is cut into chunks of 10
+        // (the 1,024-chunk cap), but the hub gets runs of 313 pairs, three in flight: a few
+        // messages per hub and generation at the root, not one per 10 pairs.
+        assert_eq!(chunk_size(10_000, 2_000), 10);
+        assert_eq!(assigned_counts(true, 250, 16_000, 2_000), [313, 313, 313]);
+        // A worker that is not a hub gets the chunk size, two chunks' worth in flight.
+        assert_eq!(assigned_counts(false, 2, 128, 2_000), [10, 10]);
     }
 
     #[test]

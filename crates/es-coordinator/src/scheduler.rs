@@ -238,17 +238,38 @@ impl GenerationWork {
         now: Instant,
         lease: Duration,
     ) -> Option<Chunk> {
-        if max_count == 0 {
-            return None;
+        let chunk = self.take_waiting(max_count)?;
+        Some(self.lease(worker, chunk, now, lease))
+    }
+
+    /// Leases `max_count` waiting indices in a row as one chunk (a hub's share, for which the
+    /// chunk size is far too small: one `Assign` and one `Results` at the root instead of one
+    /// per chunk): the next waiting chunk and the chunks that follow it without a gap, as
+    /// far as `max_count` reaches. Fewer when a gap or the end of the queue comes first.
+    pub fn assign_run(
+        &mut self,
+        worker: WorkerId,
+        max_count: u32,
+        now: Instant,
+        lease: Duration,
+    ) -> Option<Chunk> {
+        let mut chunk = self.take_waiting(max_count)?;
+        while chunk.count < max_count {
+            match self.waiting.front() {
+                Some(next) if next.first == chunk.first + chunk.count => {
+                    let more = self
+                        .take_waiting(max_count - chunk.count)
+                        .expect("a front chunk was seen");
+                    chunk.count += more.count;
+                }
+                _ => break,
+            }
         }
-        let mut chunk = self.waiting.pop_front()?;
-        if chunk.count > max_count {
-            self.waiting.push_front(Chunk {
-                first: chunk.first + max_count,
-                count: chunk.count - max_count,
-            });
-            chunk.count = max_count;
-        }
+        Some(self.lease(worker, chunk, now, lease))
+    }
+
+    /// Leases `chunk` (just taken from the queue) to `worker` until `now + lease`.
+    fn lease(&mut self, worker: WorkerId, chunk: Chunk, now: Instant, lease: Duration) -> Chunk {
         let pending = chunk
             .indices()
             .filter(|&i| self.results[i as usize].is_none())
@@ -262,7 +283,7 @@ impl GenerationWork {
                 pending,
             },
         );
-        Some(chunk)
+        chunk
     }
 
     /// Stores one result from `worker`.
@@ -316,6 +337,22 @@ impl GenerationWork {
         Submitted::Accepted {
             complete: self.is_complete(),
         }
+    }
+
+    /// The front waiting chunk, or its first `max_count` indices (the rest stays in front).
+    fn take_waiting(&mut self, max_count: u32) -> Option<Chunk> {
+        if max_count == 0 {
+            return None;
+        }
+        let mut chunk = self.waiting.pop_front()?;
+        if chunk.count > max_count {
+            self.waiting.push_front(Chunk {
+                first: chunk.first + max_count,
+                count: chunk.count - max_count,
+            });
+            chunk.count = max_count;
+        }
+        Some(chunk)
     }
 
     /// The worker that delivered `index` first.
@@ -562,6 +599,47 @@ mod tests {
             results.iter().map(|r| r.index).collect::<Vec<_>>(),
             (0..10).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_run_spans_the_chunks_that_follow_without_a_gap() {
+        let now = Instant::now();
+        let mut work = GenerationWork::new(2, 20, 3);
+        // Chunks 0..3, 3..6, ...: a run of 7 takes two whole chunks and one index of a third.
+        let a = work.assign_run(1, 7, now, LEASE).unwrap();
+        assert_eq!(a, Chunk { first: 0, count: 7 });
+        // A worker that is not a hub still gets the rest of the cut chunk, then whole ones.
+        let b = work.assign(2, 100, now, LEASE).unwrap();
+        assert_eq!(b, Chunk { first: 7, count: 2 });
+        // Worker 1's run expires with two results in: its missing indices wait in front, in
+        // runs (0..2 and 4..7 are missing around 2..4), and a run stops at the gap between them.
+        for i in [2, 3] {
+            assert!(matches!(
+                work.submit(1, 2, result(i, 1.0)),
+                Submitted::Accepted { .. }
+            ));
+        }
+        let mut late = now + LEASE;
+        let (expired, returned) = work.expire(late);
+        assert_eq!((expired, returned), (vec![1, 2], 7));
+        late += Duration::from_millis(1);
+        let runs: Vec<Chunk> =
+            std::iter::from_fn(|| work.assign_run(3, 100, late, LEASE)).collect();
+        assert_eq!(
+            runs,
+            [
+                Chunk { first: 0, count: 2 },
+                Chunk {
+                    first: 4,
+                    count: 16
+                },
+            ]
+        );
+        // Every index is leased once more and the generation completes.
+        for i in (0..2).chain(4..20) {
+            work.submit(3, 2, result(i, 1.0));
+        }
+        assert!(work.is_complete());
     }
 
     #[test]
